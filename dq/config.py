@@ -1,0 +1,37 @@
+"""Hydra/OmegaConf glue: custom resolvers and logger construction."""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+from dq.paths import asset, cache_dir
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless an API key is configured (or WANDB_MODE=online is set explicitly)."""
+    if os.environ.get("WANDB_MODE") == "online":
+        return False
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def register_resolvers() -> None:
+    """`${dq.asset:name}`, `${dq.cache:}` and `${dq.wandb_offline:}` for the yaml files (idempotent)."""
+    for name, fn in {
+        "dq.asset": asset,
+        "dq.cache": lambda: str(cache_dir()),
+        "dq.wandb_offline": wandb_offline,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate every logger under the `logger` group (e.g. `csv`, `wandb`); an empty group gives none."""
+    if not logger_cfg:
+        return []
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None]

@@ -1,0 +1,6 @@
+"""Data sets and DataModules."""
+
+from dq.data.folder import load_image_folder
+from dq.data.mnist import MNISTDataModule, load_mnist_split
+
+__all__ = ["MNISTDataModule", "load_image_folder", "load_mnist_split"]

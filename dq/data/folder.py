@@ -1,0 +1,35 @@
+"""A user's own image folder (PIL only, no torchvision), for FID reference statistics of real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def load_image_folder(
+    path: str | Path, size: int, channels: int = 3, limit: int | None = None
+) -> torch.Tensor:
+    """Load every image below `path` (sorted), resized to `size`x`size`, as [N, C, H, W] in [-1, 1].
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no images.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder '{root}' does not exist (set `data.path` to a local folder).")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise FileNotFoundError(f"Image folder '{root}' holds no images with suffix {sorted(IMAGE_SUFFIXES)}.")
+    mode = {1: "L", 3: "RGB"}[channels]
+    arrays = []
+    for f in files:
+        with Image.open(f) as img:
+            img = img.convert(mode).resize((size, size), Image.BICUBIC)
+            arrays.append(np.asarray(img, dtype=np.uint8).reshape(size, size, channels))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0

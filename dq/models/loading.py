@@ -1,0 +1,59 @@
+"""Load a teacher UNet and its scheduler from a local diffusers directory (never from a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+
+
+class CheckpointError(RuntimeError):
+    """A model directory exists but cannot be loaded (corrupt or incomplete files)."""
+
+
+def _unet_class(unet_dir: Path) -> type[ModelMixin]:
+    import json
+
+    try:
+        cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read '{unet_dir / 'config.json'}': {e}. Re-create or re-download it.") from e
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if cls_name not in classes:
+        raise CheckpointError(f"'{unet_dir}' holds a {cls_name}; dq loads {sorted(classes)}.")
+    return classes[cls_name]
+
+
+def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixin, DDIMScheduler]:
+    """Load `(unet, ddim_scheduler)` from a diffusers pipeline directory with `unet/` and `scheduler/`.
+
+    The directory may also be a bare UNet directory (config.json + weights) with a `scheduler/` beside it.
+    Nothing is downloaded: `path` must exist locally.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (the message names the config field to fix).
+        CheckpointError: the files are there but corrupt or incomplete.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Model directory '{root}' does not exist. Set `{field}` to a local diffusers directory "
+            "(with unet/ and scheduler/); dq never downloads models."
+        )
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    sched_dir = root / "scheduler"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"'{unet_dir}' has no config.json: `{field}` must point at a diffusers model directory.")
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its noise schedule.")
+    cls = _unet_class(unet_dir)
+    try:
+        unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
+        scheduler = DDIMScheduler.from_pretrained(sched_dir, local_files_only=True)
+    except Exception as e:  # diffusers raises many types for bad files; name the directory instead
+        raise CheckpointError(
+            f"Could not load the model in '{root}' ({type(e).__name__}: {e}). "
+            "The checkpoint is corrupt or incomplete: re-create it (dq-pretrain) or copy it again."
+        ) from e
+    return unet.eval().requires_grad_(False), scheduler

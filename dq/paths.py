@@ -1,0 +1,27 @@
+"""Where dq finds its configs and shipped assets, from an editable checkout or an installed wheel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def conf_dir() -> str:
+    """Absolute path of the Hydra config tree: `dq/conf` in a wheel, top-level `conf/` in a checkout."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
+        if candidate.is_dir():
+            return str(candidate)
+    raise FileNotFoundError(f"dq's Hydra configs were not found next to {PACKAGE_DIR}; reinstall dq.")
+
+
+def asset(name: str) -> str:
+    """Absolute path of a shipped asset (e.g. `ddpm_mnist`, `mnist_classifier`)."""
+    return str(ASSETS_DIR / name)
+
+
+def cache_dir() -> Path:
+    """Cache shared between runs (reference statistics, calibration sets): `$DQ_CACHE` or `~/.cache/dq`."""
+    return Path(os.environ.get("DQ_CACHE", Path.home() / ".cache" / "dq")).expanduser()

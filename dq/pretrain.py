@@ -1,0 +1,78 @@
+"""`dq-pretrain`: train the embedded teacher (`pretrain=teacher`) or the feature classifier (`pretrain=classifier`).
+
+Everything goes into the run directory; `install_dir=dq/assets/<name>` also copies the result there (that is how
+the shipped assets were made; their model cards record the exact command).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from dq.config import build_loggers, register_resolvers
+from dq.paths import conf_dir
+from dq.utils.io import atomic_write_text
+
+register_resolvers()
+
+
+def pretrain(cfg: DictConfig) -> dict[str, float]:
+    """Train, export to `<run_dir>/<name>` with a model card, optionally install; returns the card's metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    module = hydra.utils.instantiate(cfg.pretrain.module)
+    datamodule = hydra.utils.instantiate(cfg.pretrain.data)
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer), **OmegaConf.to_container(cfg.pretrain.trainer),
+        logger=build_loggers(cfg.logger), default_root_dir=str(run_dir), enable_checkpointing=False,
+    )  # fmt: skip
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    wall_s = time.time() - start
+
+    out = run_dir / cfg.pretrain.name
+    metrics = {"train_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+    metrics |= module.export(out)
+    card = {
+        "name": cfg.pretrain.name,
+        "command": "dq-pretrain " + " ".join(sys.argv[1:]),
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall_s, 1),
+        "metrics": metrics,
+        "config": OmegaConf.to_container(cfg.pretrain, resolve=True),
+    }
+    atomic_write_text(out / "model_card.json", json.dumps(card, indent=2))
+    atomic_write_text(out / "README.md", _card_markdown(card))
+    if cfg.install_dir:
+        dest = Path(cfg.install_dir)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(out, dest)
+        print(f"installed {out} -> {dest}")
+    print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
+    return metrics
+
+
+def _card_markdown(card: dict) -> str:
+    return (
+        f"# {card['name']}\n\nMade by dq's own code with:\n\n    {card['command']}\n\n"
+        f"seed {card['seed']}, {card['steps']} optimizer steps, {card['wall_time_s']} s wall time.\n\n"
+        f"Metrics: `{json.dumps(card['metrics'])}`\n\nFull config: `model_card.json`.\n"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
