@@ -1,0 +1,172 @@
+"""FID and IS through torchmetrics, on the shipped classifier's features or on Inception-v3.
+
+"classifier FID/IS" (the MNIST default) uses the small classifier's penultimate features for FID and its logits for
+IS: numbers comparable across dq runs, not with published Inception FID. `features="inception"` uses the standard
+torchmetrics Inception metrics from a local weights file (the optional `inception` extra).
+All images passed in are float tensors in [-1, 1], [N, C, H, W].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from dq.metrics.classifier import MNISTClassifier
+from dq.utils.io import atomic_write
+
+FEATURES = ("classifier", "inception")
+_REF_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class _ClassifierHead(nn.Module):
+    """Adapts `MNISTClassifier` to torchmetrics' custom-extractor protocol (features or logits)."""
+
+    def __init__(self, classifier: MNISTClassifier, output: str) -> None:
+        super().__init__()
+        self.classifier, self.output = classifier, output
+        self.num_features = classifier.config["feat_dim"] if output == "features" else classifier.config["n_classes"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x) if self.output == "features" else self.classifier(x)
+
+
+def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistance, InceptionScore]:
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ModuleNotFoundError(
+            "eval.features=inception needs the optional extra: install a torchvision matching your torch, then "
+            "`pip install 'dq[inception]'` (torch-fidelity). The MNIST default uses eval.features=classifier."
+        )
+    if not weights_path or not Path(weights_path).expanduser().is_file():
+        raise FileNotFoundError(
+            f"eval.inception_weights_path='{weights_path}' is not a file. Point it at a local copy of the "
+            "torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth); dq never downloads them."
+        )
+    path = str(Path(weights_path).expanduser())
+    fid = FrechetInceptionDistance(
+        feature=2048, reset_real_features=False, normalize=True, feature_extractor_weights_path=path, antialias=False
+    )
+    fid.set_dtype(torch.float64)
+    isc = InceptionScore(feature="logits_unbiased", normalize=True, feature_extractor_weights_path=path)
+    return fid, isc
+
+
+class SampleMetrics:
+    """FID against reference statistics (cached on disk) and IS of generated samples.
+
+    Args:
+        features: "classifier" or "inception".
+        classifier_path: directory of the shipped MNIST classifier (for `features="classifier"`).
+        inception_weights_path: local Inception weights file (for `features="inception"`).
+        is_splits: number of splits of the Inception Score.
+        device: where feature extraction runs.
+    """
+
+    def __init__(
+        self,
+        features: str = "classifier",
+        classifier_path: str | None = None,
+        inception_weights_path: str | None = None,
+        is_splits: int = 10,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if features not in FEATURES:
+            raise ValueError(f"eval.features='{features}' is not one of {list(FEATURES)}.")
+        self.features, self.device = features, torch.device(device)
+        if features == "classifier":
+            if classifier_path is None:
+                raise ValueError("eval.classifier_path must be set for eval.features=classifier.")
+            clf = MNISTClassifier.load(classifier_path)
+            self.fid = FrechetInceptionDistance(feature=_ClassifierHead(clf, "features"), reset_real_features=False)
+            self.isc = InceptionScore(feature=_ClassifierHead(clf, "logits"), splits=is_splits)
+            self.fingerprint = _file_digest(Path(classifier_path) / "model.safetensors")
+        else:
+            self.fid, self.isc = _inception_metrics(inception_weights_path)
+            self.isc.splits = is_splits
+            self.fingerprint = _file_digest(Path(inception_weights_path).expanduser())
+        self.fid.to(self.device)
+        self.isc.to(self.device)
+
+    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+        if self.features == "classifier":
+            return images.to(self.device)
+        x = ((images + 1) / 2).clamp(0, 1)  # Inception metrics with normalize=True take [0, 1] RGB
+        return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).to(self.device)
+
+    @torch.no_grad()
+    def set_reference(self, images: torch.Tensor, batch_size: int = 500) -> None:
+        """Accumulate the real-image statistics of FID from `images`."""
+        self.fid.reset_real_features = True
+        self.fid.reset()
+        self.fid.reset_real_features = False
+        for chunk in images.split(batch_size):
+            self.fid.update(self._prep(chunk), real=True)
+
+    def reference_key(self, dataset: str, n: int) -> str:
+        blob = json.dumps({"dataset": dataset, "n": n, "features": self.features, "extractor": self.fingerprint})
+        return f"{dataset}-{self.features}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def load_or_set_reference(self, cache_root: str | Path, dataset: str, load_images: callable) -> bool:
+        """Use cached reference statistics for `dataset` if present and valid, else compute and cache them.
+
+        Returns True when the cache was used. A corrupt or mismatched cache file is reported and rebuilt.
+        """
+        images = None
+        path = Path(cache_root) / "ref_stats" / f"{self.reference_key(dataset, -1)}.safetensors"
+        if path.is_file():
+            try:
+                states = load_file(str(path))
+                if set(states) != set(_REF_STATES) or not all(torch.isfinite(v).all() for v in states.values()):
+                    raise ValueError("unexpected or non-finite entries")
+                for k in _REF_STATES:
+                    expected = getattr(self.fid, k)
+                    if states[k].shape != expected.shape:
+                        raise ValueError(f"{k} has shape {tuple(states[k].shape)}, expected {tuple(expected.shape)}")
+                    setattr(self.fid, k, states[k].to(device=self.device, dtype=expected.dtype))
+                return True
+            except Exception as e:  # corrupt cache: never use it, rebuild
+                warnings.warn(f"Reference statistics cache '{path}' is unusable ({e}); recomputing it.", stacklevel=2)
+        images = load_images()
+        self.set_reference(images)
+        states = {k: getattr(self.fid, k).detach().cpu().contiguous() for k in _REF_STATES}
+        atomic_write(path, lambda tmp: save_file(states, tmp))
+        return False
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, seed: int = 0, batch_size: int = 500) -> dict[str, float]:
+        """FID against the reference and IS (mean, std over splits) of `images`; deterministic for a seed."""
+        if int(self.fid.real_features_num_samples) < 2:
+            raise RuntimeError("SampleMetrics.score() needs reference statistics: call set_reference() first.")
+        self.fid.reset()  # keeps the real statistics (reset_real_features=False)
+        self.isc.reset()
+        for chunk in images.split(batch_size):
+            x = self._prep(chunk)
+            self.fid.update(x, real=False)
+            self.isc.update(x)
+        fid = float(self.fid.compute())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # IS shuffles before splitting
+            is_mean, is_std = (float(v) for v in self.isc.compute())
+        return {"fid": fid, "is": is_mean, "is_std": is_std}
+
+
+def psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of `samples` against `reference`, images in [-1, 1] (data range 2)."""
+    metric = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
+    return float(metric(samples.double(), reference.double()))
+
+
+def _file_digest(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"Feature-extractor weights '{path}' not found.")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
