@@ -1,0 +1,59 @@
+"""Quantization core of dq: specs, quantizers, quantized layers and attention, the model swap, save/load.
+
+Layers follow torchao: a validated spec (`QuantSpec`) → quantizer modules (`UniformQuantizer`,
+`TemporalQuantizer`) → module swap (`QuantConv2d.from_float`, `QuantAttnProcessor`) → `quantize_model`.
+"""
+
+from dq.quant.attention import QuantAttnProcessor
+from dq.quant.io import load_quantized, save_quantized
+from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from dq.quant.model import (
+    QuantReport,
+    QuantRow,
+    act_quantizers,
+    calibrate_activations,
+    expand_act_quantizers,
+    is_quantized,
+    quant_modules,
+    quant_report,
+    quant_spec,
+    quantize_model,
+    set_quant_state,
+    set_timesteps,
+    step_context,
+    timestep_to_index,
+    weight_quantizers,
+)
+from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer, fake_quant, round_ste
+from dq.quant.spec import QuantizerSpec, QuantSpec
+
+__all__ = [
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLayerMixin",
+    "QuantLinear",
+    "QuantReport",
+    "QuantRow",
+    "QuantSpec",
+    "QuantizerSpec",
+    "StepContext",
+    "TemporalQuantizer",
+    "UniformQuantizer",
+    "act_quantizers",
+    "calibrate_activations",
+    "expand_act_quantizers",
+    "fake_quant",
+    "is_quantized",
+    "load_quantized",
+    "quant_modules",
+    "quant_report",
+    "quant_spec",
+    "quantize_model",
+    "round_ste",
+    "save_quantized",
+    "set_quant_state",
+    "set_timesteps",
+    "step_context",
+    "timestep_to_index",
+    "weight_quantizers",
+]

@@ -1,0 +1,142 @@
+"""Save and load quantized diffusers models: `config.json` + `quant_spec.json` + `model.safetensors`.
+
+Nothing is pickled: the base model is rebuilt from its diffusers config, re-quantized with the saved spec, its
+temporal quantizers expanded as saved, and the whole state dict loaded strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.models.attention_processor import Attention
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dq.quant.attention import QuantAttnProcessor
+from dq.quant.layers import QuantLayerMixin
+from dq.quant.model import (
+    TIMESTEPS_BUFFER,
+    act_quantizers,
+    quant_modules,
+    quant_spec,
+    quantize_model,
+)
+from dq.quant.spec import QuantSpec
+
+__all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "SPEC_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+SPEC_NAME = "quant_spec.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_quantized(model: nn.Module, directory: str | Path) -> Path:
+    """Write a quantized diffusers model to `directory`.
+
+    Files: `config.json` (the diffusers model config), `quant_spec.json` (spec, timestep table, per-quantizer
+    num_steps, which layers and attention modules are quantized) and `model.safetensors` (the full state dict).
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = quant_spec(model)
+    if not hasattr(model, "save_config"):
+        raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
+    model.save_config(directory)
+
+    table = getattr(model, TIMESTEPS_BUFFER, None)
+    layers, attention = [], []
+    for name, m in quant_modules(model):
+        if isinstance(m, QuantAttnProcessor):
+            attention.append(name.removesuffix(".processor"))
+        elif isinstance(m, QuantLayerMixin):
+            layers.append(name)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "spec": spec.to_dict(),
+        "timesteps": None if table is None else table.tolist(),
+        "timesteps_dtype": None if table is None else str(table.dtype).removeprefix("torch."),
+        "num_steps": {name: q.num_steps for name, q in act_quantizers(model)},
+        "quantized_layers": layers,
+        "quantized_attention": attention,
+    }
+    (directory / SPEC_NAME).write_text(json.dumps(meta, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} not found in {path.parent}: not a saved quantized model?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+def load_quantized(directory: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model written by `save_quantized`; outputs are bit-identical to the saved model's.
+
+    Args:
+        directory: The directory `save_quantized` wrote.
+        device: Where to put the model (default: CPU).
+
+    Returns:
+        The quantized diffusers model, in eval mode.
+    """
+    directory = Path(directory)
+    config = _read_json(directory / CONFIG_NAME)
+    meta = _read_json(directory / SPEC_NAME)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{WEIGHTS_NAME} not found in {directory}: not a saved quantized model?")
+    try:
+        keys = ("spec", "quantized_layers", "quantized_attention", "num_steps", "timesteps")
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise KeyError(", ".join(missing))
+        spec = QuantSpec.from_dict(meta["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / SPEC_NAME} is invalid: {e}") from e
+
+    class_name = config.get("_class_name")
+    cls = getattr(diffusers, str(class_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{directory / CONFIG_NAME}: _class_name={class_name!r} is not a diffusers model class")
+    model = cls.from_config(config)
+
+    layers, attention = set(meta["quantized_layers"]), set(meta["quantized_attention"])
+
+    def saved(module: nn.Module, name: str) -> bool:
+        return name in (attention if isinstance(module, Attention) else layers)
+
+    timesteps = None
+    if meta["timesteps"] is not None:
+        timesteps = torch.tensor(meta["timesteps"], dtype=getattr(torch, meta.get("timesteps_dtype") or "float32"))
+    quantize_model(model, spec, timesteps=timesteps, filter_fn=saved)
+    for name, q in act_quantizers(model):
+        if name not in meta["num_steps"]:
+            raise ValueError(f"{directory / SPEC_NAME} lists no num_steps for activation quantizer {name!r}")
+        q.expand_steps(int(meta["num_steps"][name]))
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is corrupt: {e}") from e
+    model.load_state_dict(state, strict=True)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,143 @@
+"""Quantized drop-in layers: `QuantConv2d` and `QuantLinear`.
+
+A quantized layer computes `conv/linear(Q_a(x · in_scale), Q_w(W))`. `W` stays the float latent weight (trained
+by distillation), `in_scale` is the per-input-channel factor Weight Dilation installs (1/s, ones by default).
+In eval mode without autograd the fake-quantized weight is cached and reused across calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer
+from dq.quant.spec import QuantizerSpec
+
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerMixin"]
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+
+
+class QuantLayerMixin:
+    """Quantizer set-up and the cached fake-quantized weight shared by `QuantConv2d` and `QuantLinear`."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quantizer: UniformQuantizer
+    act_quantizer: TemporalQuantizer
+    in_scale: Tensor  # [C_in] multiplies the input before its quantizer (1/s of Weight Dilation)
+
+    def _setup_quant(
+        self, weight_spec: QuantizerSpec, act_spec: QuantizerSpec, ctx: StepContext | None, in_channels: int
+    ) -> None:
+        w = self.weight
+        self.weight_quantizer = UniformQuantizer(weight_spec, w.shape[0]).to(device=w.device, dtype=w.dtype)
+        self.weight_quantizer.init_from(w)
+        self.act_quantizer = TemporalQuantizer(act_spec, ctx).to(device=w.device, dtype=w.dtype)
+        self.register_buffer("in_scale", torch.ones(in_channels, device=w.device, dtype=w.dtype))
+        self._wq_cache: tuple[tuple, Tensor] | None = None
+
+    def _cache_key(self) -> tuple:
+        wq = self.weight_quantizer
+        return (
+            _tensor_key(self.weight),
+            _tensor_key(wq.scale),
+            _tensor_key(wq.zero_point),
+            wq.enabled,
+            wq.initialized,
+        )
+
+    def quantized_weight(self) -> Tensor:
+        """The fake-quantized weight `Q_w(W)`; cached in eval mode when no gradient is recorded.
+
+        The cache key holds the version counters, ids and storage of the weight, Δ_w and z_w plus the quantizer
+        flags, so optimizer steps, `load_state_dict`, in-place edits and `.to()` all invalidate it.
+        """
+        if self.training or torch.is_grad_enabled():
+            self._wq_cache = None
+            return self.weight_quantizer(self.weight)
+        key = self._cache_key()
+        if self._wq_cache is not None and self._wq_cache[0] == key:
+            return self._wq_cache[1]
+        wq = self.weight_quantizer(self.weight)
+        self._wq_cache = (key, wq)
+        return wq
+
+    def _quant_input(self, x: Tensor, channel_dim: int) -> Tensor:
+        shape = [1] * x.ndim
+        shape[channel_dim] = -1  # broadcast in_scale over the channel dim
+        return self.act_quantizer(x * self.in_scale.reshape(shape))
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """`nn.Conv2d` with a per-channel weight quantizer and a (temporal) input-activation quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Conv2d,
+        weight_spec: QuantizerSpec,
+        act_spec: QuantizerSpec,
+        ctx: StepContext | None = None,
+    ) -> QuantConv2d:
+        """Wrap `module`, reusing its weight and bias Parameters; the weight quantizer is initialised from W.
+
+        Args:
+            module: The float convolution.
+            weight_spec: Weight quantizer spec.
+            act_spec: Input-activation quantizer spec.
+            ctx: Shared step context of the model (a private one when None).
+        """
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new._setup_quant(weight_spec, act_spec, ctx, module.in_channels)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self._quant_input(x, 1), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """`nn.Linear` with a per-channel weight quantizer and a (temporal) input-activation quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Linear,
+        weight_spec: QuantizerSpec,
+        act_spec: QuantizerSpec,
+        ctx: StepContext | None = None,
+    ) -> QuantLinear:
+        """Wrap `module`, reusing its weight and bias Parameters; the weight quantizer is initialised from W.
+
+        Args:
+            module: The float linear layer.
+            weight_spec: Weight quantizer spec.
+            act_spec: Input-activation quantizer spec.
+            ctx: Shared step context of the model (a private one when None).
+        """
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        new.weight = module.weight
+        new.bias = module.bias
+        new._setup_quant(weight_spec, act_spec, ctx, module.in_features)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self._quant_input(x, -1), self.quantized_weight(), self.bias)

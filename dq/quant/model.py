@@ -1,0 +1,310 @@
+"""Model-level workflow: `quantize_model` swaps a diffusers UNet's layers in place, maps timesteps to TPQ step
+indices, and offers helpers to find, switch, calibrate and expand its quantizers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from dq.quant.attention import QuantAttnProcessor
+from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer
+from dq.quant.spec import QuantSpec
+
+__all__ = [
+    "QuantReport",
+    "QuantRow",
+    "quantize_model",
+    "quant_report",
+    "quant_modules",
+    "act_quantizers",
+    "weight_quantizers",
+    "set_quant_state",
+    "step_context",
+    "quant_spec",
+    "set_timesteps",
+    "timestep_to_index",
+    "expand_act_quantizers",
+    "calibrate_activations",
+    "is_quantized",
+]
+
+FilterFn = Callable[[nn.Module, str], bool]
+TIMESTEP_ATOL = 1e-3  # a timestep matches a table entry within this distance (float timesteps)
+TIMESTEPS_BUFFER = "dq_timesteps"  # [T] the sampler's timestep table; step index i = position in it
+
+
+@dataclass
+class QuantRow:
+    """One quantized matmul of the model.
+
+    For `kind == "attn-matmul"` the left operand (q, or the probabilities) takes the `act_bits` column and the
+    right operand (k, or v) the `weight_bits` column.
+    """
+
+    name: str
+    kind: str  # "conv" | "linear" | "attn-matmul"
+    weight_bits: int | None
+    act_bits: int | None  # None: activations not quantized
+    quantizer: str  # activation quantizer kind: "shared" | "temporal(T)"
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_model` quantized: one row per conv / linear layer and per attention matmul."""
+
+    rows: list[QuantRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[QuantRow]:
+        return iter(self.rows)
+
+    def summary(self) -> dict[str, int]:
+        """Counts: rows per kind, per activation-quantizer kind, and the total."""
+        counts: Counter[str] = Counter()
+        for r in self.rows:
+            counts[r.kind] += 1
+            counts[r.quantizer] += 1
+        return {"total": len(self.rows), **dict(counts)}
+
+    def __str__(self) -> str:
+        header = ("layer", "kind", "W bits", "A bits", "act quantizer")
+        body = [
+            (r.name, r.kind, "-" if r.weight_bits is None else str(r.weight_bits), str(r.act_bits or "-"), r.quantizer)
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(", ".join(f"{k}: {v}" for k, v in self.summary().items()))
+        return "\n".join(lines)
+
+
+# ---- lookup helpers -------------------------------------------------------------------------------------------
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every quantized layer (`QuantConv2d`, `QuantLinear`) and `QuantAttnProcessor`."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayerMixin | QuantAttnProcessor):
+            yield name, m
+
+
+def act_quantizers(model: nn.Module) -> Iterator[tuple[str, TemporalQuantizer]]:
+    """(name, quantizer) of every activation quantizer, attention q/k/v/probabilities included."""
+    for name, m in model.named_modules():
+        if isinstance(m, TemporalQuantizer):
+            yield name, m
+
+
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuantizer]]:
+    """(name, quantizer) of every weight quantizer."""
+    for name, m in model.named_modules():
+        if isinstance(m, UniformQuantizer):
+            yield name, m
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `quantize_model` was applied to `model`."""
+    return isinstance(getattr(model, "_dq_step_context", None), StepContext)
+
+
+def _require_quantized(model: nn.Module) -> None:
+    if not is_quantized(model):
+        raise ValueError("model is not quantized: call quantize_model(model, spec) first")
+
+
+def step_context(model: nn.Module) -> StepContext:
+    """The StepContext shared by all temporal quantizers of a quantized model."""
+    _require_quantized(model)
+    return model._dq_step_context
+
+
+def quant_spec(model: nn.Module) -> QuantSpec:
+    """The QuantSpec a model was quantized with."""
+    _require_quantized(model)
+    return model._dq_spec
+
+
+def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
+    """Enable or disable weight and activation (incl. attention) quantization."""
+    for _, q in weight_quantizers(model):
+        q.enabled = weights
+    for _, q in act_quantizers(model):
+        q.enabled = acts
+
+
+# ---- timesteps --------------------------------------------------------------------------------------------------
+def timestep_to_index(table: Tensor, timestep: Tensor | float | int, batch_size: int) -> Tensor:
+    """Step index of each sample: the position of its timestep in `table`.
+
+    Args:
+        table: [T] the sampler's timesteps.
+        timestep: Scalar or [B] timesteps (int or float).
+        batch_size: B.
+
+    Returns:
+        [B] long tensor on the table's device.
+
+    Raises:
+        ValueError: A timestep is not in the table.
+    """
+    t = torch.as_tensor(timestep, device=table.device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch_size)
+    if t.shape[0] != batch_size:
+        raise ValueError(f"got {t.shape[0]} timesteps for a batch of {batch_size} samples")
+    match = (t.float()[:, None] - table.float()[None, :]).abs() <= TIMESTEP_ATOL  # [B, T]
+    found = match.any(dim=1)
+    if not bool(found.all()):
+        bad = sorted(set(t[~found].tolist()))
+        raise ValueError(
+            f"timestep {bad[0] if len(bad) == 1 else bad} is not in the timestep table this quantized model was "
+            f"built for: {table.tolist()}"
+        )
+    return match.int().argmax(dim=1)
+
+
+def _step_index_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a quantized UNet: sets the StepContext index from `forward(sample, timestep, ...)`."""
+    ctx: StepContext = module._dq_step_context
+    table: Tensor | None = getattr(module, TIMESTEPS_BUFFER)
+    if table is None:
+        ctx.index = None
+        return None
+    sample = args[0] if len(args) > 0 else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    ctx.index = timestep_to_index(table, timestep, sample.shape[0])
+    return None
+
+
+def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | None) -> None:
+    """Store the sampler's timestep table (step index i = position i) on a quantized model, or clear it."""
+    _require_quantized(model)
+    table = None
+    if timesteps is not None:
+        table = torch.as_tensor(timesteps).detach().clone().reshape(-1)
+        if table.numel() == 0:
+            raise ValueError("timesteps is empty: give the sampler's timestep table, e.g. scheduler.timesteps")
+        device = next(model.parameters()).device
+        table = table.to(device)
+    model.register_buffer(TIMESTEPS_BUFFER, table)
+
+
+def expand_act_quantizers(model: nn.Module, num_steps: int | None = None) -> None:
+    """Turn every shared activation quantizer into a per-step one (TPQ); T defaults to the timestep table length."""
+    if num_steps is None:
+        table = getattr(model, TIMESTEPS_BUFFER, None)
+        if table is None:
+            raise ValueError("num_steps not given and the model has no timestep table (quantize_model(timesteps=))")
+        num_steps = table.numel()
+    for _, q in act_quantizers(model):
+        q.expand_steps(num_steps)
+
+
+@contextmanager
+def calibrate_activations(model: nn.Module, force: bool = False) -> Iterator[list[str]]:
+    """Observe activations of the forward passes run inside the block, then initialise the quantizers.
+
+    Uninitialised activation quantizers (all of them with `force=True`) record per-step statistics and pass
+    their inputs through; on exit each one's (Δ, z) is set from its statistics. Yields the list of observed
+    quantizer names; on normal exit, names that saw no input are removed from it (they stay uninitialised).
+    """
+    chosen = [(n, q) for n, q in act_quantizers(model) if force or not q.initialized]
+    names = [n for n, _ in chosen]
+    for _, q in chosen:
+        q.start_observation()
+    try:
+        yield names
+    except BaseException:
+        for _, q in chosen:
+            q.observing = False
+            q._reset_stats()
+        raise
+    unseen = {n for n, q in chosen if not q.finish_observation()}
+    names[:] = [n for n in names if n not in unseen]
+
+
+# ---- the swap ------------------------------------------------------------------------------------------------
+def quant_report(model: nn.Module) -> QuantReport:
+    """Report of the quantized layers and attention matmuls of a quantized model, in module order."""
+
+    def kind_of(q: TemporalQuantizer) -> str:
+        return "shared" if q.num_steps == 1 else f"temporal({q.num_steps})"
+
+    rows = []
+    for name, m in quant_modules(model):
+        if isinstance(m, QuantAttnProcessor):
+            q, k, v, p = m.q_quantizer, m.k_quantizer, m.v_quantizer, m.prob_quantizer
+            rows.append(QuantRow(f"{name}[q@k]", "attn-matmul", k.bits, q.bits, kind_of(q)))
+            rows.append(QuantRow(f"{name}[p@v]", "attn-matmul", v.bits, p.bits, kind_of(p)))
+        else:
+            kind = "conv" if isinstance(m, QuantConv2d) else "linear"
+            rows.append(QuantRow(name, kind, m.weight_quantizer.bits, m.act_quantizer.bits, kind_of(m.act_quantizer)))
+    return QuantReport(rows)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(
+    unet: nn.Module,
+    spec: QuantSpec,
+    timesteps: Tensor | Sequence[int | float] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> QuantReport:
+    """Quantize a diffusers UNet in place.
+
+    Every `nn.Conv2d` / `nn.Linear` becomes a `QuantConv2d` / `QuantLinear` (weight quantizers initialised from the
+    weights now, activation quantizers shared and uninitialised until calibration) and, with
+    `spec.quantize_attention`, every `Attention` gets a `QuantAttnProcessor`. The model keeps its class, so stock
+    diffusers pipelines run it unchanged.
+
+    Args:
+        unet: A `UNet2DModel`, `UNet2DConditionModel` or any module built from diffusers blocks.
+        spec: Bits and quantizer settings.
+        timesteps: The sampler's timestep table (e.g. `scheduler.timesteps` after `set_timesteps(T)`); each sample's
+            timestep is mapped to its position in it (TPQ step index). None: no step indices (shared quantizers only).
+        filter_fn: `filter_fn(module, name) -> bool`; layers / attention modules for which it is False stay float.
+
+    Returns:
+        The report of what was quantized.
+    """
+    if is_quantized(unet) or any(True for _ in quant_modules(unet)):
+        raise ValueError("model is already quantized")
+    ctx = StepContext()
+    unet._dq_step_context = ctx
+    unet._dq_spec = spec
+    keep = filter_fn if filter_fn is not None else (lambda module, name: True)
+
+    modules = list(unet.named_modules())
+    for name, m in modules:
+        if not keep(m, name):
+            continue
+        if isinstance(m, nn.Conv2d):
+            _set_submodule(unet, name, QuantConv2d.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx))
+        elif isinstance(m, nn.Linear):
+            _set_submodule(unet, name, QuantLinear.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx))
+    if spec.quantize_attention:
+        for name, m in modules:
+            if not isinstance(m, Attention) or not keep(m, name):
+                continue
+            if getattr(m, "add_k_proj", None) is not None or getattr(m, "norm_added_q", None) is not None:
+                raise NotImplementedError(f"attention {name!r} has added key/value projections: not supported")
+            w = m.to_q.weight
+            proc = QuantAttnProcessor(spec.act_spec(name), spec.prob_spec(name), ctx).to(device=w.device, dtype=w.dtype)
+            m.set_processor(proc)
+
+    set_timesteps(unet, timesteps)
+    unet.register_forward_pre_hook(_step_index_hook, with_kwargs=True)
+    return quant_report(unet)

@@ -1,0 +1,403 @@
+"""Uniform fake quantizers: `UniformQuantizer` for weights and `TemporalQuantizer` (TPQ) for activations.
+
+Both compute `Δ · (clamp(round(x/Δ) + round(z), qmin, qmax) − round(z))` with straight-through rounding and
+LSQ gradient scaling of Δ and z (see METHOD.md, "Notation" and "TPQ").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dq.quant.spec import QuantizerSpec
+
+__all__ = [
+    "StepContext",
+    "UniformQuantizer",
+    "TemporalQuantizer",
+    "fake_quant",
+    "round_ste",
+    "lsq_grad_scale",
+    "affine_params",
+    "mse_search",
+    "SCALE_MIN",
+    "MSE_RATIOS",
+    "OBSERVE_SAMPLES",
+]
+
+SCALE_MIN = 1e-8  # step sizes are clamped to at least this
+MSE_RATIOS = 100  # clipping ratios k/100, k = 1..100, tried by the MSE search
+OBSERVE_SAMPLES = 2**16  # values kept per step for the MSE search of activation quantizers
+
+
+class StepContext:
+    """Shared per-forward state: the sampling-step index of every sample of the batch.
+
+    The quantized model's forward pre-hook sets `index`; every `TemporalQuantizer` of the model holds a
+    reference to the same object (not as a submodule).
+    """
+
+    def __init__(self) -> None:
+        self.index: Tensor | None = None  # [B] long, step index i of each sample, or None
+
+    def __repr__(self) -> str:
+        return f"StepContext(index={self.index})"
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through gradient; the forward value is exactly `x.round()`."""
+    return x.round().detach() + (x - x.detach())
+
+
+def _scale_grad(t: Tensor, g: float) -> Tensor:
+    """Identity in the forward pass (exactly), gradient multiplied by `g` in the backward pass."""
+    tg = t * g
+    return t.detach() + (tg - tg.detach())
+
+
+def lsq_grad_scale(numel_per_param: int, qmax: int) -> float:
+    """LSQ gradient scale `1 / sqrt(numel_per_param * qmax)`."""
+    return 1.0 / math.sqrt(max(numel_per_param, 1) * max(qmax, 1))
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+    """Uniform affine fake quantization with STE rounding and LSQ-scaled step-size gradients.
+
+    Args:
+        x: Values to quantize.
+        scale: Step size Δ, broadcastable to `x`; clamped to at least `SCALE_MIN`.
+        zero_point: Zero-point z (rounded with STE), broadcastable to `x`.
+        qmin: Lowest integer of the grid.
+        qmax: Highest integer of the grid.
+        grad_scale: Multiplies the gradients of `scale` and `zero_point`.
+
+    Returns:
+        `scale * (clamp(round(x/scale) + round(z), qmin, qmax) - round(z))`, same shape as `x`.
+    """
+    scale = _scale_grad(scale, grad_scale).clamp_min(SCALE_MIN)
+    z = round_ste(_scale_grad(zero_point, grad_scale))
+    q = torch.clamp(round_ste(x / scale) + z, qmin, qmax)
+    return scale * (q - z)
+
+
+def affine_params(x_min: Tensor, x_max: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Step size and zero-point covering `[x_min, x_max]` (widened to include 0).
+
+    Args:
+        x_min: Range minimum, any shape.
+        x_max: Range maximum, same shape.
+        qmin: Lowest integer of the grid.
+        qmax: Highest integer of the grid.
+        symmetric: Symmetric grid (zero-point 0, Δ = max|x| / qmax).
+
+    Returns:
+        (scale, zero_point), both shaped like `x_min`.
+    """
+    x_min = torch.minimum(x_min, torch.zeros_like(x_min))
+    x_max = torch.maximum(x_max, torch.zeros_like(x_max))
+    if symmetric:
+        scale = (torch.maximum(-x_min, x_max) / qmax).clamp_min(SCALE_MIN)
+        return scale, torch.zeros_like(scale)
+    scale = ((x_max - x_min) / (qmax - qmin)).clamp_min(SCALE_MIN)
+    zero_point = (qmin - torch.round(x_min / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def mse_search(values: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Per-row (Δ, z) minimising the squared quantization error over clipping ratios k/100 of the min-max range.
+
+    Ratio 1 (plain min-max) is tried first and only beaten by a strictly smaller error, so the result is never
+    worse than min-max.
+
+    Args:
+        values: [C, N] values; one (Δ, z) per row.
+        qmin: Lowest integer of the grid.
+        qmax: Highest integer of the grid.
+        symmetric: Symmetric grid.
+
+    Returns:
+        (scale, zero_point), each [C].
+    """
+    values = values.float()
+    x_min, x_max = values.amin(dim=1), values.amax(dim=1)
+    best_scale, best_zp = affine_params(x_min, x_max, qmin, qmax, symmetric)
+    best_err = torch.full_like(x_min, float("inf"))
+    for k in range(MSE_RATIOS, 0, -1):
+        r = k / MSE_RATIOS
+        scale, zp = affine_params(x_min * r, x_max * r, qmin, qmax, symmetric)
+        q = fake_quant(values, scale[:, None], zp[:, None], qmin, qmax, 1.0)
+        err = (q - values).pow(2).sum(dim=1)  # [C]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+class _QuantizerBase(nn.Module):
+    """Shared state handling: parameters or buffers for (Δ, z), flags, `initialized` kept in the state dict."""
+
+    scale: Tensor
+    zero_point: Tensor
+
+    def __init__(self, spec: QuantizerSpec, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.enabled = True  # False: identity
+        self.initialized = False  # True once (Δ, z) hold real values (also saved in the state dict)
+        self._set_params(torch.ones(shape), torch.zeros(shape))
+
+    @property
+    def bits(self) -> int:
+        """Bit-width."""
+        return self.spec.bits
+
+    def _set_params(self, scale: Tensor, zero_point: Tensor) -> None:
+        """(Re)register Δ and z: parameters when learnable (z only when asymmetric), buffers otherwise."""
+        for name in ("scale", "zero_point"):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+        learn = self.spec.learnable
+        if learn:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if learn and not self.spec.symmetric:
+            self.zero_point = nn.Parameter(zero_point)
+        else:
+            self.register_buffer("zero_point", zero_point)
+
+    @torch.no_grad()
+    def _assign(self, scale: Tensor, zero_point: Tensor) -> None:
+        self.scale.copy_(scale.to(self.scale))
+        self.zero_point.copy_(zero_point.to(self.zero_point))
+        self.initialized = True
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([int(self.initialized)], dtype=torch.uint8)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.initialized = bool(state[0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, shape={tuple(self.scale.shape)}, "
+            f"enabled={self.enabled}, initialized={self.initialized}"
+        )
+
+
+class UniformQuantizer(_QuantizerBase):
+    """Weight quantizer: one (Δ, z) per output channel (dim 0) or per tensor, shared by all timesteps.
+
+    Args:
+        spec: Bits, symmetry, granularity, init method, learnability.
+        num_channels: Number of output channels (size of dim 0 of the weight) for per-channel granularity.
+    """
+
+    def __init__(self, spec: QuantizerSpec, num_channels: int = 1) -> None:
+        n = num_channels if spec.granularity == "channel" else 1
+        super().__init__(spec, (n,))  # scale, zero_point: [C_out] or [1]
+
+    def _view(self, p: Tensor, x: Tensor) -> Tensor:
+        # [C] -> [C, 1, ...] to broadcast over the weight's trailing dims
+        return p.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def grad_scale(self, x: Tensor) -> float:
+        """LSQ gradient scale for weight `x`: elements per step size = one row, or the whole tensor."""
+        n = x[0].numel() if self.spec.granularity == "channel" else x.numel()
+        return lsq_grad_scale(n, self.qmax)
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Initialise (Δ, z) from weight `x` by min-max or MSE search (per the spec)."""
+        rows = x.detach().float().reshape(x.shape[0], -1) if self.spec.granularity == "channel" else x.reshape(1, -1)
+        if rows.shape[0] != self.scale.numel():
+            raise ValueError(
+                f"weight has {rows.shape[0]} output channels but the quantizer was built for {self.scale.numel()}"
+            )
+        rows = rows.detach().float()
+        if self.spec.init == "mse":
+            scale, zp = mse_search(rows, self.qmin, self.qmax, self.spec.symmetric)
+        else:
+            scale, zp = affine_params(rows.amin(1), rows.amax(1), self.qmin, self.qmax, self.spec.symmetric)
+        self._assign(scale, zp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            raise RuntimeError("weight quantizer is not initialised: call init_from(weight) first")
+        scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
+        return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+
+
+class TemporalQuantizer(_QuantizerBase):
+    """Per-tensor activation quantizer with one (Δ, z) per sampling step (TPQ); `num_steps=1` shares one pair.
+
+    Each sample of a batch uses the pair of its own step, read from `step_context.index` ([B] long).
+    Calibration: `start_observation()`, run the model (inputs pass through unchanged while statistics are
+    recorded per step), then `finish_observation()`.
+
+    Args:
+        spec: Bits, symmetry, init method ("minmax" or "mse"), learnability; granularity must be "tensor".
+        step_context: Shared object whose `index` gives every sample's step index.
+        num_steps: T, the number of (Δ, z) pairs.
+    """
+
+    def __init__(self, spec: QuantizerSpec, step_context: StepContext | None = None, num_steps: int = 1) -> None:
+        if spec.granularity != "tensor":
+            raise ValueError(f"granularity={spec.granularity!r} is invalid for TemporalQuantizer: allowed 'tensor'")
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps} is invalid: must be >= 1")
+        super().__init__(spec, (num_steps,))  # scale, zero_point: [T] one step size per sampling step
+        self.step_context = step_context if step_context is not None else StepContext()
+        self.observing = False  # True: record statistics, return inputs unchanged
+        self._reset_stats()
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of per-step (Δ, z) pairs."""
+        return self.scale.numel()
+
+    def grad_scale(self, x: Tensor) -> float:
+        """LSQ gradient scale: elements per step size = features of one sample (as LSQ's N_F)."""
+        return lsq_grad_scale(x[0].numel() if x.ndim > 0 else 1, self.qmax)
+
+    def expand_steps(self, num_steps: int) -> None:
+        """Turn a shared quantizer (num_steps 1) into a per-step one by repeating its (Δ, z).
+
+        Replaces the parameters: build optimizers after expanding.
+        """
+        if num_steps == self.num_steps:
+            return
+        if self.num_steps != 1:
+            raise ValueError(f"only a shared quantizer (num_steps=1) can be expanded; this one has {self.num_steps}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps} is invalid: must be >= 1")
+        if self.observing:
+            raise RuntimeError("cannot expand_steps while observing")
+        with torch.no_grad():
+            scale = self.scale.detach().repeat(num_steps)
+            zp = self.zero_point.detach().repeat(num_steps)
+        self._set_params(scale, zp)
+        self._reset_stats()
+
+    # ---- step indices -------------------------------------------------------------------------------------
+    def _step_index(self, x: Tensor) -> Tensor | None:
+        """[B] step index of each sample, or None for a shared quantizer."""
+        if self.num_steps == 1:
+            return None
+        index = self.step_context.index
+        if index is None:
+            raise RuntimeError(
+                f"TemporalQuantizer has {self.num_steps} steps but no step index is set: run the quantized model "
+                "with a timestep table (quantize_model(..., timesteps=...)) or set step_context(model).index"
+            )
+        if index.ndim != 1 or index.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"step index has shape {tuple(index.shape)} but the input batch has {x.shape[0]} samples"
+            )
+        return index
+
+    # ---- calibration --------------------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        t = self.num_steps
+        self._obs_min = torch.full((t,), float("inf"))  # [T] running min per step
+        self._obs_max = torch.full((t,), float("-inf"))  # [T] running max per step
+        self._obs_samples: list[Tensor | None] = [None] * t  # per step: random subsample of values (mse init)
+        self._obs_gen: torch.Generator | None = None  # seeded on first use, for reproducible subsamples
+
+    def start_observation(self) -> None:
+        """Reset statistics and switch to observing mode."""
+        self._reset_stats()
+        self.observing = True
+
+    def _generator(self) -> torch.Generator:
+        if self._obs_gen is None:
+            self._obs_gen = torch.Generator().manual_seed(0)
+        return self._obs_gen
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        index = self._step_index(x)
+        x = x.detach().float()
+        groups = [(0, x)] if index is None else [(int(i), x[index == i]) for i in torch.unique(index).tolist()]
+        for i, xs in groups:
+            self._obs_min[i] = min(self._obs_min[i].item(), xs.min().item())
+            self._obs_max[i] = max(self._obs_max[i].item(), xs.max().item())
+            if self.spec.init == "mse":
+                flat = xs.reshape(-1).cpu()
+                prev = self._obs_samples[i]
+                flat = flat if prev is None else torch.cat([prev, flat])
+                if flat.numel() > OBSERVE_SAMPLES:
+                    keep = torch.randperm(flat.numel(), generator=self._generator())[:OBSERVE_SAMPLES]
+                    flat = flat[keep]
+                self._obs_samples[i] = flat
+
+    @torch.no_grad()
+    def finish_observation(self) -> bool:
+        """Leave observing mode and initialise every step's (Δ, z) from its statistics.
+
+        Steps never observed use the statistics of all steps together.
+
+        Returns:
+            True if initialised, False if no input was observed at all (the quantizer stays as it was).
+        """
+        self.observing = False
+        seen = torch.isfinite(self._obs_min)
+        if not seen.any():
+            self._reset_stats()
+            return False
+        steps = range(self.num_steps)
+        if self.spec.init == "mse":
+            pooled = torch.cat([s for s in self._obs_samples if s is not None])
+            if pooled.numel() > OBSERVE_SAMPLES:
+                pooled = pooled[torch.randperm(pooled.numel(), generator=self._generator())[:OBSERVE_SAMPLES]]
+            all_scale, all_zp = mse_search(pooled[None], self.qmin, self.qmax, self.spec.symmetric)
+            scales, zps = [], []
+            for i in steps:
+                s = self._obs_samples[i]
+                if s is None:
+                    scales.append(all_scale[0])
+                    zps.append(all_zp[0])
+                else:
+                    sc, zp = mse_search(s[None], self.qmin, self.qmax, self.spec.symmetric)
+                    scales.append(sc[0])
+                    zps.append(zp[0])
+            scale, zp = torch.stack(scales), torch.stack(zps)
+        else:
+            lo = torch.where(seen, self._obs_min, self._obs_min[seen].min())
+            hi = torch.where(seen, self._obs_max, self._obs_max[seen].max())
+            scale, zp = affine_params(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
+        self._assign(scale, zp)
+        self._reset_stats()
+        return True
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            raise RuntimeError(
+                "activation quantizer is not initialised: calibrate it (calibrate_activations(model)) "
+                "or disable activation quantization"
+            )
+        index = self._step_index(x)
+        if index is None:
+            shape = [1] * x.ndim
+            scale, zp = self.scale.reshape(shape), self.zero_point.reshape(shape)
+        else:
+            shape = [x.shape[0]] + [1] * (x.ndim - 1)  # [B, 1, ...]: each sample its own step's pair
+            scale, zp = self.scale[index].reshape(shape), self.zero_point[index].reshape(shape)
+        return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_steps={self.num_steps}"

@@ -1,0 +1,173 @@
+"""Validated quantization specs: what to quantize, with how many bits, and how quantizers start.
+
+`QuantizerSpec` describes one quantizer; `QuantSpec` describes a whole model and hands out the
+per-layer `QuantizerSpec`s (8-bit for the layers in `keep_8bit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["QuantizerSpec", "QuantSpec", "MIN_BITS", "MAX_BITS"]
+
+MIN_BITS = 2
+MAX_BITS = 16
+GRANULARITIES = ("tensor", "channel")
+INITS = ("minmax", "mse")
+
+
+def _check_bits(name: str, value: Any) -> None:
+    rule = f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} is not an integer: {rule}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(f"{name}={value} is out of range: {rule}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are {options}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: must be a bool (true or false)")
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; allowed keys are {allowed}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How one uniform quantizer is set up.
+
+    Args:
+        bits: Bit-width, an integer in [2, 16].
+        symmetric: Symmetric (zero-point 0, signed grid) instead of asymmetric (affine, unsigned grid).
+        granularity: "tensor" (one step size) or "channel" (one per output channel, weights only).
+        init: How the step size is initialised: "minmax" range or "mse" search over clipping ratios.
+        learnable: Step size and zero-point are trainable `nn.Parameter`s (LSQ) instead of buffers.
+    """
+
+    bits: int
+    symmetric: bool = False
+    granularity: str = "tensor"
+    init: str = "minmax"
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits("bits", self.bits)
+        _check_bool("symmetric", self.symmetric)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("init", self.init, INITS)
+        _check_bool("learnable", self.learnable)
+
+    @property
+    def qmin(self) -> int:
+        """Lowest integer of the grid."""
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Highest integer of the grid."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizerSpec:
+        """Build from a dict, rejecting unknown keys."""
+        return _from_dict(cls, d)
+
+
+@dataclass
+class QuantSpec:
+    """Quantization settings of a whole model.
+
+    Args:
+        weight_bits: Bit-width of weights.
+        act_bits: Bit-width of layer input activations and of the attention q, k, v.
+        weight_granularity: "channel" (per output channel) or "tensor".
+        act_granularity: Only "tensor": activation quantizers are per tensor (per step under TPQ).
+        weight_symmetric: Symmetric weight grid.
+        act_symmetric: Symmetric activation grid.
+        weight_init: "minmax" or "mse" initialisation of weight step sizes.
+        act_init: "minmax" or "mse" initialisation of activation step sizes (from calibration).
+        learnable: Step sizes and zero-points are trainable parameters.
+        keep_8bit: Module names (exact, or a prefix up to a dot) whose weights and input activations are kept
+            at 8 bits (at least; more when the configured bits are higher).
+        attn_prob_bits: Bit-width of the post-softmax attention probabilities.
+        quantize_attention: Quantize the attention matmul inputs (q, k, v, probabilities).
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_granularity: str = "channel"
+    act_granularity: str = "tensor"
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    weight_init: str = "minmax"
+    act_init: str = "minmax"
+    learnable: bool = True
+    keep_8bit: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
+    attn_prob_bits: int = 8
+    quantize_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("act_bits", self.act_bits)
+        _check_bits("attn_prob_bits", self.attn_prob_bits)
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        if self.act_granularity != "tensor":
+            raise ValueError(
+                f"act_granularity={self.act_granularity!r} is invalid: allowed values are 'tensor' "
+                "(activation quantizers are per tensor, per sampling step under TPQ)"
+            )
+        _check_bool("weight_symmetric", self.weight_symmetric)
+        _check_bool("act_symmetric", self.act_symmetric)
+        _check_choice("weight_init", self.weight_init, INITS)
+        _check_choice("act_init", self.act_init, INITS)
+        _check_bool("learnable", self.learnable)
+        _check_bool("quantize_attention", self.quantize_attention)
+        if isinstance(self.keep_8bit, str) or not all(isinstance(n, str) for n in self.keep_8bit):
+            raise ValueError(f"keep_8bit={self.keep_8bit!r} is invalid: must be a list of module names")
+        self.keep_8bit = list(self.keep_8bit)
+
+    def is_kept_8bit(self, name: str) -> bool:
+        """Whether module `name` is in `keep_8bit` (exact name or below a listed prefix)."""
+        return any(name == k or name.startswith(k + ".") for k in self.keep_8bit)
+
+    def weight_spec(self, name: str) -> QuantizerSpec:
+        """Weight quantizer spec of layer `name`."""
+        bits = max(self.weight_bits, 8) if self.is_kept_8bit(name) else self.weight_bits
+        return QuantizerSpec(bits, self.weight_symmetric, self.weight_granularity, self.weight_init, self.learnable)
+
+    def act_spec(self, name: str) -> QuantizerSpec:
+        """Input-activation quantizer spec of layer (or attention module) `name`."""
+        bits = max(self.act_bits, 8) if self.is_kept_8bit(name) else self.act_bits
+        return QuantizerSpec(bits, self.act_symmetric, "tensor", self.act_init, self.learnable)
+
+    def prob_spec(self, name: str) -> QuantizerSpec:
+        """Post-softmax probability quantizer spec of attention module `name` (always asymmetric)."""
+        return QuantizerSpec(self.attn_prob_bits, False, "tensor", self.act_init, self.learnable)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        """Build from a dict (e.g. a Hydra config turned into a container), rejecting unknown keys."""
+        return _from_dict(cls, d)
