@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from dq.paths import asset
 from dq.quant.dilation import dilate_, dilation_factors, fold_report, layer_names, shared_input_groups
+from dq.quant.model import quantize_model, set_quant_state, weight_quantizers
+from dq.quant.spec import QuantSpec
 
 # ---------------------------------------------------------------------------------------------------------------
 # Random weights of every shape class: square, wide, tall, conv 3x3 / 1x1, sparse, an all-zero column.
@@ -550,3 +552,20 @@ def test_teacher_dilation_statistics() -> None:
             assert torch.equal(_rows(_dilate(w, s)).amin(1), _rows(w).amin(1))
     _dilate_model_with_hooks(model, fold=True)
     torch.testing.assert_close(_run(model), y0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dilate_after_quantize_model(name: str) -> None:
+    """With dq's own QuantConv2d/QuantLinear: same groups and fold report, Δ_w and z_w bit-identical, function kept."""
+    model = MODELS[name]()
+    y0 = _run(model)
+    groups, report = shared_input_groups(model), fold_report(model)
+    quantize_model(model, QuantSpec(weight_bits=4, act_bits=8))
+    assert shared_input_groups(model) == groups and fold_report(model) == report
+    params0 = {n: (q.scale.detach().clone(), q.zero_point.detach().clone()) for n, q in weight_quantizers(model)}
+    n_dilated = sum(int((dilate_([model.get_submodule(n) for n in g]) > 1).sum()) for g in groups)
+    assert n_dilated > 10
+    for n, q in weight_quantizers(model):
+        assert torch.equal(q.scale, params0[n][0]) and torch.equal(q.zero_point, params0[n][1]), n
+    set_quant_state(model, weights=False, acts=False)
+    torch.testing.assert_close(_run(model), y0, rtol=1e-4, atol=1e-5)
