@@ -538,7 +538,8 @@ def test_teacher_dilation_statistics() -> None:
     n_fold = sum(v.startswith("foldable") for v in report.values())
     print(
         f"\nteacher WD: {len(groups)} groups, {s_all.numel()} input channels, mean s {s_all.mean():.4f}, "
-        f"max s {s_all.max():.3f}, dilated {share:.1%}; 1/s foldable for {n_fold}/{len(report)} layers"
+        f"max s {s_all.max():.3f}, dilated {share:.1%} (s > 1.01: {(s_all > 1.01).float().mean():.1%}); "
+        f"1/s foldable for {n_fold}/{len(report)} layers"
     )
     for g, s in factors.items():
         label = g[0] if len(g) == 1 else f"{g[0]} (+{len(g) - 1} sharing its input)"

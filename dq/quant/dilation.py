@@ -74,10 +74,10 @@ def dilation_factors(weights: Tensor | Sequence[Tensor], s_max: float = 1e4) -> 
     Zero entries impose no bound, a column with no non-zero entry gets 1, and `s` is clipped to `[1, s_max]`.
     Saturated columns, holding some row's max or min, get exactly 1: for mixed-sign rows that is what the formula
     gives; for a one-signed row (all entries ≥ 0 or ≤ 0) the formula alone would let the entry nearest zero move,
-    so its column is pinned too. Several weights sharing one input
-    (attention q/k/v) take the element-wise minimum of their bounds. Computed in float64; after the cast to the
-    weight dtype, a factor is lowered by an ulp wherever `s_k · W` in that dtype would round past a row bound,
-    so `dilate_` leaves every row's min and max bit-for-bit unchanged.
+    so its column is pinned too. Several weights sharing one input (attention q/k/v) take the element-wise
+    minimum of their bounds. Computed in float64; after the cast to the weight dtype, a factor is lowered by an
+    ulp wherever `s_k · W` in that dtype would round past a row bound, so `dilate_` leaves every row's min and
+    max bit-for-bit unchanged.
 
     Args:
         weights: one weight or a sequence of weights `[C_out, C_in, *kernel]` with the same `C_in` and dtype.
