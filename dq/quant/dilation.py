@@ -222,7 +222,12 @@ _FOLD_RULES: tuple[_FoldRule, ...] = (
     _FoldRule(r"(?P<base>.*)\.to_[qkv]$", "{base}.group_norm", "the attention's GroupNorm affine"),
     _FoldRule(r"(?P<base>.*)\.attn1\.to_[qkv]$", "{base}.norm1", "the transformer block's norm1 affine"),
     _FoldRule(r"(?P<base>.*)\.attn2\.to_[qkv]$", "{base}.norm2", "the transformer block's norm2 affine"),
-    _FoldRule(r"(?P<base>.*)\.to_out\.0$", "{base}.to_v", "to_v output rows (probs @ V is linear per channel of V)"),
+    _FoldRule(
+        r"(?P<base>.*)\.to_out\.0$",
+        "{base}.to_v",
+        "to_v output rows: probs @ V is linear per channel of V; exact only if V itself is not quantized, "
+        "else V's quantizer sees V / s",
+    ),
     _FoldRule(r"(?P<base>.*)\.proj_in$", "{base}.norm", "the transformer's GroupNorm affine"),
     _FoldRule(r"(?P<base>.*)\.ff\.net\.0\.proj$", "{base}.norm3", "the transformer block's norm3 affine"),
     _FoldRule(r"\.ff\.net\.2$", None, "after GEGLU/GELU (non-linear)"),
