@@ -76,10 +76,6 @@ def _dilate(w: Tensor, s: Tensor) -> Tensor:
     return w * s.view(1, -1, *([1] * (w.dim() - 2)))
 
 
-def _columns(w: Tensor) -> Tensor:
-    return w.transpose(0, 1).flatten(1)  # [C_in, C_out * K]
-
-
 def reference_factors(weights: list[Tensor], s_max: float = 1e4) -> Tensor:
     """METHOD.md's formula with explicit loops (Python floats are float64), plus the documented ulp guard."""
     ws = [w.reshape(w.shape[0], w.shape[1], -1) for w in weights]  # [C_out, C_in, K]
