@@ -29,6 +29,17 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda")}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad values of choice fields at start-up, naming the field and the allowed values."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
+            raise ValueError(f"{key}='{value}' is not one of {list(allowed)}.")
+
+
 def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     """Instantiate every logger under the `logger` group (e.g. `csv`, `wandb`); an empty group gives none."""
     if not logger_cfg:

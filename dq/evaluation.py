@@ -1,0 +1,125 @@
+"""Evaluation shared by `dq-eval` and `dq-train`: sample teacher and student from identical noise, score, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+from torch import nn
+
+from dq.data import reference_images, reference_name
+from dq.metrics import SampleMetrics, psnr
+from dq.models import ddim_sample, make_noise
+from dq.utils.grid import grid_array, save_png, side_by_side
+from dq.utils.io import atomic_write_text
+
+
+def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
+    """DDIM samples of `model` from `noise` and the wall time it took (seconds)."""
+    start = time.perf_counter()
+    samples = ddim_sample(
+        model, scheduler, noise, cfg.model.num_inference_steps, cfg.eval.batch_size, progress=cfg.eval.progress,
+        desc=desc,
+    )  # fmt: skip
+    return samples, time.perf_counter() - start
+
+
+def build_metrics(cfg: DictConfig) -> SampleMetrics:
+    """FID/IS metrics with reference statistics loaded from (or written to) the cache."""
+    ev = cfg.eval
+    metrics = SampleMetrics(ev.features, ev.classifier_path, ev.inception_weights_path, ev.is_splits, cfg.device)
+    metrics.load_or_set_reference(ev.cache_dir, reference_name(cfg.model.data), lambda: reference_images(cfg.model.data))
+    return metrics
+
+
+def evaluate_models(
+    cfg: DictConfig,
+    teacher: nn.Module,
+    scheduler: Any,
+    student: nn.Module | None,
+    run_dir: Path,
+    loggers: list[Logger],
+    method: dict[str, Any],
+    cost: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the teacher (and the student, from the same noise), write `results.json` + grid, log, print a table."""
+    ev = cfg.eval
+    noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), cfg.seed)
+    metrics = build_metrics(cfg)
+    results: dict[str, Any] = {}
+
+    t_samples, t_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
+    results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
+    grid = grid_array(t_samples[: ev.grid_n])
+    if student is not None:
+        s_samples, s_s = sample_timed(student, scheduler, noise, cfg, "student")
+        results["student"] = {
+            **metrics.score(s_samples, cfg.seed),
+            "psnr_to_teacher": psnr(s_samples, t_samples),
+            "sample_s": s_s,
+            "images_per_s": len(noise) / s_s,
+            "sample_time_ratio": s_s / t_s,
+        }
+        grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n]))
+    results["metric"] = {
+        "features": ev.features,
+        "n_samples": ev.n_samples,
+        "steps": cfg.model.num_inference_steps,
+        "seed": cfg.seed,
+    }
+    results["method"] = method
+    results["cost"] = cost or {}
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    save_png(grid, run_dir / "samples.png")
+    log_results(loggers, results, grid)
+    print(format_table(results))
+    print(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
+    return results
+
+
+def log_results(loggers: list[Logger], results: dict[str, Any], grid: Any) -> None:
+    flat = {
+        f"eval/{who}/{k}": v for who in ("teacher", "student") for k, v in results.get(who, {}).items()
+    }  # e.g. eval/student/fid
+    for logger in loggers:
+        logger.log_metrics(flat, step=0)
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="eval/samples", images=[grid], caption=["teacher | student"])
+        logger.save()
+        logger.finalize("success")
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A small fixed-width table of the metrics of teacher and student."""
+    label = "classifier" if results["metric"]["features"] == "classifier" else "Inception"
+    cols = [(f"{label}-FID", "fid", "{:.2f}"), (f"{label}-IS", "is", "{:.2f}"),
+            ("PSNR-to-teacher dB", "psnr_to_teacher", "{:.2f}"), ("sample s", "sample_s", "{:.1f}")]  # fmt: skip
+    head = f"{'':8}" + "".join(f"{c[0]:>20}" for c in cols)
+    rows = [head]
+    for who in ("teacher", "student"):
+        if who in results:
+            r = results[who]
+            rows.append(f"{who:8}" + "".join(f"{(f.format(r[k]) if k in r else '-'):>20}" for _, k, f in cols))
+    m = results["metric"]
+    rows.append(f"({m['n_samples']} samples, DDIM-{m['steps']}, seed {m['seed']})")
+    return "\n".join(rows)
+
+
+def method_of(cfg: DictConfig) -> dict[str, Any]:
+    """The `method` block of results.json from the composed config."""
+    callbacks = list(cfg.get("callbacks") or {})
+    distill = cfg.get("distill")
+    return {
+        "quantizer": cfg.quantizer.name,
+        "bits": cfg.bits.name if cfg.quantizer.name != "fp" else "fp",
+        "distill": distill.name if distill is not None else "none",
+        "callbacks": callbacks,
+        "config": OmegaConf.to_container(cfg.quantizer, resolve=True),
+    }

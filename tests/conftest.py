@@ -1,0 +1,54 @@
+"""Shared fixtures: composed Hydra configs, a tiny teacher directory, and an isolated cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from dq.config import register_resolvers
+from dq.paths import conf_dir
+
+register_resolvers()
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "dq" / "assets" / "ddpm_mnist"
+CLASSIFIER = REPO / "dq" / "assets" / "mnist_classifier"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DQ_CACHE", str(tmp_path_factory.getbasetemp() / "dq_cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def compose_cfg(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:
+    """Compose a real dq config like the CLI does, with `run_dir` pointed at a test directory."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def tiny_unet_config() -> dict:
+    return dict(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path: Path) -> Path:
+    """A random tiny diffusers teacher saved like a pipeline directory (unet/ + scheduler/)."""
+    torch.manual_seed(0)
+    UNet2DModel(**tiny_unet_config()).save_pretrained(tmp_path / "tiny" / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "tiny" / "scheduler")
+    return tmp_path / "tiny"

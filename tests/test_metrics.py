@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from conftest import CLASSIFIER
+from dq.data import load_mnist_split
+from dq.metrics import SampleMetrics, psnr
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    m = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    m.set_reference(load_mnist_split(0)["train"][0])
+    return m
+
+
+def test_classifier_accuracy_on_holdout():
+    from dq.metrics import MNISTClassifier
+
+    x, y = load_mnist_split(0)["holdout"]
+    with torch.no_grad():
+        acc = (MNISTClassifier.load(CLASSIFIER)(x).argmax(1) == y).float().mean().item()
+    assert acc >= 0.97
+
+
+def test_fid_is_sanity(metrics):
+    holdout = load_mnist_split(0)["holdout"][0]
+    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real, fake = metrics.score(holdout), metrics.score(noise)
+    assert real["fid"] < 25 and fake["fid"] > 50 * real["fid"]
+    assert 8.5 < real["is"] <= 10.0
+    assert 1.0 <= fake["is"] < 1.5
+
+
+def test_identical_seeds_identical_results(metrics):
+    x = load_mnist_split(0)["holdout"][0][:300]
+    assert metrics.score(x, seed=3) == metrics.score(x, seed=3)
+
+
+def test_reference_cache_reused_and_corrupt_cache_rebuilt(tmp_path):
+    train = load_mnist_split(0)["train"][0][:500]
+    calls = []
+
+    def load():
+        calls.append(1)
+        return train
+
+    a = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    assert a.load_or_set_reference(tmp_path, "mnist-test", load) is False
+    b = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    assert b.load_or_set_reference(tmp_path, "mnist-test", load) is True
+    assert len(calls) == 1
+    x = load_mnist_split(0)["holdout"][0][:200]
+    assert a.score(x) == b.score(x)
+
+    (cache_file,) = (tmp_path / "ref_stats").iterdir()
+    cache_file.write_bytes(b"\x00garbage")
+    c = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    with pytest.warns(UserWarning, match=str(cache_file.name)):
+        assert c.load_or_set_reference(tmp_path, "mnist-test", load) is False
+    assert len(calls) == 2 and c.score(x) == a.score(x)
+
+
+def test_inception_without_extra_or_weights_is_a_clear_error(tmp_path):
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    expected = "inception_weights_path" if _TORCH_FIDELITY_AVAILABLE else r"dq\[inception\]"
+    with pytest.raises((ModuleNotFoundError, FileNotFoundError), match=expected):
+        SampleMetrics("inception", inception_weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_features_value():
+    with pytest.raises(ValueError, match="eval.features='vgg'"):
+        SampleMetrics("vgg")
+
+
+def test_psnr_against_plain_formula():
+    a = torch.rand(4, 1, 8, 8) * 2 - 1
+    b = (a + 0.1 * torch.randn_like(a)).clamp(-1, 1)
+    mse = ((a - b) ** 2).flatten(1).mean(1).double()
+    expected = (10 * torch.log10(4.0 / mse)).mean().item()
+    assert psnr(b, a) == pytest.approx(expected, rel=1e-6)  # torchmetrics keeps data_range in float32

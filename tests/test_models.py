@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from conftest import TEACHER
+from dq.models import ddim_sample, load_teacher, make_noise
+from dq.models.loading import CheckpointError
+
+
+def test_load_shipped_teacher_has_paper_building_blocks():
+    unet, scheduler = load_teacher(TEACHER)
+    kinds = {type(m).__name__ for m in unet.modules()}
+    assert {"ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D"} <= kinds
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert scheduler.config.num_train_timesteps == 1000
+
+
+def test_missing_model_directory_names_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.path"):
+        load_teacher(tmp_path / "nope")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_teacher_dir):
+    weights = tiny_teacher_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        load_teacher(tiny_teacher_dir)
+
+
+def test_sampling_is_a_function_of_the_noise(tiny_teacher_dir):
+    unet, scheduler = load_teacher(tiny_teacher_dir)
+    noise = make_noise(6, (1, 8, 8), seed=1)
+    assert torch.equal(noise, make_noise(6, (1, 8, 8), seed=1))
+    a = ddim_sample(unet, scheduler, noise, 4, batch_size=4, progress=False)
+    b = ddim_sample(unet, scheduler, noise, 4, batch_size=6, progress=False)
+    assert a.shape == (6, 1, 8, 8) and a.abs().max() <= 1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    c = ddim_sample(unet, scheduler, make_noise(6, (1, 8, 8), seed=2), 4, progress=False)
+    assert not torch.allclose(a, c)
