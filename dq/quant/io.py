@@ -126,7 +126,7 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     timesteps = None
     if meta["timesteps"] is not None:
         timesteps = torch.tensor(meta["timesteps"], dtype=getattr(torch, meta.get("timesteps_dtype") or "float32"))
-    quantize_model(model, spec, timesteps=timesteps, filter_fn=saved)
+    quantize_model(model, spec, timesteps=timesteps, filter_fn=saved, init_weights=False)
     for name, q in act_quantizers(model):
         if name not in meta["num_steps"]:
             raise ValueError(f"{directory / SPEC_NAME} lists no num_steps for activation quantizer {name!r}")

@@ -31,11 +31,17 @@ class QuantLayerMixin:
     in_scale: Tensor  # [C_in] multiplies the input before its quantizer (1/s of Weight Dilation)
 
     def _setup_quant(
-        self, weight_spec: QuantizerSpec, act_spec: QuantizerSpec, ctx: StepContext | None, in_channels: int
+        self,
+        weight_spec: QuantizerSpec,
+        act_spec: QuantizerSpec,
+        ctx: StepContext | None,
+        in_channels: int,
+        init_weights: bool,
     ) -> None:
         w = self.weight
         self.weight_quantizer = UniformQuantizer(weight_spec, w.shape[0]).to(device=w.device, dtype=w.dtype)
-        self.weight_quantizer.init_from(w)
+        if init_weights:
+            self.weight_quantizer.init_from(w)
         self.act_quantizer = TemporalQuantizer(act_spec, ctx).to(device=w.device, dtype=w.dtype)
         self.register_buffer("in_scale", torch.ones(in_channels, device=w.device, dtype=w.dtype))
         self._wq_cache: tuple[tuple, Tensor] | None = None
@@ -82,6 +88,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         weight_spec: QuantizerSpec,
         act_spec: QuantizerSpec,
         ctx: StepContext | None = None,
+        init_weights: bool = True,
     ) -> QuantConv2d:
         """Wrap `module`, reusing its weight and bias Parameters; the weight quantizer is initialised from W.
 
@@ -90,6 +97,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             weight_spec: Weight quantizer spec.
             act_spec: Input-activation quantizer spec.
             ctx: Shared step context of the model (a private one when None).
+            init_weights: Initialise the weight quantizer from W now (False: a state dict will set it).
         """
         new = cls(
             module.in_channels,
@@ -105,7 +113,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         )
         new.weight = module.weight
         new.bias = module.bias
-        new._setup_quant(weight_spec, act_spec, ctx, module.in_channels)
+        new._setup_quant(weight_spec, act_spec, ctx, module.in_channels, init_weights)
         new.train(module.training)
         return new
 
@@ -123,6 +131,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         weight_spec: QuantizerSpec,
         act_spec: QuantizerSpec,
         ctx: StepContext | None = None,
+        init_weights: bool = True,
     ) -> QuantLinear:
         """Wrap `module`, reusing its weight and bias Parameters; the weight quantizer is initialised from W.
 
@@ -131,11 +140,12 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             weight_spec: Weight quantizer spec.
             act_spec: Input-activation quantizer spec.
             ctx: Shared step context of the model (a private one when None).
+            init_weights: Initialise the weight quantizer from W now (False: a state dict will set it).
         """
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         new.weight = module.weight
         new.bias = module.bias
-        new._setup_quant(weight_spec, act_spec, ctx, module.in_features)
+        new._setup_quant(weight_spec, act_spec, ctx, module.in_features, init_weights)
         new.train(module.training)
         return new
 

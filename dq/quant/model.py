@@ -262,6 +262,8 @@ def quantize_model(
     spec: QuantSpec,
     timesteps: Tensor | Sequence[int | float] | None = None,
     filter_fn: FilterFn | None = None,
+    *,
+    init_weights: bool = True,
 ) -> QuantReport:
     """Quantize a diffusers UNet in place.
 
@@ -276,6 +278,8 @@ def quantize_model(
         timesteps: The sampler's timestep table (e.g. `scheduler.timesteps` after `set_timesteps(T)`); each sample's
             timestep is mapped to its position in it (TPQ step index). None: no step indices (shared quantizers only).
         filter_fn: `filter_fn(module, name) -> bool`; layers / attention modules for which it is False stay float.
+        init_weights: Initialise weight quantizers from the weights (False when a state dict loaded next sets them,
+            as in `load_quantized`).
 
     Returns:
         The report of what was quantized.
@@ -291,10 +295,10 @@ def quantize_model(
     for name, m in modules:
         if not keep(m, name):
             continue
-        if isinstance(m, nn.Conv2d):
-            _set_submodule(unet, name, QuantConv2d.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx))
-        elif isinstance(m, nn.Linear):
-            _set_submodule(unet, name, QuantLinear.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx))
+        cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear if isinstance(m, nn.Linear) else None
+        if cls is not None:
+            new = cls.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx, init_weights)
+            _set_submodule(unet, name, new)
     if spec.quantize_attention:
         for name, m in modules:
             if not isinstance(m, Attention) or not keep(m, name):

@@ -30,6 +30,7 @@ __all__ = [
 SCALE_MIN = 1e-8  # step sizes are clamped to at least this
 MSE_RATIOS = 100  # clipping ratios k/100, k = 1..100, tried by the MSE search
 OBSERVE_SAMPLES = 2**16  # values kept per step for the MSE search of activation quantizers
+_MSE_CHUNK_ELEMENTS = 2**22  # the MSE search evaluates this many candidate values at once
 
 
 class StepContext:
@@ -124,12 +125,16 @@ def mse_search(values: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[T
     x_min, x_max = values.amin(dim=1), values.amax(dim=1)
     best_scale, best_zp = affine_params(x_min, x_max, qmin, qmax, symmetric)
     best_err = torch.full_like(x_min, float("inf"))
-    for k in range(MSE_RATIOS, 0, -1):
-        r = k / MSE_RATIOS
-        scale, zp = affine_params(x_min * r, x_max * r, qmin, qmax, symmetric)
-        q = fake_quant(values, scale[:, None], zp[:, None], qmin, qmax, 1.0)
-        err = (q - values).pow(2).sum(dim=1)  # [C]
-        better = err < best_err
+    ratios = torch.arange(MSE_RATIOS, 0, -1, device=values.device) / MSE_RATIOS  # [R] 1.0 first
+    chunk = max(1, min(MSE_RATIOS, _MSE_CHUNK_ELEMENTS // max(values.numel(), 1)))
+    for start in range(0, MSE_RATIOS, chunk):
+        r = ratios[start : start + chunk, None]  # [r, 1]
+        scale, zp = affine_params(x_min * r, x_max * r, qmin, qmax, symmetric)  # [r, C]
+        q = fake_quant(values, scale[..., None], zp[..., None], qmin, qmax, 1.0)  # [r, C, N]
+        err = (q - values).pow(2).sum(dim=2)  # [r, C]
+        j = err.argmin(dim=0, keepdim=True)  # [1, C] first minimum: the largest ratio among ties
+        err, scale, zp = err.gather(0, j)[0], scale.gather(0, j)[0], zp.gather(0, j)[0]
+        better = err < best_err  # earlier chunks (larger ratios) win ties
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zp = torch.where(better, zp, best_zp)

@@ -1,0 +1,373 @@
+"""Quantized layers, attention processor, `quantize_model` on tiny diffusers UNets, and save/load."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+from torch.testing import assert_close
+
+from dq.quant import (
+    QuantAttnProcessor,
+    QuantConv2d,
+    QuantizerSpec,
+    QuantLinear,
+    QuantSpec,
+    StepContext,
+    act_quantizers,
+    calibrate_activations,
+    expand_act_quantizers,
+    load_quantized,
+    quant_modules,
+    quant_report,
+    quantize_model,
+    save_quantized,
+    set_quant_state,
+    step_context,
+    weight_quantizers,
+)
+
+TIMESTEPS = torch.tensor([666, 333, 0])  # DDIM-3 of a 1000-step schedule
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_cond_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def inputs(model: nn.Module, batch: int = 3, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    kw = {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": TIMESTEPS[0]}
+    if isinstance(model, UNet2DConditionModel):
+        kw["encoder_hidden_states"] = torch.randn(batch, 5, 8, generator=g)
+    return kw
+
+
+def calibrated(model: nn.Module, spec: QuantSpec, temporal: bool = True) -> nn.Module:
+    """Quantize, (expand to per-step quantizers), and calibrate on one batch per step."""
+    quantize_model(model, spec, timesteps=TIMESTEPS)
+    if temporal:
+        expand_act_quantizers(model)
+    kw = inputs(model, batch=len(TIMESTEPS), seed=7)
+    with torch.no_grad(), calibrate_activations(model) as names:
+        model(**{**kw, "timestep": TIMESTEPS})  # one sample per step
+    assert len(names) == len(list(act_quantizers(model)))
+    return model
+
+
+# ---- layers ------------------------------------------------------------------------------------------------------
+def _init_act(layer: QuantConv2d | QuantLinear, x: torch.Tensor) -> None:
+    layer.act_quantizer.start_observation()
+    layer(x)
+    layer.act_quantizer.finish_observation()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_quant_layer_forward_matches_reference(kind):
+    torch.manual_seed(0)
+    if kind == "conv":
+        float_layer, x = nn.Conv2d(6, 4, 3, padding=1), torch.randn(2, 6, 5, 5)
+        cls, op, cdim = QuantConv2d, lambda x, w, b: F.conv2d(x, w, b, padding=1), 1
+    else:
+        float_layer, x = nn.Linear(6, 4), torch.randn(2, 7, 6)
+        cls, op, cdim = QuantLinear, F.linear, -1
+    weight = float_layer.weight
+    layer = cls.from_float(float_layer, QuantizerSpec(4, granularity="channel"), QuantizerSpec(6))
+    assert layer.weight is weight and layer.bias is float_layer.bias  # the float weight is the trainable latent
+    assert layer.in_scale.shape == (6,) and (layer.in_scale == 1).all()
+    with torch.no_grad():
+        layer.in_scale.copy_(torch.linspace(0.5, 1.0, 6))
+    _init_act(layer, x)
+
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    w_ref = wq.scale.view(4, *[1] * (weight.ndim - 1)) * (
+        torch.clamp(torch.round(weight / wq.scale.view(4, *[1] * (weight.ndim - 1))) + wq.zero_point.round().view(
+            4, *[1] * (weight.ndim - 1)), 0, 15) - wq.zero_point.round().view(4, *[1] * (weight.ndim - 1))
+    )  # fmt: skip
+    shape = [1] * x.ndim
+    shape[cdim] = 6
+    xs = x * layer.in_scale.view(shape)
+    x_ref = aq.scale * (torch.clamp(torch.round(xs / aq.scale) + aq.zero_point.round(), 0, 63) - aq.zero_point.round())
+    assert_close(layer(x), op(x_ref, w_ref, float_layer.bias), atol=0, rtol=0)
+
+    set_quant_state(layer, weights=False, acts=False)
+    assert_close(layer(x), op(xs, weight, float_layer.bias), atol=0, rtol=0)
+
+
+def test_weight_cache_is_reused_and_invalidated():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(5, 3), QuantizerSpec(4, granularity="channel"), QuantizerSpec(8)).eval()
+    layer.act_quantizer.enabled = False
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        layer(x)
+        cached = layer._wq_cache[1]
+        layer(x)
+        assert layer._wq_cache[1] is cached  # reused
+        layer.weight.mul_(2.0)  # in-place edit
+        out = layer(x)
+        assert layer._wq_cache[1] is not cached
+        assert_close(out, F.linear(x, layer.weight_quantizer(layer.weight), layer.bias), atol=0, rtol=0)
+        cached = layer._wq_cache[1]
+        layer.load_state_dict({**layer.state_dict(), "weight_quantizer.scale": layer.weight_quantizer.scale * 2})
+        layer(x)
+        assert layer._wq_cache[1] is not cached
+        cached = layer._wq_cache[1]
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()  # grad enabled: no caching
+    opt.step()
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._wq_cache[1] is not cached
+    assert_close(out, F.linear(x, layer.weight_quantizer(layer.weight), layer.bias), atol=0, rtol=0)
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert layer._wq_cache is None  # training mode never caches
+
+
+# ---- quantize_model ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+def test_report_covers_every_layer_and_attention_matmul(make):
+    model = make()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    attns = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    assert attns and "time_embedding.linear_1" in linears and "conv_in" in convs
+    report = quantize_model(model, QuantSpec(weight_bits=4, act_bits=6), timesteps=TIMESTEPS)
+
+    assert isinstance(model, type(make()))
+    assert report.summary() == {
+        "total": len(convs) + len(linears) + 2 * len(attns),
+        "conv": len(convs),
+        "linear": len(linears),
+        "attn-matmul": 2 * len(attns),
+        "shared": len(convs) + len(linears) + 2 * len(attns),
+    }
+    by_name = {r.name: r for r in report}
+    assert {n for n, r in by_name.items() if r.kind == "conv"} == set(convs)
+    assert {n for n, r in by_name.items() if r.kind == "linear"} == set(linears)
+    assert {f"{a}.processor[q@k]" for a in attns} | {f"{a}.processor[p@v]" for a in attns} == {
+        n for n, r in by_name.items() if r.kind == "attn-matmul"
+    }
+    for name in convs:
+        assert isinstance(model.get_submodule(name), QuantConv2d)
+    for name in linears:
+        assert isinstance(model.get_submodule(name), QuantLinear)
+    for name in attns:
+        assert isinstance(model.get_submodule(name).processor, QuantAttnProcessor)
+    # bits: 8-bit first and last layer, 8-bit probabilities, the configured bits elsewhere
+    assert (by_name["conv_in"].weight_bits, by_name["conv_in"].act_bits) == (8, 8)
+    assert (by_name["conv_out"].weight_bits, by_name["conv_out"].act_bits) == (8, 8)
+    assert (by_name["time_embedding.linear_1"].weight_bits, by_name["time_embedding.linear_1"].act_bits) == (4, 6)
+    assert (by_name[f"{attns[0]}.processor[p@v]"].weight_bits, by_name[f"{attns[0]}.processor[p@v]"].act_bits) == (6, 8)
+    n_act = len(convs) + len(linears) + 4 * len(attns)
+    assert len(list(act_quantizers(model))) == n_act
+    assert len(list(weight_quantizers(model))) == len(convs) + len(linears)
+    assert all(q.initialized for _, q in weight_quantizers(model))
+    text = str(report)
+    assert text.splitlines()[0].split() == ["layer", "kind", "W", "bits", "A", "bits", "act", "quantizer"]
+    assert "conv_in" in text and f"total: {report.summary()['total']}" in text
+
+    expand_act_quantizers(model)
+    assert quant_report(model).summary()["temporal(3)"] == report.summary()["total"]
+    with pytest.raises(ValueError, match="model is already quantized"):
+        quantize_model(model, QuantSpec())
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+def test_disabled_quantization_matches_float_model(make):
+    float_model = make()
+    kw = inputs(float_model)
+    with torch.no_grad():
+        expected = float_model(**kw).sample
+        model = copy.deepcopy(float_model)
+        quantize_model(model, QuantSpec(weight_bits=4, act_bits=4), timesteps=TIMESTEPS)
+        set_quant_state(model, weights=False, acts=False)
+        # explicit baddbmm attention vs diffusers' SDPA: equal to float tolerance
+        assert_close(model(**kw).sample, expected)
+
+        exact = copy.deepcopy(float_model)
+        quantize_model(exact, QuantSpec(quantize_attention=False))
+        set_quant_state(exact, weights=False, acts=False)
+        assert_close(exact(**kw).sample, expected, atol=0, rtol=0)
+
+
+def test_quant_attention_processor_with_cross_attention_mask():
+    float_model = tiny_cond_unet()
+    kw = inputs(float_model)
+    kw["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    model = copy.deepcopy(float_model)
+    quantize_model(model, QuantSpec(), timesteps=TIMESTEPS)
+    set_quant_state(model, weights=False, acts=False)
+    with torch.no_grad():
+        expected = float_model(**kw).sample
+        assert_close(model(**kw).sample, expected)
+        unmasked = float_model(**{k: v for k, v in kw.items() if k != "encoder_attention_mask"}).sample
+    assert not torch.allclose(unmasked, expected)  # the mask mattered
+
+
+def test_timesteps_map_to_per_sample_step_indices():
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(), timesteps=TIMESTEPS)
+    set_quant_state(model, weights=False, acts=False)
+    ctx = step_context(model)
+    assert isinstance(ctx, StepContext)
+    assert all(q.step_context is ctx for _, q in act_quantizers(model))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        model(x, torch.tensor([0, 666, 333, 0]))
+        assert ctx.index.tolist() == [2, 0, 1, 2]
+        model(x, 333)  # a scalar
+        assert ctx.index.tolist() == [1, 1, 1, 1]
+        model(sample=x, timestep=torch.tensor(666.0))  # float, keyword arguments
+        assert ctx.index.tolist() == [0, 0, 0, 0]
+        with pytest.raises(ValueError) as e:
+            model(x, torch.tensor([0, 5, 333, 0]))
+    assert str(e.value) == "timestep 5 is not in the timestep table this quantized model was built for: [666, 333, 0]"
+
+    no_table = tiny_unet()
+    quantize_model(no_table, QuantSpec())
+    set_quant_state(no_table, weights=False, acts=False)
+    with torch.no_grad():
+        no_table(x, 5)
+    assert step_context(no_table).index is None
+
+
+def test_temporal_model_uses_each_samples_own_step():
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    q = model.get_submodule("down_blocks.0.resnets.0.conv1").act_quantizer
+    assert q.num_steps == 3 and len(set(q.scale.tolist())) == 3  # one calibrated Δ per step
+    records = []
+    for _, aq in act_quantizers(model):
+        aq.register_forward_hook(lambda m, a, o: records.append((m, a[0], o)))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(x, torch.tensor([0, 666, 333]))
+    assert len(records) == len(list(act_quantizers(model)))
+    for m, inp, out in records:  # every quantizer of the network: sample b used step index[b]
+        for b, i in enumerate([2, 0, 1]):
+            ref = m.scale[i] * (
+                torch.clamp(torch.round(inp[b] / m.scale[i]) + m.zero_point[i].round(), m.qmin, m.qmax)
+                - m.zero_point[i].round()
+            )
+            assert_close(out[b], ref, atol=0, rtol=0)
+
+
+def test_calibration_and_uninitialised_errors():
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(), timesteps=TIMESTEPS)
+    kw = inputs(model)
+    with pytest.raises(RuntimeError, match="activation quantizer is not initialised"), torch.no_grad():
+        model(**kw)
+    with pytest.raises(KeyError), calibrate_activations(model):
+        raise KeyError("boom")
+    assert not any(q.observing or q.initialized for _, q in act_quantizers(model))
+    with torch.no_grad(), calibrate_activations(model) as names:
+        model(**kw)
+    assert len(names) == len(list(act_quantizers(model)))
+    assert all(q.initialized and not q.observing for _, q in act_quantizers(model))
+    expand_act_quantizers(model)
+    with pytest.raises(RuntimeError, match="has 3 steps but no step index is set"), torch.no_grad():
+        step_context(model).index = None
+        model.get_submodule("conv_in")(kw["sample"])
+
+
+def test_filter_fn_leaves_layers_float():
+    model = tiny_unet()
+    report = quantize_model(model, QuantSpec(), filter_fn=lambda module, name: not name.startswith("mid_block"))
+    assert not any(r.name.startswith("mid_block") for r in report)
+    assert type(model.mid_block.resnets[0].conv1) is nn.Conv2d
+    assert not isinstance(model.mid_block.attentions[0].processor, QuantAttnProcessor)
+
+
+def test_ddim_pipeline_runs_quantized_unet():
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(3)
+    assert scheduler.timesteps.tolist() == TIMESTEPS.tolist()
+    seen = []
+    model.register_forward_hook(lambda m, a, o: seen.append(step_context(m).index.tolist()))
+    pipe = DDIMPipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    images = images.images
+    assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
+    assert seen == [[0, 0], [1, 1], [2, 2]]
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+def test_save_load_round_trip_is_bit_exact(make, tmp_path):
+    model = calibrated(make(), QuantSpec(weight_bits=4, act_bits=6, weight_init="mse"))
+    model.get_submodule("conv_in").in_scale.fill_(0.5)
+    kw = inputs(model, batch=3)
+    kw["timestep"] = torch.tensor([333, 0, 666])
+    with torch.no_grad():
+        expected = model(**kw).sample
+    save_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "quant_spec.json"]
+    meta = json.loads((tmp_path / "quant_spec.json").read_text())
+    assert meta["timesteps"] == [666, 333, 0] and set(meta["num_steps"].values()) == {3}
+
+    loaded = load_quantized(tmp_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert [(r.name, r.weight_bits, r.act_bits, r.quantizer) for r in quant_report(loaded)] == [
+        (r.name, r.weight_bits, r.act_bits, r.quantizer) for r in quant_report(model)
+    ]
+    assert all(q.initialized for _, q in act_quantizers(loaded))
+    with torch.no_grad():
+        assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    model = tiny_unet()
+    quantize_model(model, QuantSpec())
+    save_quantized(model, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        load_quantized(tmp_path)
+    (tmp_path / "quant_spec.json").write_text("{oops")
+    with pytest.raises(ValueError, match="quant_spec.json is corrupt: not valid JSON"):
+        load_quantized(tmp_path)
+    (tmp_path / "quant_spec.json").unlink()
+    with pytest.raises(FileNotFoundError, match="quant_spec.json not found in"):
+        load_quantized(tmp_path)
+
+
+def test_quant_modules_lists_layers_and_processors():
+    model = tiny_unet()
+    quantize_model(model, QuantSpec())
+    kinds = {type(m) for _, m in quant_modules(model)}
+    assert kinds == {QuantConv2d, QuantLinear, QuantAttnProcessor}

@@ -1,0 +1,311 @@
+"""Numerics of the quantizers against a plain reference, and spec validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant
+from dq.quant.quantizer import OBSERVE_SAMPLES, lsq_grad_scale
+
+
+def ref_quant(x, scale, zp, qmin, qmax):
+    """Plain reference: Δ · (clamp(round(x/Δ) + round(z), qmin, qmax) − round(z))."""
+    return scale * (torch.clamp(torch.round(x / scale) + torch.round(zp), qmin, qmax) - torch.round(zp))
+
+
+def ref_minmax(x_min, x_max, bits):
+    """Reference asymmetric min-max parameters (range widened to include 0)."""
+    x_min, x_max = torch.clamp(x_min, max=0), torch.clamp(x_max, min=0)
+    scale = (x_max - x_min) / (2**bits - 1)
+    return scale, torch.clamp(-torch.round(x_min / scale), 0, 2**bits - 1)
+
+
+# ---- fake_quant ------------------------------------------------------------------------------------------------
+def test_fake_quant_matches_reference_and_lies_on_integer_grid():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 6, generator=g) * 3
+    scale, zp = torch.tensor(0.05), torch.tensor(7.3)  # zero-point is rounded to 7
+    out = fake_quant(x, scale, zp, 0, 15, 1.0)
+    assert_close(out, ref_quant(x, scale, zp, 0, 15), atol=0, rtol=0)
+    grid = out / scale + 7
+    assert_close(grid, grid.round(), atol=1e-4, rtol=0)
+    assert grid.round().min() == 0 and grid.round().max() == 15  # clamped at both ends
+
+
+def test_fake_quant_clamps_to_range():
+    scale, zp = torch.tensor(0.5), torch.tensor(2.0)  # representable range [-1.0, 6.5] for 4 bits
+    x = torch.tensor([-100.0, -1.2, -1.0, 0.0, 0.26, 6.5, 6.8, 100.0])
+    out = fake_quant(x, scale, zp, 0, 15, 1.0)
+    assert_close(out, torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.5, 6.5, 6.5, 6.5]), atol=0, rtol=0)
+
+
+def test_fake_quant_clamps_tiny_scale():
+    out = fake_quant(torch.tensor([1e-9, 1.0]), torch.tensor(0.0), torch.tensor(0.0), 0, 255, 1.0)
+    assert torch.isfinite(out).all()
+    assert_close(out, torch.tensor([0.0, 255 * 1e-8]), atol=0, rtol=1e-6)
+
+
+def test_ste_gradient_of_x_is_one_inside_zero_outside():
+    scale, zp = torch.tensor(0.1), torch.tensor(3.0)  # range [-0.3, 1.2] at 4 bits
+    x = torch.tensor([-5.0, -0.31, -0.2, 0.0, 0.444, 1.19, 1.3, 9.0], requires_grad=True)
+    fake_quant(x, scale, zp, 0, 15, 1.0).sum().backward()
+    inside = (torch.round(x / scale) + 3 >= 0) & (torch.round(x / scale) + 3 <= 15)
+    assert_close(x.grad, inside.float(), atol=0, rtol=0)
+    assert inside.tolist() == [False, True, True, True, True, True, False, False]
+
+
+def test_lsq_gradients_of_scale_and_zero_point():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, generator=g)
+    qmin, qmax, gs = 0, 15, lsq_grad_scale(200, 15)
+    scale = torch.tensor(0.08, requires_grad=True)
+    zp = torch.tensor(6.0, requires_grad=True)
+    fake_quant(x, scale, zp, qmin, qmax, gs).sum().backward()
+
+    v = x / 0.08
+    q = torch.round(v) + 6
+    below, above = q < qmin, q > qmax
+    inside = ~(below | above)
+    assert below.any() and above.any() and inside.any()
+    # analytic LSQ: (round(v) - v) inside, qmin - z below, qmax - z above; times the gradient scale
+    d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - 6.0, qmax - 6.0))
+    assert_close(scale.grad, d_scale.sum() * gs)
+    d_zp = torch.where(inside, torch.zeros_like(v), torch.full_like(v, -0.08))
+    assert_close(zp.grad, d_zp.sum() * gs)
+    assert gs == pytest.approx(1 / (200 * 15) ** 0.5)
+
+
+# ---- UniformQuantizer --------------------------------------------------------------------------------------------
+def test_uniform_per_channel_minmax_init_and_forward():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 3, 3, 3, generator=g)
+    w[0] = w[0].abs() + 0.1  # an all-positive row: its range is widened to include 0
+    q = UniformQuantizer(QuantizerSpec(4, granularity="channel"), num_channels=6)
+    q.init_from(w)
+    rows = w.reshape(6, -1)
+    scale, zp = ref_minmax(rows.amin(1), rows.amax(1), 4)
+    assert_close(q.scale.detach(), scale, atol=0, rtol=0)
+    assert_close(q.zero_point.detach(), zp, atol=0, rtol=0)
+    assert q.zero_point[0] == 0
+    out = q(w)
+    assert_close(out, ref_quant(w, scale.view(6, 1, 1, 1), zp.view(6, 1, 1, 1), 0, 15), atol=0, rtol=0)
+    # every row keeps its range: 16 levels, the extremes representable up to half a step
+    assert ((out - w).abs() <= scale.view(6, 1, 1, 1) / 2 + 1e-6).all()
+    assert isinstance(q.scale, torch.nn.Parameter) and isinstance(q.zero_point, torch.nn.Parameter)
+
+
+def test_uniform_per_tensor_and_not_learnable():
+    w = torch.linspace(-1, 3, 40).reshape(4, 10)
+    q = UniformQuantizer(QuantizerSpec(8, granularity="tensor", learnable=False), num_channels=4)
+    q.init_from(w)
+    assert q.scale.shape == (1,)
+    assert "scale" in dict(q.named_buffers()) and not list(q.parameters())
+    scale, zp = ref_minmax(w.min(), w.max(), 8)
+    assert_close(q(w), ref_quant(w, scale, zp, 0, 255), atol=0, rtol=0)
+
+
+def test_uniform_symmetric():
+    w = torch.tensor([[-2.0, 0.3, 1.0, 0.05], [0.5, -0.25, 0.1, 0.0]])
+    q = UniformQuantizer(QuantizerSpec(4, symmetric=True, granularity="channel"), num_channels=2)
+    q.init_from(w)
+    assert (q.qmin, q.qmax) == (-8, 7)
+    assert "zero_point" in dict(q.named_buffers())  # z is fixed at 0 when symmetric
+    assert_close(q.zero_point, torch.zeros(2), atol=0, rtol=0)
+    scale = torch.tensor([2.0, 0.5]) / 7
+    assert_close(q.scale.detach(), scale, atol=0, rtol=0)
+    out = q(w)
+    assert_close(out, scale[:, None] * torch.clamp(torch.round(w / scale[:, None]), -8, 7), atol=0, rtol=0)
+    levels = out / scale[:, None]
+    assert levels.round().min() >= -8 and levels.round().max() <= 7
+
+
+def test_mse_init_is_never_worse_than_minmax():
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(8, 1024, generator=g) - 0.5
+    w = -torch.sign(u) * torch.log1p(-2 * u.abs())  # Laplace: heavy tails, clipping pays off
+    err = {}
+    for init in ("minmax", "mse"):
+        q = UniformQuantizer(QuantizerSpec(4, granularity="channel", init=init), num_channels=8)
+        q.init_from(w)
+        err[init] = (q(w) - w).pow(2).sum(1)
+    assert (err["mse"] <= err["minmax"]).all()
+    assert err["mse"].sum() < 0.8 * err["minmax"].sum()
+
+
+def test_uniform_disabled_is_identity_and_uninitialised_raises():
+    w = torch.randn(3, 4)
+    q = UniformQuantizer(QuantizerSpec(4, granularity="channel"), num_channels=3)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        q(w)
+    q.enabled = False
+    assert q(w) is w
+
+
+def test_initialized_flag_travels_in_state_dict():
+    q = UniformQuantizer(QuantizerSpec(4, granularity="channel"), num_channels=3)
+    q.init_from(torch.randn(3, 4))
+    fresh = UniformQuantizer(QuantizerSpec(4, granularity="channel"), num_channels=3)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.initialized
+    assert_close(fresh.scale, q.scale, atol=0, rtol=0)
+
+
+# ---- TemporalQuantizer -------------------------------------------------------------------------------------------
+def _temporal(num_steps: int, bits: int = 4, init: str = "minmax") -> tuple[TemporalQuantizer, StepContext]:
+    ctx = StepContext()
+    return TemporalQuantizer(QuantizerSpec(bits, init=init), ctx, num_steps=num_steps), ctx
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 5, 6), (4, 3, 5, 5)])
+def test_temporal_per_sample_step_indexing(shape):
+    q, ctx = _temporal(3)
+    scales, zps = torch.tensor([0.1, 0.02, 0.3]), torch.tensor([3.0, 9.0, 0.0])
+    with torch.no_grad():
+        q.scale.copy_(scales)
+        q.zero_point.copy_(zps)
+    q.initialized = True
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    ctx.index = torch.tensor([2, 0, 1, 0])  # mixed steps in one batch
+    out = q(x)
+    for b, i in enumerate(ctx.index.tolist()):
+        assert_close(out[b], ref_quant(x[b], scales[i], zps[i], 0, 15), atol=0, rtol=0)
+
+
+def test_temporal_gradients_reach_each_sample_step():
+    q, ctx = _temporal(3)
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    q.initialized = True
+    ctx.index = torch.tensor([0, 0, 2])
+    q(torch.randn(3, 8) * 2).sum().backward()
+    assert q.scale.grad[0] != 0 and q.scale.grad[2] != 0 and q.scale.grad[1] == 0
+
+
+def test_temporal_needs_step_index():
+    q, ctx = _temporal(3)
+    q.initialized = True
+    with pytest.raises(RuntimeError, match="has 3 steps but no step index is set"):
+        q(torch.randn(2, 4))
+    ctx.index = torch.tensor([0, 1, 2])
+    with pytest.raises(RuntimeError, match=r"step index has shape \(3,\) but the input batch has 2 samples"):
+        q(torch.randn(2, 4))
+
+
+def test_shared_quantizer_ignores_index_and_expand_steps_repeats():
+    q, ctx = _temporal(1)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        q.scale.fill_(0.05)
+        q.zero_point.fill_(4.0)
+    q.initialized = True
+    shared = q(x)
+    assert_close(shared, ref_quant(x, torch.tensor(0.05), torch.tensor(4.0), 0, 15), atol=0, rtol=0)
+    q.expand_steps(5)
+    assert q.num_steps == 5 and q.scale.shape == (5,) and isinstance(q.scale, torch.nn.Parameter)
+    assert_close(q.scale.detach(), torch.full((5,), 0.05), atol=0, rtol=0)
+    ctx.index = torch.tensor([4, 0, 2, 3])
+    assert_close(q(x), shared, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"only a shared quantizer \(num_steps=1\) can be expanded; this one has 5"):
+        q.expand_steps(7)
+
+
+def test_temporal_observation_per_step_minmax():
+    q, ctx = _temporal(4)
+    q.start_observation()
+    # step 0 sees [-1, 2], step 1 sees [-3, 0.5], steps 2, 3 are never observed
+    x = torch.tensor([[-1.0, 2.0], [-3.0, 0.5], [0.0, 1.0]])
+    ctx.index = torch.tensor([0, 1, 0])
+    assert q(x) is x  # observing passes inputs through
+    assert q.finish_observation()
+    assert q.initialized and not q.observing
+    scale, zp = ref_minmax(torch.tensor([-1.0, -3.0, -3.0, -3.0]), torch.tensor([2.0, 0.5, 2.0, 2.0]), 4)
+    assert_close(q.scale.detach(), scale, atol=0, rtol=0)
+    assert_close(q.zero_point.detach(), zp, atol=0, rtol=0)
+
+
+def test_temporal_observation_without_input_stays_uninitialised():
+    q, _ = _temporal(1)
+    q.start_observation()
+    assert q.finish_observation() is False
+    assert not q.initialized
+
+
+def test_temporal_mse_observation_beats_minmax_and_caps_samples():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 40_000, generator=g)
+    x[:, :5] = 30.0  # outliers
+    err = {}
+    for init in ("minmax", "mse"):
+        q, _ = _temporal(1, bits=4, init=init)
+        q.start_observation()
+        q(x)
+        q(x)
+        if init == "mse":
+            assert q._obs_samples[0].numel() == OBSERVE_SAMPLES
+        q.finish_observation()
+        err[init] = (q(x) - x).pow(2).sum()
+    assert err["mse"] < 0.5 * err["minmax"]
+
+
+def test_temporal_uninitialised_raises_and_disabled_is_identity():
+    q, _ = _temporal(1)
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="activation quantizer is not initialised"):
+        q(x)
+    q.enabled = False
+    assert q(x) is x
+
+
+# ---- specs -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [0, 1, 17])
+def test_spec_rejects_bits_out_of_range(bits):
+    with pytest.raises(ValueError) as e:
+        QuantSpec(weight_bits=bits)
+    assert str(e.value) == f"weight_bits={bits} is out of range: bits must be an integer in [2, 16]"
+    with pytest.raises(ValueError, match=rf"^bits={bits} is out of range: bits must be an integer in \[2, 16\]$"):
+        QuantizerSpec(bits)
+
+
+def test_spec_rejects_non_integer_bits():
+    with pytest.raises(ValueError, match=r"act_bits=4.0 is not an integer: bits must be an integer in \[2, 16\]"):
+        QuantSpec(act_bits=4.0)
+    with pytest.raises(ValueError, match="attn_prob_bits=True is not an integer"):
+        QuantSpec(attn_prob_bits=True)
+
+
+def test_spec_rejects_unknown_choices():
+    with pytest.raises(ValueError) as e:
+        QuantSpec(weight_granularity="row")
+    assert str(e.value) == "weight_granularity='row' is invalid: allowed values are 'tensor', 'channel'"
+    with pytest.raises(ValueError, match="granularity='group' is invalid: allowed values are 'tensor', 'channel'"):
+        QuantizerSpec(4, granularity="group")
+    with pytest.raises(ValueError, match="act_init='percentile' is invalid: allowed values are 'minmax', 'mse'"):
+        QuantSpec(act_init="percentile")
+    with pytest.raises(ValueError, match="act_granularity='channel' is invalid: allowed values are 'tensor'"):
+        QuantSpec(act_granularity="channel")
+    with pytest.raises(ValueError, match="weight_symmetric='yes' is invalid: must be a bool"):
+        QuantSpec(weight_symmetric="yes")
+
+
+def test_spec_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError) as e:
+        QuantSpec.from_dict({"weight_bits": 4, "wbits": 4})
+    msg = str(e.value)
+    assert msg.startswith("unknown QuantSpec key(s) ['wbits']; allowed keys are ['weight_bits', 'act_bits'")
+    assert "'quantize_attention'" in msg
+
+
+def test_spec_round_trip_and_per_layer_specs():
+    spec = QuantSpec(weight_bits=4, act_bits=6, weight_init="mse", keep_8bit=("conv_in", "time_embedding"))
+    assert spec.keep_8bit == ["conv_in", "time_embedding"]
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    assert spec.weight_spec("conv_in") == QuantizerSpec(8, False, "channel", "mse", True)
+    assert spec.act_spec("conv_in").bits == 8
+    assert spec.weight_spec("time_embedding.linear_1").bits == 8  # below a listed prefix
+    assert spec.weight_spec("conv_in_extra").bits == 4  # a prefix must end at a dot
+    assert spec.weight_spec("down_blocks.0.resnets.0.conv1") == QuantizerSpec(4, False, "channel", "mse", True)
+    assert spec.act_spec("down_blocks.0.resnets.0.conv1") == QuantizerSpec(6, False, "tensor", "minmax", True)
+    assert spec.prob_spec("mid_block.attentions.0") == QuantizerSpec(8, False, "tensor", "minmax", True)
+    assert QuantizerSpec.from_dict(QuantizerSpec(5, True).to_dict()) == QuantizerSpec(5, True)
