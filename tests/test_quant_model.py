@@ -112,10 +112,8 @@ def test_quant_layer_forward_matches_reference(kind):
     _init_act(layer, x)
 
     wq, aq = layer.weight_quantizer, layer.act_quantizer
-    w_ref = wq.scale.view(4, *[1] * (weight.ndim - 1)) * (
-        torch.clamp(torch.round(weight / wq.scale.view(4, *[1] * (weight.ndim - 1))) + wq.zero_point.round().view(
-            4, *[1] * (weight.ndim - 1)), 0, 15) - wq.zero_point.round().view(4, *[1] * (weight.ndim - 1))
-    )  # fmt: skip
+    ws, wz = (p.detach().view(4, *[1] * (weight.ndim - 1)) for p in (wq.scale, wq.zero_point))  # [C_out, 1, ...]
+    w_ref = ws * (torch.clamp(torch.round(weight / ws) + wz.round(), 0, 15) - wz.round())
     shape = [1] * x.ndim
     shape[cdim] = 6
     xs = x * layer.in_scale.view(shape)
