@@ -1,15 +1,73 @@
-"""Build the student the `quantizer` config asks for: none for `fp`, a calibrated quantized copy otherwise."""
+"""Build the student the `quantizer` + `bits` configs ask for, shared by `dq-eval` and `dq-train`.
+
+`fp` → no student (the teacher is the model). Otherwise: a quantized copy of the teacher (`quantize_model`), tied to
+the sampler's timestep table, whose activation ranges are calibrated on teacher trajectories (`calib` config) —
+shared over all steps, or per step when `quantizer.temporal` is true.
+"""
 
 from __future__ import annotations
 
+import copy
+import time
 from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm.auto import tqdm
+
+from dq.distill.calibration import CalibrationSet, get_calibration_set
+from dq.quant import QuantSpec, calibrate_activations, expand_act_quantizers, quant_report, quantize_model
+
+
+def quant_spec_of(cfg: DictConfig) -> QuantSpec:
+    """QuantSpec from `quantizer.spec` (method settings) and the `bits` group (bit-widths, 8-bit exceptions)."""
+    bits = {k: cfg.bits[k] for k in ("weight_bits", "act_bits", "keep_8bit", "attn_prob_bits")}
+    spec = OmegaConf.to_container(cfg.quantizer.get("spec") or {}, resolve=True)
+    return QuantSpec.from_dict({**spec, **bits})
+
+
+def sampler_timesteps(scheduler: Any, num_inference_steps: int) -> torch.Tensor:
+    """[T] the sampler's timestep table; step index i is position i (0 = first, noisiest step)."""
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler.timesteps.clone()
+
+
+def calibration_set(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> CalibrationSet:
+    """The cached `(x_t, t)` calibration set drawn from teacher DDIM trajectories."""
+    return get_calibration_set(
+        teacher, copy.deepcopy(scheduler), cfg.calib.n_calib, cfg.model.num_inference_steps,
+        tuple(cfg.model.sample_shape), cfg.calib.seed, cfg.calib.batch_size, cache_root=cfg.eval.cache_dir,
+        progress=cfg.eval.progress,
+    )  # fmt: skip
+
+
+def quantize_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> nn.Module:
+    """A quantized deep copy of the teacher (activation quantizers not yet calibrated)."""
+    student = copy.deepcopy(teacher)
+    report = quantize_model(student, quant_spec_of(cfg), sampler_timesteps(scheduler, cfg.model.num_inference_steps))
+    print(f"quantized {report.summary()}")
+    return student
+
+
+@torch.no_grad()
+def calibrate(student: nn.Module, calib: CalibrationSet, batch_size: int, force: bool = False, progress: bool = True):
+    """Initialise activation ranges from the calibration set (per step where quantizers are temporal)."""
+    device = next(student.parameters()).device
+    with calibrate_activations(student, force=force):
+        for idx in tqdm(torch.arange(len(calib)).split(batch_size), desc="calibrating", disable=not progress):
+            student(calib.x_t[idx].to(device), calib.timesteps[idx].to(device))
 
 
 def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[nn.Module | None, dict[str, Any]]:
-    """Return `(student, cost)`; `student` is None when the quantizer is `fp` (the teacher is the model)."""
+    """Return `(student, cost)`; `student` is None for `quantizer=fp`. Used as is by PTQ baselines in dq-eval."""
     if cfg.quantizer.name == "fp":
         return None, {}
-    raise ValueError(f"quantizer='{cfg.quantizer.name}' is not available in dq-eval yet; use quantizer=fp.")
+    start = time.perf_counter()
+    student = quantize_student(cfg, teacher, scheduler)
+    if cfg.quantizer.get("temporal", False):
+        expand_act_quantizers(student)
+    calibrate(student, calibration_set(cfg, teacher, scheduler), cfg.calib.batch_size, progress=cfg.eval.progress)
+    if cfg.eval.get("print_report", False):
+        print(quant_report(student))
+    return student.eval(), {"calib_s": time.perf_counter() - start}
