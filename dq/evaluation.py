@@ -33,7 +33,8 @@ def build_metrics(cfg: DictConfig) -> SampleMetrics:
     """FID/IS metrics with reference statistics loaded from (or written to) the cache."""
     ev = cfg.eval
     metrics = SampleMetrics(ev.features, ev.classifier_path, ev.inception_weights_path, ev.is_splits, cfg.device)
-    metrics.load_or_set_reference(ev.cache_dir, reference_name(cfg.model.data), lambda: reference_images(cfg.model.data))
+    data = cfg.model.data
+    metrics.load_or_set_reference(ev.cache_dir, reference_name(data), lambda: reference_images(data))
     return metrics
 
 

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 
-from conftest import compose_cfg
 from dq.eval import evaluate
 from dq.paths import PACKAGE_DIR
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import CLASSIFIER
+
 from dq.data import load_mnist_split
 from dq.metrics import SampleMetrics, psnr
 

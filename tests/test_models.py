@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import TEACHER
+
 from dq.models import ddim_sample, load_teacher, make_noise
 from dq.models.loading import CheckpointError
 

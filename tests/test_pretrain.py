@@ -1,17 +1,20 @@
 import json
 
+from conftest import compose_cfg
 from safetensors.torch import load_file
 
-from conftest import compose_cfg
 from dq.metrics import MNISTClassifier
 from dq.models import load_teacher
 from dq.pretrain import pretrain
 
 
 def test_pretrain_teacher_writes_loadable_model_and_card(tmp_path):
-    over = ["pretrain=teacher", "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "pretrain.trainer.max_steps=3",
-            "pretrain.module.unet.block_out_channels=[8,8,16]", "pretrain.module.unet.norm_num_groups=4", "pretrain.module.unet.attention_head_dim=8",
-            f"install_dir={tmp_path / 'installed'}"]  # fmt: skip
+    over = [
+        "pretrain=teacher", "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "pretrain.trainer.max_steps=3", "pretrain.module.unet.block_out_channels=[8,8,16]",
+        "pretrain.module.unet.norm_num_groups=4", "pretrain.module.unet.attention_head_dim=8",
+        f"install_dir={tmp_path / 'installed'}",
+    ]  # fmt: skip
     metrics = pretrain(compose_cfg("pretrain", over, tmp_path / "run"))
     card = json.loads((tmp_path / "run" / "ddpm_mnist" / "model_card.json").read_text())
     assert card["steps"] == 3 and card["seed"] == 0 and card["command"].startswith("dq-pretrain")

@@ -173,6 +173,24 @@ def test_temporal_per_sample_step_indexing(shape):
         assert_close(out[b], ref_quant(x[b], scales[i], zps[i], 0, 15), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_inference_path_is_bit_identical_to_autograd_path(num_steps):
+    q, ctx = _temporal(num_steps, bits=6)
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.05, 0.013, 0.2])[:num_steps])
+        q.zero_point.copy_(torch.tensor([30.4, 9.0, 0.0])[:num_steps])
+    q.initialized = True
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(5)) * 2
+    ctx.index = torch.tensor([2, 0, 1, 0, 1, 1, 2, 0]) % num_steps
+    with_grad = q(x.requires_grad_())  # fake_quant with STE / LSQ
+    with torch.no_grad():
+        fast = q(x.detach())  # the in-place sampling chain
+    assert_close(fast, with_grad.detach(), atol=0, rtol=0)
+    z = q.zero_point.detach().round()[ctx.index]
+    for b, i in enumerate(ctx.index.tolist()):
+        assert_close(fast[b], ref_quant(x[b].detach(), q.scale[i].detach(), z[b], 0, 63), atol=0, rtol=0)
+
+
 def test_temporal_gradients_reach_each_sample_step():
     q, ctx = _temporal(3)
     with torch.no_grad():

@@ -11,9 +11,7 @@ from PIL import Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def load_image_folder(
-    path: str | Path, size: int, channels: int = 3, limit: int | None = None
-) -> torch.Tensor:
+def load_image_folder(path: str | Path, size: int, channels: int = 3, limit: int | None = None) -> torch.Tensor:
     """Load every image below `path` (sorted), resized to `size`x`size`, as [N, C, H, W] in [-1, 1].
 
     Raises:

@@ -44,9 +44,9 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     sched_dir = root / "scheduler"
     if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"'{unet_dir}' has no config.json: `{field}` must point at a diffusers model directory.")
+        raise FileNotFoundError(f"'{unet_dir}' has no config.json: `{field}` must name a diffusers model directory.")
     if not (sched_dir / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its noise schedule.")
+        raise FileNotFoundError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its schedule.")
     cls = _unet_class(unet_dir)
     try:
         unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)

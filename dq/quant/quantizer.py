@@ -396,6 +396,8 @@ class TemporalQuantizer(_QuantizerBase):
                 "or disable activation quantization"
             )
         index = self._step_index(x)
+        if not torch.is_grad_enabled():
+            return self._fused_inference(x, index)
         if index is None:
             shape = [1] * x.ndim
             scale, zp = self.scale.reshape(shape), self.zero_point.reshape(shape)
@@ -403,6 +405,17 @@ class TemporalQuantizer(_QuantizerBase):
             shape = [x.shape[0]] + [1] * (x.ndim - 1)  # [B, 1, ...]: each sample its own step's pair
             scale, zp = self.scale[index].reshape(shape), self.zero_point[index].reshape(shape)
         return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+
+    def _fused_inference(self, x: Tensor, index: Tensor | None) -> Tensor:
+        """Sampling path (no autograd): the arithmetic of `fake_quant` as one in-place chain.
+
+        Bit-identical to `fake_quant`'s forward, ~5x faster on CPU (one temporary instead of ten; PyTorch's own
+        `fake_quantize_per_*_affine` kernels measured slower still).
+        """
+        shape = [1] * x.ndim if index is None else [x.shape[0]] + [1] * (x.ndim - 1)  # [B, 1, ...] per-sample step
+        scale = (self.scale if index is None else self.scale[index]).reshape(shape).clamp_min(SCALE_MIN)
+        zp = (self.zero_point if index is None else self.zero_point[index]).reshape(shape).round()
+        return x.div(scale).round_().add_(zp).clamp_(self.qmin, self.qmax).sub_(zp).mul_(scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_steps={self.num_steps}"
