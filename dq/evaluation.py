@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from dq.data import reference_images, reference_name
+from dq.distill.calibration import teacher_fingerprint
 from dq.metrics import SampleMetrics, psnr
 from dq.models import ddim_sample, make_noise
 from dq.utils.grid import grid_array, save_png, side_by_side
-from dq.utils.io import atomic_write_text
+from dq.utils.io import atomic_write, atomic_write_text
 
 
 def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
@@ -27,6 +32,34 @@ def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: Dic
         desc=desc,
     )  # fmt: skip
     return samples, time.perf_counter() - start
+
+
+def teacher_samples(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor) -> tuple:
+    """Teacher samples from `noise`, cached on disk: every student of a sweep is compared with the same ones.
+
+    The key covers the teacher's weights, the noise (seed, N, shape), the sampler and its step count. The cached
+    sampling time is the one measured when the samples were made. A corrupt cache file is reported and rebuilt.
+    """
+    fields = {
+        "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
+        "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors"
+    if cfg.eval.get("cache_teacher_samples", True) and path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                samples, sample_s = f.get_tensor("samples"), float(f.metadata()["sample_s"])
+            if samples.shape == noise.shape and torch.isfinite(samples).all():
+                return samples, sample_s
+            raise ValueError(f"shape {tuple(samples.shape)} or values do not match")
+        except Exception as e:
+            warnings.warn(f"Teacher-sample cache '{path}' is unusable ({e}); sampling again.", stacklevel=2)
+    samples, sample_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
+    if cfg.eval.get("cache_teacher_samples", True):
+        meta = {"sample_s": str(sample_s), "fields": json.dumps(fields, default=str)}
+        atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta))
+    return samples, sample_s
 
 
 def build_metrics(cfg: DictConfig) -> SampleMetrics:
@@ -54,7 +87,7 @@ def evaluate_models(
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
 
-    t_samples, t_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
+    t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
     results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
     grid = grid_array(t_samples[: ev.grid_n])
     if student is not None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import compose_cfg
@@ -51,3 +52,30 @@ def test_bad_features_value_names_the_field(tmp_path):
     cfg = compose_cfg("eval", _fast() + ["logger=none", "eval.features=vgg"], tmp_path / "run")
     with pytest.raises(ValueError, match="eval.features='vgg'"):
         evaluate(cfg)
+
+
+def test_ptq_student_is_scored_against_teacher_from_identical_noise(tmp_path):
+    over = _fast() + ["logger=none", "quantizer=ptq_minmax", "bits=w4a8", "calib.n_calib=30"]
+    results = evaluate(compose_cfg("eval", over, tmp_path / "run"))
+    student, teacher = results["student"], results["teacher"]
+    assert 5 < student["psnr_to_teacher"] < 100  # close to, but not identical with, the teacher
+    assert student["sample_time_ratio"] > 0 and results["method"]["bits"] == "w4a8"
+    w8 = evaluate(compose_cfg("eval", over[:-2] + ["bits=w8a8", "calib.n_calib=30"], tmp_path / "run8"))
+    assert w8["teacher"] == teacher  # same noise, same (cached) teacher samples
+    assert w8["student"]["psnr_to_teacher"] > student["psnr_to_teacher"]  # 8 bits damage less than 4
+
+
+def test_teacher_samples_are_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    import dq.evaluation as evaluation
+
+    calls = []
+    real = evaluation.sample_timed
+    monkeypatch.setattr(evaluation, "sample_timed", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    cfg = compose_cfg("eval", _fast() + ["logger=none"], tmp_path / "run")
+    first = evaluate(cfg)["teacher"]
+    assert evaluate(cfg)["teacher"] == first and calls == ["teacher"]
+    (cached,) = (Path(cfg.eval.cache_dir) / "teacher_samples").iterdir()
+    cached.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match=cached.name):
+        again = evaluate(cfg)["teacher"]
+    assert calls == ["teacher", "teacher"] and again["fid"] == pytest.approx(first["fid"])

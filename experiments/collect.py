@@ -1,0 +1,69 @@
+"""Collect finished runs' `results.json` into one Markdown + CSV table.
+
+    python experiments/collect.py multirun/eval/2026-11-24_19-30-00 --out experiments/tables/ptq_minmax
+
+Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from dq.utils.io import atomic_write_text
+
+COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "fid", "is", "psnr_to_teacher",
+           "sample_time_ratio", "train_s", "peak_mem_mb", "run"]  # fmt: skip
+
+
+def rows(roots: list[Path]) -> list[dict]:
+    """One row per results.json below `roots`, plus the teacher's row (from the first run) on top."""
+    out, teacher = [], None
+    for path in sorted(p for root in roots for p in root.rglob("results.json")):
+        r = json.loads(path.read_text())
+        m, s, cost = r.get("method", {}), r.get("student", r["teacher"]), r.get("cost", {})
+        teacher = teacher or r["teacher"]
+        out.append({
+            "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
+            "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
+            "callbacks": "+".join(m.get("callbacks", [])) or "-",
+            "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
+            "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
+            "peak_mem_mb": cost.get("peak_mem_mb", ""), "run": str(path.parent),
+        })  # fmt: skip
+    if teacher is not None and all(r["quantizer"] != "fp" for r in out):
+        out.insert(0, dict.fromkeys(COLUMNS, "") | {"quantizer": "fp (teacher)", "bits": "fp", "fid": teacher["fid"],
+                                                     "is": teacher["is"], "run": "teacher"})  # fmt: skip
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    cols = [c for c in COLUMNS if c != "run"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("roots", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.csv")
+    args = p.parse_args()
+    table = rows(args.roots)
+    md = markdown(table)
+    print(md)
+    if args.out:
+        atomic_write_text(args.out.with_suffix(".md"), md)
+        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(table)
+
+
+if __name__ == "__main__":
+    main()
