@@ -1,0 +1,6 @@
+"""Pluggable DilateQuant components as Lightning callbacks; removing one from the config is its ablation."""
+
+from dq.callbacks.tpq import TemporalParallelQuantizer
+from dq.callbacks.weight_dilation import WeightDilation, dilate_student
+
+__all__ = ["TemporalParallelQuantizer", "WeightDilation", "dilate_student"]

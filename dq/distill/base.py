@@ -1,0 +1,181 @@
+"""What every distillation LightningModule of dq shares: teacher, student and calibration set, the optimizer groups,
+activation calibration of whatever the callbacks left uninitialised, and the NaN guard.
+
+Order of initialisation inside `Trainer.fit` (Lightning runs callbacks' hooks before the module's):
+`setup` — callbacks change parameter *shapes* here (TPQ expands quantizers to `[T]`), before `configure_optimizers`;
+`on_fit_start` — callbacks change parameter *values* in place (Weight Dilation, per-step calibration), then the
+module calibrates the activation quantizers still uninitialised and, where a checkpoint exists, loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dq.distill.calibration import CalibrationSet
+from dq.quant import TemporalQuantizer, UniformQuantizer, act_quantizers, calibrate_activations
+
+__all__ = ["NoDistillation", "NonFiniteLossError", "QuantDistillation", "calibrate_student", "param_groups"]
+
+GROUPS = ("weights", "weight_qparams", "act_qparams")  # optimizer groups; biases and norm affines go with weights
+
+
+class NonFiniteLossError(RuntimeError):
+    """A distillation loss (or a trained parameter) became NaN or infinite."""
+
+
+def calib_inputs(calib: CalibrationSet, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """`(x_t [B, C, H, W], t [B], kwargs)` of calibration entries `idx` on `device` (kwargs: conditioning)."""
+    kwargs = {}
+    if calib.encoder_hidden_states is not None:
+        kwargs["encoder_hidden_states"] = calib.encoder_hidden_states[idx].to(device)
+    return calib.x_t[idx].to(device), calib.timesteps[idx].to(device), kwargs
+
+
+@torch.no_grad()
+def calibrate_student(
+    student: nn.Module, calib: CalibrationSet, batch_size: int, force: bool = False, progress: bool = True
+) -> list[str]:
+    """Initialise activation ranges (per step where quantizers are temporal) on the calibration set.
+
+    Returns the names of the quantizers initialised (none, without a forward pass, when all already were).
+    """
+    if not force and all(q.initialized for _, q in act_quantizers(student)):
+        return []
+    device = next(student.parameters()).device
+    with calibrate_activations(student, force=force) as names:
+        for idx in tqdm(torch.arange(len(calib)).split(batch_size), desc="calibrating", disable=not progress):
+            x, t, kwargs = calib_inputs(calib, idx, device)
+            student(x, t, **kwargs)
+    return names
+
+
+def param_groups(module: nn.Module, lrs: dict[str, float]) -> list[dict[str, Any]]:
+    """Adam parameter groups of `module`: latent weights (+ biases, norm affines), weight Δ/z, activation Δ/z.
+
+    Args:
+        module: The quantized model (or a part of it).
+        lrs: Learning rate per group name in `GROUPS`; a group with lr 0 is left out (its parameters stay frozen).
+
+    Returns:
+        `[{"name", "params", "lr"}]` for the groups with parameters and a positive lr.
+    """
+    kind: dict[int, str] = {}
+    for m in module.modules():
+        group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
+        if isinstance(m, UniformQuantizer | TemporalQuantizer):
+            kind.update({id(p): group for p in m.parameters(recurse=False)})
+    params: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+    for p in module.parameters():
+        params[kind.get(id(p), "weights")].append(p)
+    return [{"name": g, "params": ps, "lr": float(lrs[g])} for g, ps in params.items() if ps and lrs[g] > 0]
+
+
+def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
+    """Raise `NonFiniteLossError` naming `where` when `loss` is NaN or infinite."""
+    if not bool(torch.isfinite(loss)):
+        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
+        raise NonFiniteLossError(f"non-finite distillation loss ({loss.item()}) in {where}{kept}")
+
+
+def cosine_factor(i: int, n: int, schedule: str) -> float:
+    """Learning-rate factor at step `i` of `n`: 1 for "constant", half a cosine from 1 to 0 for "cosine"."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * i / max(n, 1))).item())
+    raise ValueError(f"lr_schedule={schedule!r} is invalid: allowed values are 'constant', 'cosine'")
+
+
+class QuantDistillation(pl.LightningModule):
+    """Base LightningModule: holds the frozen teacher, the quantized student and the calibration set.
+
+    Both models run in eval mode throughout (dropout off), so block inputs captured from the student are reproduced
+    exactly when a block is re-run. Subclasses set `max_steps` and implement `training_step`.
+
+    Args:
+        teacher: The full-precision UNet (frozen).
+        student: The quantized copy (`quantize_student`); trained in place.
+        calib: Calibration pairs `(x_t, t)` from teacher trajectories.
+        calib_batch_size: Batch size of calibration and of block-input capture passes.
+        run_dir: Run directory (checkpoints go to `<run_dir>/checkpoints`); None: no checkpoints.
+        seed: Seed of the minibatch sampling.
+        fingerprint: Identifies the configuration; a checkpoint of another fingerprint is refused.
+        name: The `distill` option's name (results.json `method.distill`).
+        progress: Progress bars of calibration passes.
+    """
+
+    max_steps: int = 0
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        calib: CalibrationSet,
+        calib_batch_size: int = 128,
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+        fingerprint: str = "",
+        name: str = "",
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.teacher = teacher.requires_grad_(False)
+        self.student = student
+        self.calib = calib
+        self.calib_batch_size = calib_batch_size
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.seed = seed
+        self.fingerprint = fingerprint
+        self.method_name = name
+        self.progress = progress
+        self.start_step = 0  # first global step to run (later than 0 after resuming from a checkpoint)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """`<run_dir>/checkpoints`, or None without a run directory."""
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    def train(self, mode: bool = True) -> QuantDistillation:
+        super().train(mode)
+        self.teacher.eval()
+        self.student.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        """Calibrate the activation quantizers no callback initialised (shared ranges when TPQ is off)."""
+        self.student.eval()
+        calibrate_student(self.student, self.calib, self.calib_batch_size, progress=self.progress)
+
+    def train_dataloader(self) -> DataLoader:
+        """The global step indices still to run, one per batch (the real minibatches are drawn inside)."""
+        return DataLoader(torch.arange(self.start_step, self.max_steps), batch_size=1)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def freeze_all_but(self, params: Iterable[nn.Parameter]) -> None:
+        """`requires_grad` only for `params`."""
+        self.student.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+
+
+class NoDistillation(QuantDistillation):
+    """`distill=none`: no training; the fit only runs the callbacks (WD, TPQ) and the remaining calibration."""
+
+    max_steps = 0
+
+    def configure_optimizers(self) -> None:
+        return None  # nothing trains
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:  # pragma: no cover - never called
+        raise RuntimeError("NoDistillation has no training steps")

@@ -1,0 +1,219 @@
+"""Block-wise Knowledge Distillation (BKD, DilateQuant section 3) as one LightningModule and one `Trainer.fit`.
+
+Blocks (`partition_blocks`) train one after the other, `iters_per_block` steps each: global step
+`g = k * iters_per_block + i` is step `i` of block `k`. At the start of block `k` the whole calibration set is pushed
+through the student (earlier blocks already quantized and trained) and the teacher, keeping the student's inputs to
+block `k` and the teacher's output of block `k`; each step then re-runs student block `k` on a minibatch of those
+inputs (its temporal quantizers reading each sample's own step index) and takes an Adam step on the MSE to the
+teacher's output. After each block the student's state is checkpointed; a restarted run with the same run directory
+loads it and goes on with the next block, and gives the same final student as an uninterrupted run: minibatches of
+block `k` are drawn from a generator seeded by `(seed, k)` alone, and each block's optimizer state starts fresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dq.distill.base import (
+    QuantDistillation,
+    calib_inputs,
+    check_finite,
+    cosine_factor,
+    param_groups,
+)
+from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
+from dq.distill.calibration import CalibrationSet
+from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
+from dq.quant import step_context
+
+__all__ = ["BlockwiseDistillation", "block_seed", "contiguous_io"]
+
+
+def block_seed(seed: int, k: int) -> int:
+    """Seed of block `k`'s minibatch sampling: a function of `(seed, k)` only, so resuming does not change it."""
+    return (seed * 1_000_003 + 7_919 * (k + 1)) % (2**63 - 1)
+
+
+def contiguous_io(io: BlockIO) -> BlockIO:
+    """`io` with its top-level call tensors made contiguous.
+
+    Captured tensors keep their producer's strides (the attention output reaching a resnet is channels-last), and
+    torch 2.13's CPU GroupNorm backward crashes (segfault) on a channels-last input that needs no gradient.
+    """
+    f = lambda v: v.contiguous() if isinstance(v, Tensor) else v
+    calls = {k: ModuleCall(tuple(map(f, c.args)), {n: f(v) for n, v in c.kwargs.items()}) for k, c in io.calls.items()}
+    return BlockIO(calls, io.output.contiguous())
+
+
+class BlockwiseDistillation(QuantDistillation):
+    """Train the quantized student block by block to match the teacher's block outputs (MSE).
+
+    One Adam holds every block's parameters in three groups (latent weights with biases and norm affines,
+    weight step sizes / zero-points, activation step sizes / zero-points); only block `k`'s parameters require
+    gradients while it trains, and Adam skips parameters without gradients, so this is the same as a fresh Adam
+    per block. A group with learning rate 0 stays frozen (`ptq_recon`: `lr_weight: 0`).
+
+    Args:
+        teacher: The full-precision UNet.
+        student: The quantized copy, trained in place.
+        calib: Calibration pairs `(x_t, t)`.
+        iters_per_block: Training steps per block.
+        batch_size: Minibatch size.
+        lr_weight: Learning rate of latent weights, biases and norm affines.
+        lr_weight_qparams: Learning rate of weight step sizes and zero-points.
+        lr_act_qparams: Learning rate of activation step sizes and zero-points (per step under TPQ).
+        lr_schedule: "cosine" (within each block, to 0) or "constant".
+        **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        calib: CalibrationSet,
+        iters_per_block: int = 150,
+        batch_size: int = 32,
+        lr_weight: float = 1e-5,
+        lr_weight_qparams: float = 1e-4,
+        lr_act_qparams: float = 1e-4,
+        lr_schedule: str = "cosine",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(teacher, student, calib, **kwargs)
+        if iters_per_block < 1 or batch_size < 1:
+            raise ValueError(f"iters_per_block={iters_per_block} and batch_size={batch_size} must be >= 1")
+        cosine_factor(0, 1, lr_schedule)  # validates the name
+        self.iters_per_block = iters_per_block
+        self.batch_size = batch_size
+        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
+        self.lr_schedule = lr_schedule
+        self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
+        self.max_steps = len(self.blocks) * iters_per_block
+        self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / after
+        self._block: int | None = None  # index of the block whose inputs are cached
+        self._cache: BlockIO | None = None  # student inputs to block k, teacher output of block k, all N samples
+        self._cache_steps: Tensor | None = None  # [N] step index of each cached sample
+        self._batches: Tensor | None = None  # [iters_per_block, batch_size] minibatch indices of block k
+        self._trainable: set[int] = set()  # ids of the parameters in the optimizer
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def block_params(self, k: int) -> list[nn.Parameter]:
+        """Parameters of block `k` of the student (deduplicated, in module order)."""
+        seen: dict[int, nn.Parameter] = {}
+        for name in self.blocks[k].modules:
+            for p in self.student.get_submodule(name).parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.student, self.lrs)
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self._trainable = {id(p) for g in groups for p in g["params"]}
+        return torch.optim.Adam(groups)
+
+    def on_fit_start(self) -> None:
+        """Calibrate what is uninitialised, then resume from `<run_dir>/checkpoints` when a checkpoint exists."""
+        super().on_fit_start()
+        if self.checkpoint_dir is None:
+            return
+        meta = load_block_checkpoint(self.checkpoint_dir, self.student, self.block_names, self.fingerprint)
+        if meta is not None:
+            finished = int(meta["finished_blocks"])
+            self.history = list(meta.get("history", []))
+            self.start_step = finished * self.iters_per_block
+            print(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
+
+    # ---- block I/O ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, block: Block) -> tuple[BlockIO, Tensor]:
+        """Student inputs to `block` and teacher output of `block` for the whole calibration set.
+
+        Returns:
+            `(io, steps)`: `io.calls` the student's inputs, `io.output` [N, ...] the teacher's block output;
+            `steps` [N] each sample's step index.
+        """
+        ios = []
+        for idx in torch.arange(len(self.calib)).split(self.calib_batch_size):
+            x, t, kw = calib_inputs(self.calib, idx, self.device)
+            s_io = capture_block_io(self.student, block, lambda x=x, t=t, kw=kw: self.student(x, t, **kw))
+            t_io = capture_block_io(self.teacher, block, lambda x=x, t=t, kw=kw: self.teacher(x, t, **kw))
+            ios.append(contiguous_io(BlockIO(s_io.calls, t_io.output)))
+        return BlockIO.cat(ios), self.calib.step_index.to(self.device)
+
+    def block_loss(self, k: int, idx: Tensor) -> Tensor:
+        """MSE between student block `k` on cached inputs `idx` and the teacher's block output."""
+        io = self._cache.slice(idx)
+        step_context(self.student).index = self._cache_steps[idx.to(self._cache_steps.device)]
+        return F.mse_loss(run_block(self.student, self.blocks[k], io), io.output)
+
+    @torch.no_grad()
+    def block_mse(self, k: int) -> float:
+        """Block `k`'s MSE to the teacher over the whole cached calibration set."""
+        total = 0.0
+        for idx in torch.arange(len(self.calib)).split(self.calib_batch_size):
+            total += self.block_loss(k, idx).item() * len(idx)
+        return total / len(self.calib)
+
+    def start_block(self, k: int) -> None:
+        """Cache block `k`'s I/O, draw its minibatches from `(seed, k)`, unfreeze its parameters."""
+        self._cache, self._cache_steps = None, None
+        self._cache, self._cache_steps = self.capture(self.blocks[k])
+        g = torch.Generator().manual_seed(block_seed(self.seed, k))
+        self._batches = torch.randint(len(self.calib), (self.iters_per_block, self.batch_size), generator=g)
+        self.freeze_all_but(p for p in self.block_params(k) if id(p) in self._trainable)
+        self._block = k
+        self._mse_before = self.block_mse(k)
+        self.log(f"block/{k:02d}/mse_before", self._mse_before)
+
+    def finish_block(self, k: int) -> None:
+        """Check block `k`'s parameters are finite, log its final MSE and write the checkpoint."""
+        bad = [n for n, p in self.student.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise RuntimeError(
+                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}; "
+                f"the last good checkpoint is {self.checkpoint_path}"
+            )
+        mse_after = self.block_mse(k)
+        self.log(f"block/{k:02d}/mse_after", mse_after)
+        self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_after": mse_after})
+        self.student.requires_grad_(False)
+        self._cache, self._cache_steps, self._batches = None, None, None
+        if self.checkpoint_dir is not None:
+            save_block_checkpoint(
+                self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, self.history
+            )
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir is not None else None
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        k, i = divmod(int(batch[0]), self.iters_per_block)  # block k, its step i
+        if self._block != k:
+            self.start_block(k)
+        opt = self.optimizers()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * cosine_factor(i, self.iters_per_block, self.lr_schedule)
+        loss = self.block_loss(k, self._batches[i])
+        where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
+        check_finite(loss, where, self.checkpoint_path)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.log("distill/loss", loss.detach(), prog_bar=True)
+        self.log(f"block/{k:02d}/loss", loss.detach())
+        self.log("distill/block", float(k), prog_bar=True)
+        if i == self.iters_per_block - 1:
+            self.finish_block(k)
+        return loss.detach()

@@ -1,0 +1,79 @@
+"""Per-block checkpoints of block-wise distillation: `<dir>/last.safetensors` (+ `last.json`, a readable mirror).
+
+The safetensors file holds the student's full state dict and, in its metadata, how many blocks were finished, the
+block names and the run's fingerprint; it is written atomically, so it is the single source of truth even when a
+run dies between the two writes. A checkpoint written by another configuration is refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dq.utils.io import atomic_write, atomic_write_text
+
+__all__ = ["CHECKPOINT_NAME", "META_NAME", "load_block_checkpoint", "save_block_checkpoint", "state_equal"]
+
+CHECKPOINT_NAME = "last.safetensors"
+META_NAME = "last.json"
+
+
+def save_block_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    finished_blocks: int,
+    blocks: list[str],
+    fingerprint: str,
+    history: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Atomically write `model`'s state dict after `finished_blocks` blocks; returns the safetensors path."""
+    directory = Path(directory)
+    meta = {
+        "finished_blocks": finished_blocks,
+        "blocks": blocks,
+        "fingerprint": fingerprint,
+        "history": history or [],
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = directory / CHECKPOINT_NAME
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"dq_block_checkpoint": json.dumps(meta)}))
+    atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2))
+    return path
+
+
+def load_block_checkpoint(
+    directory: str | Path, model: nn.Module, blocks: list[str], fingerprint: str
+) -> dict[str, Any] | None:
+    """Load the last block checkpoint into `model` (strictly); returns its metadata, None when there is none.
+
+    Raises:
+        ValueError: the file is unreadable, or was written for other blocks or another configuration.
+    """
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["dq_block_checkpoint"])
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ValueError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
+    if meta.get("blocks") != blocks or meta.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"block checkpoint {path} was written by a different configuration (blocks or fingerprint differ): "
+            "use a new run directory, or delete the checkpoints folder to start over"
+        )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return meta
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same keys and bitwise-equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)

@@ -1,0 +1,90 @@
+"""Whole-model distillation (`distill=model_kd`): QAT of the whole quantized UNet on noise-prediction MSE to the
+teacher, on calibration minibatches. The ablation of BKD, and the `qat_lsq` baseline (METHOD.md section 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dq.distill.base import QuantDistillation, calib_inputs, check_finite, cosine_factor, param_groups
+from dq.distill.calibration import CalibrationSet
+
+__all__ = ["ModelDistillation"]
+
+
+class ModelDistillation(QuantDistillation):
+    """Train every parameter of the student at once: `MSE(student(x_t, t), teacher(x_t, t))`.
+
+    Same optimizer groups and learning-rate names as `BlockwiseDistillation`. Minibatches come from a generator
+    seeded by `seed`. No intermediate checkpoints: an interrupted run starts over.
+
+    Args:
+        teacher: The full-precision UNet.
+        student: The quantized copy, trained in place.
+        calib: Calibration pairs `(x_t, t)`.
+        iters: Training steps.
+        batch_size: Minibatch size.
+        lr_weight: Learning rate of latent weights, biases and norm affines.
+        lr_weight_qparams: Learning rate of weight step sizes and zero-points.
+        lr_act_qparams: Learning rate of activation step sizes and zero-points.
+        lr_schedule: "cosine" (to 0 over `iters`) or "constant".
+        **kwargs: `QuantDistillation` arguments.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        calib: CalibrationSet,
+        iters: int = 800,
+        batch_size: int = 32,
+        lr_weight: float = 1e-5,
+        lr_weight_qparams: float = 1e-4,
+        lr_act_qparams: float = 1e-4,
+        lr_schedule: str = "cosine",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(teacher, student, calib, **kwargs)
+        if iters < 1 or batch_size < 1:
+            raise ValueError(f"iters={iters} and batch_size={batch_size} must be >= 1")
+        cosine_factor(0, 1, lr_schedule)  # validates the name
+        self.iters = iters
+        self.batch_size = batch_size
+        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
+        self.lr_schedule = lr_schedule
+        self.max_steps = iters
+        self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.student, self.lrs)
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.freeze_all_but(p for g in groups for p in g["params"])
+        return torch.optim.Adam(groups)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        g = torch.Generator().manual_seed(self.seed)
+        self._batches = torch.randint(len(self.calib), (self.iters, self.batch_size), generator=g)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        i = int(batch[0])
+        opt = self.optimizers()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * cosine_factor(i, self.iters, self.lr_schedule)
+        x, t, kw = calib_inputs(self.calib, self._batches[i], self.device)
+        with torch.no_grad():
+            target = self.teacher(x, t, **kw).sample
+        loss = F.mse_loss(self.student(x, t, **kw).sample, target)
+        check_finite(loss, f"whole-model distillation at step {i}/{self.iters}", None)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.log("distill/loss", loss.detach(), prog_bar=True)
+        return loss.detach()
+
+    def on_train_end(self) -> None:
+        self.student.requires_grad_(False)

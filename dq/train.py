@@ -1,0 +1,115 @@
+"""`dq-train`: quantize the teacher, distill the student (BKD by default) with the configured callbacks (Weight
+Dilation, TPQ), save it, and evaluate teacher and student from identical noise.
+
+Run directory: the composed config (`.hydra/`), `checkpoints/` (per-block), `dilation.json`, `student/`
+(`load_quantized`), `results.json`, `samples.png`, `csv/` and `wandb/` logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dq.config import build_loggers, register_resolvers, validate
+from dq.distill.calibration import teacher_fingerprint
+from dq.evaluation import evaluate_models, method_of
+from dq.models import load_teacher
+from dq.paths import conf_dir
+from dq.quant import save_quantized
+from dq.student import calibration_set, quantize_student
+
+register_resolvers()
+
+FINGERPRINT_KEYS = ("model", "quantizer", "bits", "distill", "callbacks", "calib", "seed")  # what shapes the student
+
+
+def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module) -> str:
+    """sha256 of the config sections that determine the trained student, and of the teacher's weights."""
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+             for k in FINGERPRINT_KEYS if k in cfg}  # fmt: skip
+    parts["teacher"] = teacher_fingerprint(teacher)
+    for drop in ("progress", "calib_batch_size"):  # presentation / batching of no-grad passes only
+        (parts.get("distill") or {}).pop(drop, None)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None) -> list[pl.Callback]:
+    """Instantiate the `callbacks` group, sorted by each callback's `order` (Weight Dilation before TPQ)."""
+    callbacks = [hydra.utils.instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None]
+    return sorted(callbacks, key=lambda c: getattr(c, "order", 100))
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (MB), plus peak CUDA memory when CUDA was used."""
+    out = {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
+    validate(cfg)
+    if cfg.quantizer.name == "fp":
+        raise ValueError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
+    pl.seed_everything(cfg.seed, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher, scheduler = load_teacher(cfg.model.path)
+    teacher.to(cfg.device)
+
+    start = time.perf_counter()
+    student = quantize_student(cfg, teacher, scheduler)
+    calib = calibration_set(cfg, teacher, scheduler)
+    # a partial, then the objects: instantiate would turn the CalibrationSet dataclass into a DictConfig
+    make_module = hydra.utils.instantiate(cfg.distill, _partial_=True)
+    module = make_module(
+        teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed,
+        fingerprint=config_fingerprint(cfg, teacher),
+    )  # fmt: skip
+    loggers = build_loggers(cfg.logger)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1}
+    trainer = pl.Trainer(
+        **trainer_kwargs, callbacks=build_callbacks(cfg.get("callbacks")), logger=loggers or False,
+        default_root_dir=str(run_dir), enable_checkpointing=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
+        trainer.fit(module)
+    if trainer.interrupted:
+        raise RuntimeError(f"training was interrupted; re-run with run_dir={run_dir} to resume")
+    train_s = time.perf_counter() - start
+
+    teacher.to(cfg.device).eval()
+    student.to(cfg.device).eval().requires_grad_(False)
+    save_quantized(student, run_dir / "student")
+    cost = {
+        "train_s": train_s,
+        **peak_memory(),
+        "steps": int(module.max_steps),
+        "resumed_at_step": int(module.start_step),
+        "blocks": len(getattr(module, "blocks", [])),
+    }
+    return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
