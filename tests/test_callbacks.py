@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,15 @@ from torch.testing import assert_close
 from dq.callbacks import TemporalParallelQuantizer, WeightDilation
 from dq.distill.calibration import build_calibration_set
 from dq.quant import QuantSpec, act_quantizers, quantize_model, set_quant_state, weight_quantizers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,186 @@
+"""Block-wise distillation on a tiny UNet: per-block training, frozen other blocks, exact resume, NaN guard."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import tiny_unet_config
+from diffusers import DDIMScheduler, UNet2DModel
+
+from dq.callbacks import TemporalParallelQuantizer, WeightDilation
+from dq.distill import (
+    BlockwiseDistillation,
+    ModelDistillation,
+    NoDistillation,
+    NonFiniteLossError,
+    load_block_checkpoint,
+    param_groups,
+)
+from dq.distill.calibration import build_calibration_set
+from dq.quant import QuantSpec, act_quantizers, quantize_model
+
+LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(**tiny_unet_config()).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def calib(teacher):
+    return build_calibration_set(teacher, DDIMScheduler(num_train_timesteps=1000), 16, 3, (1, 8, 8), 0, progress=False)
+
+
+def make_student(teacher: UNet2DModel, calib, weight_bits: int = 4) -> UNet2DModel:
+    student = copy.deepcopy(teacher)
+    quantize_model(student, QuantSpec(weight_bits=weight_bits, act_bits=8), calib.table)
+    return student
+
+
+def fit(module: pl.LightningModule, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=module.max_steps, max_epochs=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.fit(module)
+    return trainer
+
+
+def bkd(teacher, calib, run_dir: Path | None = None, iters: int = 4, **kw) -> BlockwiseDistillation:
+    args = dict(iters_per_block=iters, batch_size=8, calib_batch_size=8, run_dir=run_dir, progress=False, **LRS)
+    return BlockwiseDistillation(teacher, make_student(teacher, calib), calib, **(args | kw))
+
+
+class ParamWatch(pl.Callback):
+    """Records, per training step, the parameters that changed and the block that was training."""
+
+    def __init__(self) -> None:
+        self.changed: list[tuple[int, set[str]]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        after = dict(module.student.named_parameters())
+        self.changed.append((module._block, {n for n, p in self.before.items() if not torch.equal(p, after[n])}))
+
+
+def test_param_groups_split_weights_and_quantizer_params(teacher, calib):
+    student = make_student(teacher, calib)
+    groups = {g["name"]: g for g in param_groups(student, {"weights": 1.0, "weight_qparams": 2.0, "act_qparams": 3.0})}
+    names = {id(p): n for n, p in student.named_parameters()}
+    of = lambda g: {names[id(p)] for p in groups[g]["params"]}  # noqa: E731
+    assert "conv_in.weight" in of("weights") and "conv_in.bias" in of("weights")
+    assert "conv_in.weight_quantizer.scale" in of("weight_qparams")
+    assert "conv_in.act_quantizer.zero_point" in of("act_qparams")
+    assert "down_blocks.1.attentions.0.processor.prob_quantizer.scale" in of("act_qparams")
+    assert sum(len(g["params"]) for g in groups.values()) == len(names)
+    frozen = param_groups(student, {"weights": 0, "weight_qparams": 1e-3, "act_qparams": 1e-3})  # ptq_recon
+    assert [g["name"] for g in frozen] == ["weight_qparams", "act_qparams"]
+
+
+def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
+    module = bkd(teacher, calib, iters=10)
+    watch = ParamWatch()
+    fit(module, [watch])
+    assert len(module.history) == len(module.blocks) == 17
+    for k, changed in watch.changed:
+        own = {
+            f"{m}.{n}" for m in module.blocks[k].modules for n, _ in module.student.get_submodule(m).named_parameters()
+        }
+        assert changed and changed <= own, module.blocks[k].name  # only block k moves while it trains
+    # the blocks' MSE to the teacher on the whole calibration set goes down (10 Adam steps: not always for blocks
+    # already near their quantization noise floor, e.g. the 8-bit conv_in)
+    better = [h["mse_after"] < h["mse_before"] for h in module.history]
+    assert sum(better) >= 0.8 * len(better), module.history
+    assert sum(h["mse_after"] for h in module.history) < 0.95 * sum(h["mse_before"] for h in module.history)
+    assert not any(p.requires_grad for p in module.student.parameters())
+
+
+def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path):
+    def run(run_dir: Path, fail_at_block: int | None = None) -> BlockwiseDistillation:
+        module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg")
+        callbacks = [WeightDilation(), TemporalParallelQuantizer()]
+        if fail_at_block is not None:
+            callbacks.append(Crash(fail_at_block * module.iters_per_block))
+        fit(module, callbacks)
+        return module
+
+    class Crash(pl.Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if int(batch[0]) == self.step:
+                raise RuntimeError("killed")
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "resumed", fail_at_block=5)
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "last.json").read_text())["finished_blocks"] == 5
+    resumed = run(tmp_path / "resumed")
+    assert resumed.start_step == 5 * 2
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(q.num_steps == 3 for _, q in act_quantizers(resumed.student))
+    assert resumed.history == straight.history
+
+    other = bkd(teacher, calib, tmp_path / "resumed", iters=2, fingerprint="another config")
+    with pytest.raises(ValueError, match="different configuration"):
+        fit(other, [TemporalParallelQuantizer()])
+
+
+def test_non_finite_loss_names_the_block_and_keeps_the_checkpoint(teacher, calib, tmp_path):
+    module = bkd(teacher, calib, tmp_path, iters=1)
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if int(batch[0]) == 3 * module.iters_per_block:  # first step of block 3
+                block = module.student.get_submodule(module.blocks[3].modules[0])
+                weight = next(p for n, p in block.named_parameters() if n.endswith(".weight"))
+                weight.data.view(-1)[0] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"block 3 \(") as err:
+        fit(module, [Poison()])
+    assert module.blocks[3].name in str(err.value) and "step 0/1" in str(err.value)
+    assert "last good checkpoint" in str(err.value)
+    fresh = make_student(teacher, calib)
+    for _, q in act_quantizers(fresh):
+        q.initialized = True  # shapes match; values come from the checkpoint
+    meta = load_block_checkpoint(tmp_path / "checkpoints", fresh, module.block_names, "")
+    assert meta["finished_blocks"] == 3
+    assert all(bool(torch.isfinite(p).all()) for p in fresh.parameters())
+
+
+def test_model_kd_and_no_distillation(teacher, calib):
+    kd = ModelDistillation(teacher, make_student(teacher, calib), calib, iters=4, batch_size=8, progress=False, **LRS)
+    before = {n: p.clone() for n, p in kd.student.named_parameters()}
+    fit(kd)
+    changed = [n for n, p in kd.student.named_parameters() if not torch.equal(p, before[n])]
+    assert "conv_in.weight" in changed and "conv_out.act_quantizer.scale" in changed
+    assert len(changed) > 0.9 * len(before)  # the whole model trains at once
+
+    none = NoDistillation(teacher, make_student(teacher, calib), calib, calib_batch_size=8, progress=False)
+    before = {n: p.clone() for n, p in none.student.named_parameters()}
+    tpq = TemporalParallelQuantizer()
+    fit(none, [tpq])
+    assert tpq.stats is not None and all(q.initialized and q.num_steps == 3 for _, q in act_quantizers(none.student))
+    acts = {id(p) for _, q in act_quantizers(none.student) for p in q.parameters()}
+    assert all(torch.equal(p, before[n]) for n, p in none.student.named_parameters() if id(p) not in acts)
