@@ -1,0 +1,114 @@
+"""`dq-train` end to end on a tiny teacher, and the ablation / baseline configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import compose_cfg
+from safetensors.torch import load_file
+
+from dq.callbacks import TemporalParallelQuantizer, WeightDilation
+from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
+from dq.evaluation import method_of
+from dq.models import load_teacher
+from dq.quant import act_quantizers, load_quantized
+from dq.train import build_callbacks, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fast(tiny_dir: Path) -> list[str]:
+    return [
+        f"model.path={tiny_dir}", "model.num_inference_steps=3", "calib.n_calib=12", "calib.batch_size=12",
+        "distill.iters_per_block=2", "distill.batch_size=4", "quantizer.spec.act_init=minmax",
+        "eval.n_samples=8", "eval.batch_size=8", "eval.grid_n=8", "eval.progress=false",
+        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+
+
+def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run)
+    results = train(cfg)
+
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["student"]["psnr_to_teacher"] == pytest.approx(results["student"]["psnr_to_teacher"])
+    assert {"fid", "is", "sample_s"} <= saved["teacher"].keys() and saved["student"]["fid"] > 0
+    assert saved["method"]["distill"] == "bkd" and saved["method"]["callbacks"] == ["weight_dilation", "tpq"]
+    assert saved["cost"]["blocks"] == 17 and saved["cost"]["steps"] == 34 and saved["cost"]["peak_mem_mb"] > 0
+    assert (run / "samples.png").stat().st_size > 0
+    assert json.loads((run / "dilation.json").read_text())["summary"]["layers"] > 0
+    meta = json.loads((run / "checkpoints" / "last.json").read_text())
+    assert meta["finished_blocks"] == 17 and len(meta["history"]) == 17
+
+    student = load_quantized(run / "student")  # the saved student is the last checkpoint's state
+    final = load_file(str(run / "checkpoints" / "last.safetensors"))
+    assert all(torch.equal(v, final[k]) for k, v in student.state_dict().items())
+    assert all(q.num_steps == 3 for _, q in act_quantizers(student))
+    teacher, _ = load_teacher(tiny_teacher_dir)
+    x, t = torch.randn(2, 1, 28, 28), student.dq_timesteps[:2]
+    out = student(x, t).sample
+    assert torch.equal(load_quantized(run / "student")(x, t).sample, out)
+    assert not torch.equal(out, teacher(x, t).sample)
+
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"block/00/loss", "block/16/loss", "block/05/mse_after", "distill/loss", "wd/s_mean"} <= logged
+    assert {"tpq/scale_spread_mean", "eval/student/psnr_to_teacher"} <= logged
+
+
+@pytest.mark.parametrize(
+    ("overrides", "module_cls", "callbacks"),
+    [
+        ([], BlockwiseDistillation, [WeightDilation, TemporalParallelQuantizer]),
+        (["~callbacks.weight_dilation"], BlockwiseDistillation, [TemporalParallelQuantizer]),
+        (["~callbacks.tpq"], BlockwiseDistillation, [WeightDilation]),
+        (["distill=model_kd"], ModelDistillation, [WeightDilation, TemporalParallelQuantizer]),
+        (["distill=none"], NoDistillation, [WeightDilation, TemporalParallelQuantizer]),
+        (["experiment=qat_lsq"], ModelDistillation, []),
+        (["experiment=ptq_recon"], BlockwiseDistillation, []),
+        (["quantizer=ptq_recon", "callbacks=none", "distill.lr_weight=0"], BlockwiseDistillation, []),
+    ],
+)
+def test_ablation_and_baseline_configs_compose(overrides, module_cls, callbacks, tmp_path):
+    cfg = compose_cfg("train", overrides, tmp_path)
+    assert hydra.utils.get_class(cfg.distill._target_) is module_cls
+    assert [type(c) for c in build_callbacks(cfg.get("callbacks"))] == callbacks
+    method = method_of(cfg)
+    assert method["distill"] == cfg.distill.name and method["callbacks"] == list(cfg.get("callbacks") or {})
+
+
+def test_callbacks_run_in_order_whatever_the_config_order(tmp_path):
+    cfg = compose_cfg("train", [], tmp_path)
+    reordered = {"tpq": cfg.callbacks.tpq, "weight_dilation": cfg.callbacks.weight_dilation}
+    assert [type(c) for c in build_callbacks(reordered)] == [WeightDilation, TemporalParallelQuantizer]
+
+
+def test_ptq_recon_trains_quantizer_parameters_only(tiny_teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("dq.train.evaluate_models", lambda *args, **kwargs: {})  # training only
+    run = tmp_path / "run"
+    train(compose_cfg("train", fast(tiny_teacher_dir) + ["experiment=ptq_recon", "logger=none"], run))
+    teacher, _ = load_teacher(tiny_teacher_dir)
+    student = load_quantized(run / "student")
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    assert all(torch.equal(p, s_params[n]) for n, p in t_params.items())  # latent weights frozen (no WD either)
+    moved = [n for n, p in s_params.items() if n not in t_params and "scale" in n]
+    assert moved and all(q.num_steps == 1 for _, q in act_quantizers(student))
+
+
+def test_fp_quantizer_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="quantizer=fp"):
+        train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))
