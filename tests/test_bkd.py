@@ -58,6 +58,7 @@ def fit(module: pl.LightningModule, callbacks: list[pl.Callback] = ()) -> pl.Tra
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=module.max_steps, max_epochs=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks),
+        default_root_dir=module.run_dir,  # dilation.json goes there, never into the working directory
     )  # fmt: skip
     trainer.fit(module)
     return trainer
