@@ -69,10 +69,19 @@ def tiny_cond_unet() -> UNet2DConditionModel:
 
 def inputs(model: nn.Module, batch: int = 3, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    kw = {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": TIMESTEPS[0]}
+    size = model.config.sample_size
+    kw = {"sample": torch.randn(batch, 1, size, size, generator=g), "timestep": TIMESTEPS[0]}
     if isinstance(model, UNet2DConditionModel):
         kw["encoder_hidden_states"] = torch.randn(batch, 5, 8, generator=g)
     return kw
+
+
+def shipped_teacher() -> UNet2DModel:
+    from conftest import TEACHER
+
+    from dq.models import load_teacher
+
+    return load_teacher(TEACHER)[0]
 
 
 def calibrated(model: nn.Module, spec: QuantSpec, temporal: bool = True) -> nn.Module:
@@ -157,7 +166,7 @@ def test_weight_cache_is_reused_and_invalidated():
 
 
 # ---- quantize_model ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet, shipped_teacher])
 def test_report_covers_every_layer_and_attention_matmul(make):
     model = make()
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -324,6 +333,17 @@ def test_ddim_pipeline_runs_quantized_unet():
     images = images.images
     assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
     assert seen == [[0, 0], [1, 1], [2, 2]]
+
+
+def test_ddim_pipeline_runs_quantized_shipped_teacher():
+    model = calibrated(shipped_teacher(), QuantSpec(weight_bits=4, act_bits=8))
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    pipe = DDIMPipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 28, 28, 1) and 0 <= out.images.min() <= out.images.max() <= 1
+    with pytest.raises(ValueError, match="not in the timestep table"):
+        pipe(batch_size=1, num_inference_steps=4, output_type="np")  # a TPQ model is tied to its schedule
 
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
