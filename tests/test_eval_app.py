@@ -71,7 +71,7 @@ def test_teacher_samples_are_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, mon
     calls = []
     real = evaluation.sample_timed
     monkeypatch.setattr(evaluation, "sample_timed", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
-    cfg = compose_cfg("eval", _fast() + ["logger=none"], tmp_path / "run")
+    cfg = compose_cfg("eval", _fast() + ["logger=none", f"eval.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     first = evaluate(cfg)["teacher"]
     assert evaluate(cfg)["teacher"] == first and calls == ["teacher"]
     (cached,) = (Path(cfg.eval.cache_dir) / "teacher_samples").iterdir()
