@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
+from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
-from dq.quant import QuantSpec, calibrate_activations, expand_act_quantizers, quant_report, quantize_model
+from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
 
 
 def quant_spec_of(cfg: DictConfig) -> QuantSpec:
@@ -50,15 +50,6 @@ def quantize_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> nn.
     return student
 
 
-@torch.no_grad()
-def calibrate(student: nn.Module, calib: CalibrationSet, batch_size: int, force: bool = False, progress: bool = True):
-    """Initialise activation ranges from the calibration set (per step where quantizers are temporal)."""
-    device = next(student.parameters()).device
-    with calibrate_activations(student, force=force):
-        for idx in tqdm(torch.arange(len(calib)).split(batch_size), desc="calibrating", disable=not progress):
-            student(calib.x_t[idx].to(device), calib.timesteps[idx].to(device))
-
-
 def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[nn.Module | None, dict[str, Any]]:
     """Return `(student, cost)`; `student` is None for `quantizer=fp`. Used as is by PTQ baselines in dq-eval."""
     if cfg.quantizer.name == "fp":
@@ -67,7 +58,8 @@ def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[
     student = quantize_student(cfg, teacher, scheduler)
     if cfg.quantizer.get("temporal", False):
         expand_act_quantizers(student)
-    calibrate(student, calibration_set(cfg, teacher, scheduler), cfg.calib.batch_size, progress=cfg.eval.progress)
+    calib = calibration_set(cfg, teacher, scheduler)
+    calibrate_student(student, calib, cfg.calib.batch_size, progress=cfg.eval.progress)
     if cfg.eval.get("print_report", False):
         print(quant_report(student))
     return student.eval(), {"calib_s": time.perf_counter() - start}

@@ -7,6 +7,7 @@ Run directory: the composed config (`.hydra/`), `checkpoints/` (per-block), `dil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import resource
@@ -50,9 +51,26 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[pl.Callback]:
     return sorted(callbacks, key=lambda c: getattr(c, "order", 100))
 
 
+def reset_peak_memory() -> None:
+    """Start a fresh peak-memory window, so each job of a Hydra multirun (one process) reports its own peak.
+
+    Linux resets the peak resident set size (VmHWM) on writing "5" to /proc/self/clear_refs; elsewhere the
+    peak stays the process's lifetime peak (`ru_maxrss`).
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (MB), plus peak CUDA memory when CUDA was used."""
-    out = {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    """Peak resident memory (MB) since `reset_peak_memory`, plus peak CUDA memory when CUDA was used."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB; a lifetime peak
+    out = {"peak_mem_mb": kib / 1024}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -64,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.quantizer.name == "fp":
         raise ValueError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
     pl.seed_everything(cfg.seed, verbose=False)
+    reset_peak_memory()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     teacher, scheduler = load_teacher(cfg.model.path)

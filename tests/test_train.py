@@ -18,7 +18,7 @@ from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.evaluation import method_of
 from dq.models import load_teacher
 from dq.quant import act_quantizers, load_quantized
-from dq.train import build_callbacks, train
+from dq.train import build_callbacks, peak_memory, reset_peak_memory, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,3 +112,13 @@ def test_ptq_recon_trains_quantizer_parameters_only(tiny_teacher_dir, tmp_path, 
 def test_fp_quantizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="quantizer=fp"):
         train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))
+
+
+def test_peak_memory_is_per_run_window() -> None:
+    """A multirun's jobs share a process: the peak after `reset_peak_memory` must not include an earlier job's."""
+    big = torch.ones(200 * 2**20 // 4)  # 200 MB, touched
+    before = peak_memory()["peak_mem_mb"]
+    del big
+    reset_peak_memory()
+    after = peak_memory()["peak_mem_mb"]
+    assert before - after > 150, (before, after)
