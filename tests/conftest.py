@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -43,6 +43,23 @@ def tiny_unet_config() -> dict:
         norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
     )  # fmt: skip
+
+
+def tiny_unet(seed: int = 0, **overrides: object) -> UNet2DModel:
+    """A seeded random tiny UNet2DModel (attention at the 4x4 level), in eval mode; `overrides` change the config."""
+    torch.manual_seed(seed)
+    return UNet2DModel(**(tiny_unet_config() | overrides)).eval()
+
+
+def tiny_cond_unet(seed: int = 0, **overrides: object) -> UNet2DConditionModel:
+    """A seeded random tiny UNet2DConditionModel with cross-attention (text dim 12), in eval mode."""
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    return UNet2DConditionModel(**(config | overrides)).eval()
 
 
 @pytest.fixture

@@ -4,43 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_cond_unet, tiny_unet
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch.testing import assert_close
 
 from dq.distill.blocks import Block, BlockIO, capture_block_io, partition_blocks, run_block
-
-
-def tiny_unet(**extra: object) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        **extra,
-    ).eval()
-
-
-def tiny_cond_unet(**extra: object) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        **extra,
-    ).eval()
 
 
 def forward_fn(unet: torch.nn.Module, batch: int = 3, seed: int = 0, **kwargs: object):
@@ -56,7 +24,7 @@ def forward_fn(unet: torch.nn.Module, batch: int = 3, seed: int = 0, **kwargs: o
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DModel:
-    return tiny_unet()
+    return tiny_unet(attention_head_dim=4)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +149,7 @@ def test_capture_raises_when_block_does_not_run(unet: UNet2DModel) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: tiny_unet(num_class_embeds=3),
+        lambda: tiny_unet(attention_head_dim=4, num_class_embeds=3),
         lambda: tiny_cond_unet(num_class_embeds=3, time_embedding_act_fn="silu"),
         lambda: tiny_cond_unet(num_class_embeds=3, class_embeddings_concat=True),
     ],

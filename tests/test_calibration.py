@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from conftest import tiny_cond_unet, tiny_unet
+from diffusers import DDIMScheduler, UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.testing import assert_close
@@ -31,22 +32,7 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return (
-        UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=4,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        )
-        .eval()
-        .requires_grad_(False)
-    )
+    return tiny_unet(attention_head_dim=4).requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +100,7 @@ def test_entries_follow_the_teacher_trajectories(unet, scheduler, calib) -> None
 
 
 def test_conditional_teacher_records_per_sample_conditioning() -> None:
-    torch.manual_seed(0)
-    cond = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    cond = tiny_cond_unet()
     ehs = torch.randn(2, 3, 12)  # one prompt embedding per trajectory: ceil(6 / 3) = 2
     sched = DDIMScheduler(num_train_timesteps=100)
     c = build_calibration_set(cond, sched, 6, 3, (4, 8, 8), seed=0, encoder_hidden_states=ehs, progress=False)

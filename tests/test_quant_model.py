@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,34 +38,11 @@ TIMESTEPS = torch.tensor([666, 333, 0])  # DDIM-3 of a 1000-step schedule
 
 
 def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    return conftest.tiny_unet(attention_head_dim=4)
 
 
 def tiny_cond_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    return conftest.tiny_cond_unet(in_channels=1, out_channels=1, cross_attention_dim=8, attention_head_dim=2)
 
 
 def inputs(model: nn.Module, batch: int = 3, seed: int = 1) -> dict:
