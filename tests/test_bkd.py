@@ -185,3 +185,19 @@ def test_model_kd_and_no_distillation(teacher, calib):
     assert tpq.stats is not None and all(q.initialized and q.num_steps == 3 for _, q in act_quantizers(none.student))
     acts = {id(p) for _, q in act_quantizers(none.student) for p in q.parameters()}
     assert all(torch.equal(p, before[n]) for n, p in none.student.named_parameters() if id(p) not in acts)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (BlockwiseDistillation, {"iters_per_block": 0}, "iters_per_block"),
+        (BlockwiseDistillation, {"batch_size": 0}, "batch_size"),
+        (BlockwiseDistillation, {"lr_schedule": "linear"}, "lr_schedule"),
+        (ModelDistillation, {"iters": 0}, "iters"),
+        (ModelDistillation, {"batch_size": 0}, "batch_size"),
+        (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),
+    ],
+)
+def test_bad_training_settings_name_the_field(teacher, calib, cls, kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field}="):
+        cls(teacher, make_student(teacher, calib), calib, **kwargs)

@@ -162,6 +162,29 @@ class QuantDistillation(pl.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def set_optimization(
+        self, batch_size: int, lr_weight: float, lr_weight_qparams: float, lr_act_qparams: float, lr_schedule: str
+    ) -> None:
+        """Validate and keep the minibatch size and the three groups' learning rates / schedule (BKD, model KD)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        cosine_factor(0, 1, lr_schedule)  # validates the name
+        self.batch_size = batch_size
+        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
+        self.lr_schedule = lr_schedule
+
+    def make_adam(self) -> tuple[torch.optim.Adam, list[nn.Parameter]]:
+        """Adam over the student's `param_groups` (each remembers its `base_lr`), and the parameters it holds."""
+        groups = param_groups(self.student, self.lrs)
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return torch.optim.Adam(groups), [p for g in groups for p in g["params"]]
+
+    def schedule_lr(self, i: int, n: int) -> None:
+        """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant)."""
+        for g in self.optimizers().param_groups:
+            g["lr"] = g["base_lr"] * cosine_factor(i, n, self.lr_schedule)
+
     def freeze_all_but(self, params: Iterable[nn.Parameter]) -> None:
         """`requires_grad` only for `params`."""
         self.student.requires_grad_(False)

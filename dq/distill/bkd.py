@@ -23,8 +23,6 @@ from dq.distill.base import (
     QuantDistillation,
     calib_inputs,
     check_finite,
-    cosine_factor,
-    param_groups,
 )
 from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet
@@ -85,13 +83,10 @@ class BlockwiseDistillation(QuantDistillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
-        if iters_per_block < 1 or batch_size < 1:
-            raise ValueError(f"iters_per_block={iters_per_block} and batch_size={batch_size} must be >= 1")
-        cosine_factor(0, 1, lr_schedule)  # validates the name
+        if iters_per_block < 1:
+            raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
+        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule)
         self.iters_per_block = iters_per_block
-        self.batch_size = batch_size
-        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
-        self.lr_schedule = lr_schedule
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
         self.max_steps = len(self.blocks) * iters_per_block
         self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / after
@@ -115,11 +110,9 @@ class BlockwiseDistillation(QuantDistillation):
         return list(seen.values())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.student, self.lrs)
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        self._trainable = {id(p) for g in groups for p in g["params"]}
-        return torch.optim.Adam(groups)
+        opt, params = self.make_adam()
+        self._trainable = {id(p) for p in params}
+        return opt
 
     def on_fit_start(self) -> None:
         """Calibrate what is uninitialised, then resume from `<run_dir>/checkpoints` when a checkpoint exists."""
@@ -202,9 +195,8 @@ class BlockwiseDistillation(QuantDistillation):
         k, i = divmod(int(batch[0]), self.iters_per_block)  # block k, its step i
         if self._block != k:
             self.start_block(k)
+        self.schedule_lr(i, self.iters_per_block)
         opt = self.optimizers()
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * cosine_factor(i, self.iters_per_block, self.lr_schedule)
         loss = self.block_loss(k, self._batches[i])
         where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
         check_finite(loss, where, self.checkpoint_path)

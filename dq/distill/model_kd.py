@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dq.distill.base import QuantDistillation, calib_inputs, check_finite, cosine_factor, param_groups
+from dq.distill.base import QuantDistillation, calib_inputs, check_finite
 from dq.distill.calibration import CalibrationSet
 
 __all__ = ["ModelDistillation"]
@@ -48,22 +48,17 @@ class ModelDistillation(QuantDistillation):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
-        if iters < 1 or batch_size < 1:
-            raise ValueError(f"iters={iters} and batch_size={batch_size} must be >= 1")
-        cosine_factor(0, 1, lr_schedule)  # validates the name
+        if iters < 1:
+            raise ValueError(f"iters={iters} must be >= 1")
+        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule)
         self.iters = iters
-        self.batch_size = batch_size
-        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
-        self.lr_schedule = lr_schedule
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.student, self.lrs)
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        self.freeze_all_but(p for g in groups for p in g["params"])
-        return torch.optim.Adam(groups)
+        opt, params = self.make_adam()
+        self.freeze_all_but(params)
+        return opt
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -72,9 +67,8 @@ class ModelDistillation(QuantDistillation):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         i = int(batch[0])
+        self.schedule_lr(i, self.iters)
         opt = self.optimizers()
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * cosine_factor(i, self.iters, self.lr_schedule)
         x, t, kw = calib_inputs(self.calib, self._batches[i], self.device)
         with torch.no_grad():
             target = self.teacher(x, t, **kw).sample
