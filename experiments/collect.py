@@ -2,7 +2,8 @@
 
     python experiments/collect.py multirun/eval/2026-11-24_19-30-00 --out experiments/tables/ptq_minmax
 
-Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics).
+Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
+`overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones.
 """
 
 from __future__ import annotations
@@ -12,9 +13,22 @@ import csv
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from dq.utils.io import atomic_write_text
 
-COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "fid", "is", "psnr_to_teacher",
+QUIET = ("logger=", "eval.progress=", "hydra.", "run_dir=")  # overrides that do not change the result
+
+
+def overrides(run: Path) -> str:
+    """The run's Hydra overrides that can change its result, space-separated ("" when none were recorded)."""
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    return " ".join(o for o in OmegaConf.load(path) if not str(o).startswith(QUIET))
+
+
+COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides", "fid", "is", "psnr_to_teacher",
            "sample_time_ratio", "train_s", "peak_mem_mb", "run"]  # fmt: skip
 
 
@@ -28,7 +42,7 @@ def rows(roots: list[Path]) -> list[dict]:
         out.append({
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
-            "callbacks": "+".join(m.get("callbacks", [])) or "-",
+            "callbacks": "+".join(m.get("callbacks", [])) or "-", "overrides": overrides(path.parent),
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "run": str(path.parent),
