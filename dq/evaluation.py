@@ -34,11 +34,14 @@ def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: Dic
     return samples, time.perf_counter() - start
 
 
-def teacher_samples(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor) -> tuple:
+def teacher_samples(
+    cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor
+) -> tuple[torch.Tensor, float | None]:
     """Teacher samples from `noise`, cached on disk: every student of a sweep is compared with the same ones.
 
-    The key covers the teacher's weights, the noise (seed, N, shape), the sampler and its step count. The cached
-    sampling time is the one measured when the samples were made. A corrupt cache file is reported and rebuilt.
+    The key covers the teacher's weights, the noise (seed, N, shape), the sampler and its step count. A corrupt
+    cache file is reported and rebuilt. Returns `(samples, seconds)`; `seconds` is None for cached samples: a time
+    measured in another run (other threads, other load) must not be compared with this run's (`teacher_time`).
     """
     fields = {
         "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
@@ -49,17 +52,24 @@ def teacher_samples(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: 
     if cfg.eval.get("cache_teacher_samples", True) and path.is_file():
         try:
             with safe_open(str(path), "pt") as f:
-                samples, sample_s = f.get_tensor("samples"), float(f.metadata()["sample_s"])
+                samples = f.get_tensor("samples")
             if samples.shape == noise.shape and torch.isfinite(samples).all():
-                return samples, sample_s
+                return samples, None
             raise ValueError(f"shape {tuple(samples.shape)} or values do not match")
         except Exception as e:
             warnings.warn(f"Teacher-sample cache '{path}' is unusable ({e}); sampling again.", stacklevel=2)
     samples, sample_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
     if cfg.eval.get("cache_teacher_samples", True):
-        meta = {"sample_s": str(sample_s), "fields": json.dumps(fields, default=str)}
+        meta = {"fields": json.dumps(fields, default=str)}
         atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta))
     return samples, sample_s
+
+
+def teacher_time(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor) -> float:
+    """The teacher's sampling time for all of `noise`, estimated now from its first batch (linear in N)."""
+    batch = noise[: cfg.eval.batch_size]
+    _, seconds = sample_timed(teacher, scheduler, batch, cfg, "teacher timing")
+    return seconds * len(noise) / len(batch)
 
 
 def build_metrics(cfg: DictConfig) -> SampleMetrics:
@@ -88,6 +98,8 @@ def evaluate_models(
     results: dict[str, Any] = {}
 
     t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
+    if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
+        t_s = teacher_time(cfg, teacher, scheduler, noise)
     results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
     grid = grid_array(t_samples[: ev.grid_n])
     if student is not None:

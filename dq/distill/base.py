@@ -173,12 +173,9 @@ class QuantDistillation(pl.LightningModule):
         self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
         self.lr_schedule = lr_schedule
 
-    def make_adam(self) -> tuple[torch.optim.Adam, list[nn.Parameter]]:
-        """Adam over the student's `param_groups` (each remembers its `base_lr`), and the parameters it holds."""
-        groups = param_groups(self.student, self.lrs)
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        return torch.optim.Adam(groups), [p for g in groups for p in g["params"]]
+    def make_adam(self) -> torch.optim.Adam:
+        """Adam over the student's `param_groups`, each group remembering its `base_lr` for `schedule_lr`."""
+        return torch.optim.Adam([g | {"base_lr": g["lr"]} for g in param_groups(self.student, self.lrs)])
 
     def schedule_lr(self, i: int, n: int) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant)."""

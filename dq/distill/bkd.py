@@ -110,8 +110,8 @@ class BlockwiseDistillation(QuantDistillation):
         return list(seen.values())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        opt, params = self.make_adam()
-        self._trainable = {id(p) for p in params}
+        opt = self.make_adam()
+        self._trainable = {id(p) for g in opt.param_groups for p in g["params"]}
         return opt
 
     def on_fit_start(self) -> None:

@@ -56,8 +56,8 @@ class ModelDistillation(QuantDistillation):
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        opt, params = self.make_adam()
-        self.freeze_all_but(params)
+        opt = self.make_adam()
+        self.freeze_all_but(p for g in opt.param_groups for p in g["params"])
         return opt
 
     def on_fit_start(self) -> None:
