@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dq.config import build_loggers, register_resolvers
@@ -46,6 +47,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "wall_time_s": round(wall_s, 1),
+        "hardware": _hardware(trainer),
         "metrics": metrics,
         "config": OmegaConf.to_container(cfg.pretrain, resolve=True),
     }
@@ -61,10 +63,18 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _hardware(trainer: pl.Trainer) -> str:
+    """Where the asset was trained, for the model card (wall time means little without it)."""
+    root = trainer.strategy.root_device
+    where = torch.cuda.get_device_name(root) if root.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
+
+
 def _card_markdown(card: dict) -> str:
     return (
         f"# {card['name']}\n\nMade by dq's own code with:\n\n    {card['command']}\n\n"
-        f"seed {card['seed']}, {card['steps']} optimizer steps, {card['wall_time_s']} s wall time.\n\n"
+        f"seed {card['seed']}, {card['steps']} optimizer steps, {card['wall_time_s']} s wall time"
+        f" on {card.get('hardware', 'unrecorded hardware')}.\n\n"
         f"Metrics: `{json.dumps(card['metrics'])}`\n\nFull config: `model_card.json`.\n"
     )
 

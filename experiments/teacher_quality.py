@@ -27,14 +27,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default=None, help="write a 10x10 sample grid PNG here")
+    p.add_argument("--teacher", default=None, help="a teacher directory (default: the shipped one)")
+    p.add_argument("--device", default="cpu", help="where the teacher samples (cpu | cuda)")
     args = p.parse_args()
 
-    teacher, scheduler = load_teacher(asset("ddpm_mnist"))
+    teacher, scheduler = load_teacher(args.teacher or asset("ddpm_mnist"))
+    teacher.to(args.device)
     clf = MNISTClassifier.load(asset("mnist_classifier"))
     metrics = SampleMetrics("classifier", classifier_path=asset("mnist_classifier"))
     split = load_mnist_split(0)
     metrics.set_reference(split["train"][0])
-    report: dict = {"steps": args.steps, "threads": torch.get_num_threads()}
+    report: dict = {"steps": args.steps, "device": args.device, "threads": torch.get_num_threads()}
 
     noise = make_noise(max(args.n), (1, 28, 28), args.seed)
     start = time.perf_counter()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Re-run every benchmark table under experiments/tables (2-core CPU: about an hour).
+# Two streams side by side, one thread each, so train_s compares the runs of these tables with each other;
+# the single-run timing of the default dq-train in the top-level README comes from running it alone.
+#   bash experiments/run_tables.sh [SWEEP_ROOT]   (default: multirun/<date-time>; must not exist yet)
+set -euo pipefail
+root=${1:-multirun/tables_$(date +%Y-%m-%d_%H-%M-%S)}
+if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
+export OMP_NUM_THREADS=1
+common="logger=csv eval.progress=false"
+
+stream_a() {
+  dq-train -m bits=w4a8,w4a4 callbacks=dilatequant,tpq,weight_dilation $common hydra.sweep.dir=$root/ablation/callbacks
+  dq-train -m bits=w4a8,w4a4 experiment=ptq_recon $common hydra.sweep.dir=$root/ablation/ptq_recon
+  dq-train -m bits=w4a8 experiment=qat_lsq $common hydra.sweep.dir=$root/ablation/qat_lsq
+}
+stream_b() {
+  dq-train -m bits=w4a8,w4a4 distill=model_kd $common hydra.sweep.dir=$root/ablation/model_kd
+  dq-eval -m quantizer=ptq_minmax bits=w8a8,w4a8,w4a6,w4a4 quantizer.temporal=false,true $common \
+    hydra.sweep.dir=$root/ptq_minmax
+}
+mkdir -p "$(dirname "$root")"
+stream_a > "$root.a.log" 2>&1 &
+a=$!
+stream_b > "$root.b.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+python experiments/collect.py "$root/ablation" --out experiments/tables/ablation
+python experiments/collect.py "$root/ptq_minmax" --out experiments/tables/ptq_minmax
