@@ -114,6 +114,14 @@ def test_fp_quantizer_is_rejected(tmp_path):
         train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))
 
 
+def test_trainer_gpu_moves_the_whole_run_and_a_mismatch_is_named(tmp_path):
+    assert compose_cfg("train", ["trainer=gpu"], tmp_path).device == "cuda"
+    assert compose_cfg("pretrain", ["trainer=gpu"], tmp_path).trainer.accelerator == "gpu"
+    cfg = compose_cfg("train", ["trainer.accelerator=gpu", "logger=none"], tmp_path)
+    with pytest.raises(ValueError, match=r"trainer.accelerator='gpu'.*device='cpu'"):
+        train(cfg)
+
+
 def test_peak_memory_is_per_run_window() -> None:
     """A multirun's jobs share a process: the peak after `reset_peak_memory` must not include an earlier job's."""
     big = torch.ones(200 * 2**20 // 4)  # 200 MB, touched
