@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,22 @@ def tiny_cond_unet(seed: int = 0, **overrides: object) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )  # fmt: skip
     return UNet2DConditionModel(**(config | overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU (`pytestmark` opts in)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> UNet2DModel:
+    """A frozen random tiny teacher, shared by a module's tests."""
+    torch.manual_seed(0)
+    return UNet2DModel(**tiny_unet_config()).eval().requires_grad_(False)
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny_unet_config
 from diffusers import DDIMScheduler, UNet2DModel
 
 from dq.callbacks import TemporalParallelQuantizer, WeightDilation
@@ -28,19 +26,7 @@ from dq.quant import QuantSpec, act_quantizers, quantize_model
 LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(**tiny_unet_config()).eval().requires_grad_(False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_unet_config
 from diffusers import DDIMScheduler, UNet2DModel
 from pytorch_lightning.loggers import CSVLogger
 from torch.testing import assert_close
@@ -19,20 +17,7 @@ from dq.callbacks import TemporalParallelQuantizer, WeightDilation
 from dq.distill.calibration import build_calibration_set
 from dq.quant import QuantSpec, act_quantizers, quantize_model, set_quant_state, weight_quantizers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(**tiny_unet_config()).eval().requires_grad_(False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

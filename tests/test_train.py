@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -20,14 +19,7 @@ from dq.models import load_teacher
 from dq.quant import act_quantizers, load_quantized
 from dq.train import build_callbacks, peak_memory, reset_peak_memory, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster than two fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fast(tiny_dir: Path) -> list[str]:
