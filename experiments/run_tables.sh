@@ -12,7 +12,7 @@ common="logger=csv eval.progress=false"
 stream_a() {
   dq-train -m bits=w4a8,w4a4 callbacks=dilatequant,tpq,weight_dilation $common hydra.sweep.dir=$root/ablation/callbacks
   dq-train -m bits=w4a8,w4a4 experiment=ptq_recon $common hydra.sweep.dir=$root/ablation/ptq_recon
-  dq-train -m bits=w4a8 experiment=qat_lsq $common hydra.sweep.dir=$root/ablation/qat_lsq
+  dq-train -m bits=w4a8,w4a4 experiment=qat_lsq $common hydra.sweep.dir=$root/ablation/qat_lsq
 }
 stream_b() {
   dq-train -m bits=w4a8,w4a4 distill=model_kd $common hydra.sweep.dir=$root/ablation/model_kd
