@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
             raise ValueError(f"{key}='{value}' is not one of {list(allowed)}.")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
-    if accelerator is not None and str(accelerator) in ("gpu", "cuda") and str(cfg.get("device", "cuda")) == "cpu":
+    if accelerator is not None and str(accelerator) in ("gpu", "cuda") and cfg.get("device") == "cpu":
         raise ValueError(
             f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
