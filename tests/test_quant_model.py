@@ -367,3 +367,79 @@ def test_quant_modules_lists_layers_and_processors():
     quantize_model(model, QuantSpec())
     kinds = {type(m) for _, m in quant_modules(model)}
     assert kinds == {QuantConv2d, QuantLinear, QuantAttnProcessor}
+
+
+# ---- shortcut splitting -----------------------------------------------------------------------------------------
+def _reference_splits(model: nn.Module) -> dict[str, int]:
+    """Hidden-state channels of each up-block ResNet's concatenated input, read off the forward itself: resnet 0
+    gets the up block's input hidden state, resnet i > 0 the output of resnet i - 1."""
+    seen: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+
+        return hook
+
+    hooks = [
+        b.register_forward_pre_hook(record(f"up_blocks.{i}"), with_kwargs=True) for i, b in enumerate(model.up_blocks)
+    ]
+    with torch.no_grad():
+        model(**inputs(model, batch=1))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, block in enumerate(model.up_blocks):
+        for j in range(len(block.resnets)):
+            out[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = (
+                seen[f"up_blocks.{i}"] if j == 0 else block.resnets[j - 1].out_channels
+            )
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet, shipped_teacher])
+def test_concat_splits_find_where_the_skip_starts(make):
+    from dq.quant.split import concat_splits
+
+    model = make()
+    assert concat_splits(model) == _reference_splits(model)
+
+
+def test_split_layer_quantizes_each_part_with_its_own_range():
+    torch.manual_seed(0)
+    float_layer = nn.Conv2d(6, 3, 1)
+    x = torch.cat([10 * torch.randn(2, 4, 5, 5), 0.1 * torch.randn(2, 2, 5, 5)], dim=1)  # hidden 4 | skip 2
+    layer = QuantConv2d.from_float(float_layer, QuantizerSpec(4, granularity="channel"), QuantizerSpec(4), split=4)
+    for q in (layer.act_quantizer, layer.act_quantizer_skip):
+        q.start_observation()
+    layer(x)
+    for q in (layer.act_quantizer, layer.act_quantizer_skip):
+        q.finish_observation()
+    layer.weight_quantizer.enabled = False
+
+    def minmax_fake_quant(v: torch.Tensor) -> torch.Tensor:  # 4-bit asymmetric min-max, by hand
+        scale = (v.max() - v.min()) / 15
+        zp = torch.round(-v.min() / scale)
+        return scale * (torch.clamp(torch.round(v / scale) + zp, 0, 15) - zp)
+
+    x_ref = torch.cat([minmax_fake_quant(x[:, :4]), minmax_fake_quant(x[:, 4:])], dim=1)
+    assert_close(layer(x), F.conv2d(x_ref, float_layer.weight, float_layer.bias), atol=1e-5, rtol=1e-5)
+    assert (x_ref[:, 4:] - x[:, 4:]).abs().max() < 0.1  # one shared range (step ~5) would zero the skip part
+
+
+def test_split_concat_model_reports_and_round_trips(tmp_path):
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, split_concat=True))
+    rows = [r for r in quant_report(model) if r.split]
+    assert {r.name: r.split for r in rows} == _reference_splits(tiny_unet())
+    assert quant_report(model).summary()["split"] == len(rows) > 0
+    assert all(model.get_submodule(r.name).act_quantizer_skip.num_steps == len(TIMESTEPS) for r in rows)
+    kw = inputs(model)
+    with torch.no_grad():
+        expected = model(**kw).sample
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert [(r.name, r.split) for r in quant_report(loaded)] == [(r.name, r.split) for r in quant_report(model)]
+    with torch.no_grad():
+        assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
+        set_quant_state(loaded, weights=False, acts=False)
+        assert_close(loaded(**kw).sample, tiny_unet()(**kw).sample)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dq.models.example import example_inputs as default_inputs
+
 __all__ = ["Block", "BlockIO", "ModuleCall", "capture_block_io", "partition_blocks", "run_block"]
 
 # Module containers inside a UNet stage (down_blocks.i / mid_block / up_blocks.i) and the block kind they give.
@@ -211,35 +213,6 @@ def _candidate_blocks(unet: nn.Module) -> list[Block]:
     return blocks
 
 
-def _dummy_inputs(unet: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Small `(args, kwargs)` for one forward pass of a plain DDPM or text-conditioned diffusers UNet."""
-    cfg = unet.config
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    size = 2 ** len(cfg.block_out_channels)  # survives every downsampler
-    sample = torch.zeros(1, cfg.in_channels, size, size, device=device, dtype=dtype)
-    kwargs: dict[str, Any] = {}
-    hint = "pass `example_inputs=(args, kwargs)` to partition_blocks"
-    if cfg.get("addition_embed_type") is not None:
-        raise ValueError(f"addition_embed_type={cfg.addition_embed_type!r} needs extra inputs: {hint}.")
-    if "cross_attention_dim" in cfg:  # UNet2DConditionModel
-        dim = cfg.get("encoder_hid_dim") or cfg.cross_attention_dim
-        if isinstance(dim, (list, tuple)):
-            if len(set(dim)) != 1:
-                raise ValueError(f"per-block cross_attention_dim={dim}: {hint}.")
-            dim = dim[0]
-        kwargs["encoder_hidden_states"] = torch.zeros(1, 4, dim, device=device, dtype=dtype)
-    if getattr(unet, "class_embedding", None) is not None:
-        kind = cfg.get("class_embed_type")
-        if kind is None:
-            kwargs["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
-        elif kind == "timestep":
-            kwargs["class_labels"] = torch.full((1,), 5, dtype=torch.long, device=device)
-        else:
-            raise ValueError(f"class_embed_type={kind!r} needs specific class labels: {hint}.")
-    return (sample, torch.tensor([10], device=device)), kwargs
-
-
 @torch.no_grad()
 def partition_blocks(
     unet: nn.Module, example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
@@ -271,7 +244,7 @@ def partition_blocks(
 
     for name in sorted({m for b in candidates for m in b.modules}):
         hooks.append(unet.get_submodule(name).register_forward_pre_hook(record(name)))
-    args, kwargs = example_inputs if example_inputs is not None else _dummy_inputs(unet)
+    args, kwargs = example_inputs if example_inputs is not None else default_inputs(unet, "partition_blocks")
     was_training = unet.training
     try:
         unet.eval()

@@ -2,6 +2,8 @@
 
 A quantized layer computes `conv/linear(Q_a(x · in_scale), Q_w(W))`. `W` stays the float latent weight (trained
 by distillation), `in_scale` is the per-input-channel factor Weight Dilation installs (1/s, ones by default).
+A conv whose input is a skip concatenation can split its activation quantizer at channel `split`
+(`act_quantizer` for `[:split]`, `act_quantizer_skip` for `[split:]`, see `dq.quant.split`).
 In eval mode without autograd the fake-quantized weight is cached and reused across calls.
 """
 
@@ -29,6 +31,7 @@ class QuantLayerMixin:
     weight_quantizer: UniformQuantizer
     act_quantizer: TemporalQuantizer
     in_scale: Tensor  # [C_in] multiplies the input before its quantizer (1/s of Weight Dilation)
+    split: int  # 0: one activation quantizer; else channels [split:] have their own (act_quantizer_skip)
 
     def _setup_quant(
         self,
@@ -37,12 +40,20 @@ class QuantLayerMixin:
         ctx: StepContext | None,
         in_channels: int,
         init_weights: bool,
+        split: int = 0,
     ) -> None:
         w = self.weight
         self.weight_quantizer = UniformQuantizer(weight_spec, w.shape[0]).to(device=w.device, dtype=w.dtype)
         if init_weights:
             self.weight_quantizer.init_from(w)
         self.act_quantizer = TemporalQuantizer(act_spec, ctx).to(device=w.device, dtype=w.dtype)
+        if not 0 <= split < in_channels:
+            raise ValueError(f"split={split} is invalid for a layer with {in_channels} input channels")
+        self.split = split
+        if split:
+            self.act_quantizer_skip = TemporalQuantizer(act_spec, self.act_quantizer.step_context).to(
+                device=w.device, dtype=w.dtype
+            )
         self.register_buffer("in_scale", torch.ones(in_channels, device=w.device, dtype=w.dtype))
         self._wq_cache: tuple[tuple, Tensor] | None = None
 
@@ -75,7 +86,11 @@ class QuantLayerMixin:
     def _quant_input(self, x: Tensor, channel_dim: int) -> Tensor:
         shape = [1] * x.ndim
         shape[channel_dim] = -1  # broadcast in_scale over the channel dim
-        return self.act_quantizer(x * self.in_scale.reshape(shape))
+        x = x * self.in_scale.reshape(shape)
+        if not self.split:
+            return self.act_quantizer(x)
+        hidden, skip = x.split([self.split, x.shape[channel_dim] - self.split], dim=channel_dim)
+        return torch.cat([self.act_quantizer(hidden), self.act_quantizer_skip(skip)], dim=channel_dim)
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -89,6 +104,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         act_spec: QuantizerSpec,
         ctx: StepContext | None = None,
         init_weights: bool = True,
+        split: int = 0,
     ) -> QuantConv2d:
         """Wrap `module`, reusing its weight and bias Parameters; the weight quantizer is initialised from W.
 
@@ -98,6 +114,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             act_spec: Input-activation quantizer spec.
             ctx: Shared step context of the model (a private one when None).
             init_weights: Initialise the weight quantizer from W now (False: a state dict will set it).
+            split: 0, or the input channel where a skip concatenation starts (its own activation quantizer).
         """
         new = cls(
             module.in_channels,
@@ -113,7 +130,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         )
         new.weight = module.weight
         new.bias = module.bias
-        new._setup_quant(weight_spec, act_spec, ctx, module.in_channels, init_weights)
+        new._setup_quant(weight_spec, act_spec, ctx, module.in_channels, init_weights, split)
         new.train(module.training)
         return new
 

@@ -17,6 +17,7 @@ from dq.quant.attention import QuantAttnProcessor
 from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
 from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer
 from dq.quant.spec import QuantSpec
+from dq.quant.split import concat_splits
 
 __all__ = [
     "QuantReport",
@@ -54,6 +55,7 @@ class QuantRow:
     weight_bits: int | None
     act_bits: int | None  # None: activations not quantized
     quantizer: str  # activation quantizer kind: "shared" | "temporal(T)"
+    split: int = 0  # input channel where a skip concatenation gets its own activation quantizer (0: none)
 
 
 @dataclass
@@ -74,12 +76,19 @@ class QuantReport:
         for r in self.rows:
             counts[r.kind] += 1
             counts[r.quantizer] += 1
-        return {"total": len(self.rows), **dict(counts)}
+            counts["split"] += bool(r.split)
+        return {"total": len(self.rows), **{k: v for k, v in counts.items() if v}}
 
     def __str__(self) -> str:
         header = ("layer", "kind", "W bits", "A bits", "act quantizer")
         body = [
-            (r.name, r.kind, "-" if r.weight_bits is None else str(r.weight_bits), str(r.act_bits or "-"), r.quantizer)
+            (
+                r.name,
+                r.kind,
+                "-" if r.weight_bits is None else str(r.weight_bits),
+                str(r.act_bits or "-"),
+                r.quantizer + (f", split at channel {r.split}" if r.split else ""),
+            )  # fmt: skip
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -247,7 +256,8 @@ def quant_report(model: nn.Module) -> QuantReport:
             rows.append(QuantRow(f"{name}[p@v]", "attn-matmul", v.bits, p.bits, kind_of(p)))
         else:
             kind = "conv" if isinstance(m, QuantConv2d) else "linear"
-            rows.append(QuantRow(name, kind, m.weight_quantizer.bits, m.act_quantizer.bits, kind_of(m.act_quantizer)))
+            w_bits, a_bits = m.weight_quantizer.bits, m.act_quantizer.bits
+            rows.append(QuantRow(name, kind, w_bits, a_bits, kind_of(m.act_quantizer), getattr(m, "split", 0)))
     return QuantReport(rows)
 
 
@@ -291,13 +301,17 @@ def quantize_model(
     unet._dq_spec = spec
     keep = filter_fn if filter_fn is not None else (lambda module, name: True)
 
+    splits = concat_splits(unet) if spec.split_concat else {}  # traced on the float model, before the swap
     modules = list(unet.named_modules())
     for name, m in modules:
         if not keep(m, name):
             continue
-        cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear if isinstance(m, nn.Linear) else None
-        if cls is not None:
-            new = cls.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx, init_weights)
+        if isinstance(m, nn.Conv2d):
+            split = splits.get(name, 0)
+            new = QuantConv2d.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx, init_weights, split)
+            _set_submodule(unet, name, new)
+        elif isinstance(m, nn.Linear):
+            new = QuantLinear.from_float(m, spec.weight_spec(name), spec.act_spec(name), ctx, init_weights)
             _set_submodule(unet, name, new)
     if spec.quantize_attention:
         for name, m in modules:

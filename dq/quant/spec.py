@@ -110,6 +110,8 @@ class QuantSpec:
             at 8 bits (at least; more when the configured bits are higher).
         attn_prob_bits: Bit-width of the post-softmax attention probabilities.
         quantize_attention: Quantize the attention matmul inputs (q, k, v, probabilities).
+        split_concat: Give the skip half of an up-block `conv_shortcut`'s concatenated input its own activation
+            quantizer (Q-Diffusion's shortcut splitting, `dq.quant.split`).
     """
 
     weight_bits: int = 8
@@ -124,6 +126,7 @@ class QuantSpec:
     keep_8bit: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
     attn_prob_bits: int = 8
     quantize_attention: bool = True
+    split_concat: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -141,6 +144,7 @@ class QuantSpec:
         _check_choice("act_init", self.act_init, INITS)
         _check_bool("learnable", self.learnable)
         _check_bool("quantize_attention", self.quantize_attention)
+        _check_bool("split_concat", self.split_concat)
         if isinstance(self.keep_8bit, str) or not all(isinstance(n, str) for n in self.keep_8bit):
             raise ValueError(f"keep_8bit={self.keep_8bit!r} is invalid: must be a list of module names")
         self.keep_8bit = list(self.keep_8bit)

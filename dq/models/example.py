@@ -1,0 +1,44 @@
+"""A tiny example input for one forward pass of a diffusers UNet (to trace its structure, not to compute)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["example_inputs"]
+
+
+def example_inputs(unet: nn.Module, caller: str = "this function") -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Small zero `(args, kwargs)` for one forward pass of a plain DDPM or text-conditioned diffusers UNet.
+
+    Args:
+        unet: The UNet (its config gives channels, depth and conditioning).
+        caller: Named in the error raised when the UNet needs inputs this cannot make up.
+    """
+    cfg = unet.config
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    size = 2 ** len(cfg.block_out_channels)  # survives every downsampler
+    sample = torch.zeros(1, cfg.in_channels, size, size, device=device, dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    hint = f"pass `example_inputs=(args, kwargs)` to {caller}"
+    if cfg.get("addition_embed_type") is not None:
+        raise ValueError(f"addition_embed_type={cfg.addition_embed_type!r} needs extra inputs: {hint}.")
+    if "cross_attention_dim" in cfg:  # UNet2DConditionModel
+        dim = cfg.get("encoder_hid_dim") or cfg.cross_attention_dim
+        if isinstance(dim, (list, tuple)):
+            if len(set(dim)) != 1:
+                raise ValueError(f"per-block cross_attention_dim={dim}: {hint}.")
+            dim = dim[0]
+        kwargs["encoder_hidden_states"] = torch.zeros(1, 4, dim, device=device, dtype=dtype)
+    if getattr(unet, "class_embedding", None) is not None:
+        kind = cfg.get("class_embed_type")
+        if kind is None:
+            kwargs["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
+        elif kind == "timestep":
+            kwargs["class_labels"] = torch.full((1,), 5, dtype=torch.long, device=device)
+        else:
+            raise ValueError(f"class_embed_type={kind!r} needs specific class labels: {hint}.")
+    return (sample, torch.tensor([10], device=device)), kwargs
