@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Calibration-set size x calibration seed, DilateQuant at W4A8 and W4A4 (2-core CPU: about 45 minutes).
+# Calibration-set size x calibration seed, DilateQuant (without shortcut splitting, as measured) at W4A8 and W4A4
+# (2-core CPU: about 45 minutes).
 # Two streams side by side (W4A8 | W4A4), one thread each; the eval noise (seed) is the same in every run, so
 # PSNR-to-teacher compares the students sample by sample. Writes experiments/tables/calib_study.{md,csv}.
 #   bash experiments/calib_study.sh [SWEEP_ROOT]   (default: multirun/calib_<date-time>; must not exist yet)
@@ -7,7 +8,7 @@ set -euo pipefail
 root=${1:-multirun/calib_$(date +%Y-%m-%d_%H-%M-%S)}
 if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
 export OMP_NUM_THREADS=1
-common="calib.n_calib=512,2048 calib.seed=1,2,3 logger=csv eval.progress=false"
+common="calib.n_calib=512,2048 calib.seed=1,2,3 quantizer.spec.split_concat=false logger=csv eval.progress=false"
 mkdir -p "$(dirname "$root")"
 dq-train -m bits=w4a8 $common hydra.sweep.dir=$root/w4a8 > "$root.a.log" 2>&1 &
 a=$!

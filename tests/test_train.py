@@ -16,7 +16,7 @@ from dq.callbacks import TemporalParallelQuantizer, WeightDilation
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.evaluation import method_of
 from dq.models import load_teacher
-from dq.quant import act_quantizers, load_quantized
+from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, peak_memory, reset_peak_memory, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +50,7 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     final = load_file(str(run / "checkpoints" / "last.safetensors"))
     assert all(torch.equal(v, final[k]) for k, v in student.state_dict().items())
     assert all(q.num_steps == 3 for _, q in act_quantizers(student))
+    assert any(r.split for r in quant_report(student))  # dilatequant splits up-block shortcut inputs by default
     teacher, _ = load_teacher(tiny_teacher_dir)
     x, t = torch.randn(2, 1, 28, 28), student.dq_timesteps[:2]
     out = student(x, t).sample
