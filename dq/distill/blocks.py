@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dq.models.example import example_inputs as default_inputs
+from dq.models.example import trace_forward
 
 __all__ = ["Block", "BlockIO", "ModuleCall", "capture_block_io", "partition_blocks", "run_block"]
 
@@ -244,15 +244,7 @@ def partition_blocks(
 
     for name in sorted({m for b in candidates for m in b.modules}):
         hooks.append(unet.get_submodule(name).register_forward_pre_hook(record(name)))
-    args, kwargs = example_inputs if example_inputs is not None else default_inputs(unet, "partition_blocks")
-    was_training = unet.training
-    try:
-        unet.eval()
-        unet(*args, **kwargs)
-    finally:
-        unet.train(was_training)
-        for h in hooks:
-            h.remove()
+    trace_forward(unet, hooks, example_inputs, "partition_blocks")
     missing = sorted({m for b in candidates for m in b.modules} - set(first_call))
     if missing:
         raise ValueError(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["example_inputs"]
+__all__ = ["example_inputs", "trace_forward"]
 
 
 def example_inputs(unet: nn.Module, caller: str = "this function") -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -42,3 +44,25 @@ def example_inputs(unet: nn.Module, caller: str = "this function") -> tuple[tupl
         else:
             raise ValueError(f"class_embed_type={kind!r} needs specific class labels: {hint}.")
     return (sample, torch.tensor([10], device=device)), kwargs
+
+
+@torch.no_grad()
+def trace_forward(
+    unet: nn.Module,
+    hooks: Sequence[RemovableHandle],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    caller: str = "this function",
+) -> None:
+    """One eval-mode forward pass on `inputs` (default: `example_inputs`) for `hooks` to observe; then the hooks are
+    removed and the module's training mode restored, also when the pass fails."""
+    try:
+        args, kwargs = inputs if inputs is not None else example_inputs(unet, caller)
+        was_training = unet.training
+        try:
+            unet.eval()
+            unet(*args, **kwargs)
+        finally:
+            unet.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()

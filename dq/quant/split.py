@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dq.models.example import example_inputs
+from dq.models.example import trace_forward
 
 __all__ = ["concat_splits"]
 
@@ -27,7 +27,7 @@ def concat_splits(unet: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]
 
     Args:
         unet: A diffusers UNet (float or quantized).
-        inputs: `(args, kwargs)` of one forward pass (default: `example_inputs(unet)`).
+        inputs: `(args, kwargs)` of one forward pass (default: `dq.models.example.example_inputs(unet)`).
 
     Returns:
         The split channel of each such layer; empty for a UNet without skip-concatenating up blocks.
@@ -44,15 +44,7 @@ def concat_splits(unet: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]
 
     ups = [(f"up_blocks.{i}", b) for i, b in enumerate(getattr(unet, "up_blocks", None) or [])]
     hooks = [b.register_forward_pre_hook(record(name), with_kwargs=True) for name, b in ups]
-    args, kwargs = inputs if inputs is not None else example_inputs(unet, "concat_splits")
-    was_training = unet.training
-    try:
-        unet.eval()
-        unet(*args, **kwargs)
-    finally:
-        unet.train(was_training)
-        for h in hooks:
-            h.remove()
+    trace_forward(unet, hooks, inputs, "concat_splits")
 
     splits: dict[str, int] = {}
     for name, block in ups:
