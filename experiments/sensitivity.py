@@ -82,6 +82,14 @@ def groups_by_role(student: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
+def groups_by_layer(student: nn.Module) -> dict[str, list[nn.Module]]:
+    """Activation quantizers per layer (a split layer has two: `act_quantizer` and `act_quantizer_skip`)."""
+    out: dict[str, list[nn.Module]] = {}
+    for name, q in act_quantizers(student):
+        out.setdefault(name.rsplit(".", 1)[0], []).append(q)
+    return out
+
+
 def groups_by_block(student: nn.Module, teacher: nn.Module) -> dict[str, list[nn.Module]]:
     out: dict[str, list[nn.Module]] = {}
     quantizers = (UniformQuantizer, TemporalQuantizer)
@@ -150,7 +158,7 @@ def main() -> None:
     groups = {
         "role": lambda: groups_by_role(student),
         "block": lambda: groups_by_block(student, teacher),
-        "layer": lambda: {name.rsplit(".", 1)[0]: [q] for name, q in act_quantizers(student)},
+        "layer": lambda: groups_by_layer(student),
     }[args.by]()
     if args.weights_fp:
         for q in all_w:

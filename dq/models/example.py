@@ -55,14 +55,12 @@ def trace_forward(
 ) -> None:
     """One eval-mode forward pass on `inputs` (default: `example_inputs`) for `hooks` to observe; then the hooks are
     removed and the module's training mode restored, also when the pass fails."""
+    was_training = unet.training
     try:
         args, kwargs = inputs if inputs is not None else example_inputs(unet, caller)
-        was_training = unet.training
-        try:
-            unet.eval()
-            unet(*args, **kwargs)
-        finally:
-            unet.train(was_training)
+        unet.eval()
+        unet(*args, **kwargs)
     finally:
+        unet.train(was_training)
         for h in hooks:
             h.remove()

@@ -76,8 +76,9 @@ class QuantReport:
         for r in self.rows:
             counts[r.kind] += 1
             counts[r.quantizer] += 1
-            counts["split"] += bool(r.split)
-        return {"total": len(self.rows), **{k: v for k, v in counts.items() if v}}
+            if r.split:
+                counts["split"] += 1
+        return {"total": len(self.rows), **dict(counts)}
 
     def __str__(self) -> str:
         header = ("layer", "kind", "W bits", "A bits", "act quantizer")
@@ -257,7 +258,7 @@ def quant_report(model: nn.Module) -> QuantReport:
         else:
             kind = "conv" if isinstance(m, QuantConv2d) else "linear"
             w_bits, a_bits = m.weight_quantizer.bits, m.act_quantizer.bits
-            rows.append(QuantRow(name, kind, w_bits, a_bits, kind_of(m.act_quantizer), getattr(m, "split", 0)))
+            rows.append(QuantRow(name, kind, w_bits, a_bits, kind_of(m.act_quantizer), m.split))
     return QuantReport(rows)
 
 
