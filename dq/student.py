@@ -38,7 +38,7 @@ def calibration_set(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> Cali
     return get_calibration_set(
         teacher, copy.deepcopy(scheduler), cfg.calib.n_calib, cfg.model.num_inference_steps,
         tuple(cfg.model.sample_shape), cfg.calib.seed, cfg.calib.batch_size, cache_root=cfg.eval.cache_dir,
-        progress=cfg.eval.progress,
+        progress=cfg.eval.progress, n_traj=cfg.calib.get("n_traj"),
     )  # fmt: skip
 
 

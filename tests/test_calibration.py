@@ -99,6 +99,32 @@ def test_entries_follow_the_teacher_trajectories(unet, scheduler, calib) -> None
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
 
 
+def test_more_trajectories_follow_the_teacher_and_spread_the_set(unet, scheduler, calib) -> None:
+    """n_traj = n_calib draws the same number of pairs from more distinct images, each still a true trajectory input."""
+    wide = build_calibration_set(unet, scheduler, 10, STEPS, SHAPE, seed=0, progress=False, n_traj=10)
+    assert len(wide) == 10 and int(wide.trajectory.max()) < 10
+    assert torch.bincount(wide.step_index, minlength=STEPS).tolist() == [2] * STEPS
+    assert wide.trajectory.unique().numel() > calib.trajectory.unique().numel() == 2
+    x = make_noise(10, SHAPE, seed=0)
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(STEPS)
+    with torch.no_grad():
+        for s, t in enumerate(sched.timesteps):
+            at = wide.step_index == s
+            assert_close(wide.x_t[at], x[wide.trajectory[at]], atol=0, rtol=0, msg=f"step {s}")
+            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    a = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0)
+    b = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0, n_traj=10)
+    assert a["n_traj"] == 2 and b["n_traj"] == 10  # part of the cache key
+    assert a == calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0, n_traj=2)
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.5, True])
+def test_too_few_trajectories_is_a_clear_error(unet, scheduler, bad) -> None:
+    with pytest.raises(ValueError, match="calib.n_traj"):
+        build_calibration_set(unet, scheduler, 10, STEPS, SHAPE, seed=0, progress=False, n_traj=bad)
+
+
 def test_conditional_teacher_records_per_sample_conditioning() -> None:
     cond = tiny_cond_unet()
     ehs = torch.randn(2, 3, 12)  # one prompt embedding per trajectory: ceil(6 / 3) = 2

@@ -34,6 +34,7 @@ __all__ = [
     "calibration_key_fields",
     "get_calibration_set",
     "load_or_build_calibration",
+    "resolve_n_traj",
     "select_balanced",
     "teacher_fingerprint",
 ]
@@ -168,6 +169,19 @@ def select_balanced(n_calib: int, num_steps: int, n_traj: int, seed: int) -> tup
     return torch.cat(trajs), torch.cat(steps)
 
 
+def resolve_n_traj(n_calib: int, num_steps: int, n_traj: int | None) -> int:
+    """The number of trajectories a set is drawn from: `n_traj`, or the fewest that can serve (`ceil(n_calib / T)`)."""
+    fewest = math.ceil(n_calib / max(num_steps, 1))
+    if n_traj is None:
+        return fewest
+    if isinstance(n_traj, bool) or not isinstance(n_traj, int) or n_traj < fewest:
+        raise ValueError(
+            f"calib.n_traj={n_traj!r} is invalid: {n_calib} pairs over {num_steps} steps need at least {fewest} "
+            "trajectories (or null for that minimum)."
+        )
+    return n_traj
+
+
 def _per_trajectory_conditioning(ehs: torch.Tensor | None, n_traj: int) -> torch.Tensor | None:
     """Broadcast `[L, D]` / `[1, L, D]` conditioning to `[n_traj, L, D]`; `[n_traj, L, D]` passes through."""
     if ehs is None:
@@ -193,12 +207,16 @@ def build_calibration_set(
     batch_size: int = 64,
     encoder_hidden_states: torch.Tensor | None = None,
     progress: bool = True,
+    n_traj: int | None = None,
 ) -> CalibrationSet:
     """Run teacher DDIM trajectories (eta 0) from seeded noise and keep a step-balanced set of their inputs.
 
-    `n_traj = ceil(n_calib / T)` trajectories start from `make_noise(n_traj, shape, seed)`; the pairs kept are
-    `select_balanced(n_calib, T, n_traj, seed)`. The result is bitwise deterministic for given arguments on a
-    given device; another `batch_size` changes only float rounding (so it is not part of the cache key).
+    `n_traj` trajectories (default: the fewest that can serve, `ceil(n_calib / T)`) start from
+    `make_noise(n_traj, shape, seed)`; the pairs kept are `select_balanced(n_calib, T, n_traj, seed)`. More
+    trajectories give a more diverse set (more distinct images behind the same number of pairs) for more teacher
+    sampling: with the fewest, every trajectory gives an input at (nearly) every step. The result is bitwise
+    deterministic for given arguments on a given device; another `batch_size` changes only float rounding (so it
+    is not part of the cache key).
 
     Args:
         unet: the teacher; called as `unet(x, t).sample` (plus `encoder_hidden_states=` when given).
@@ -210,12 +228,13 @@ def build_calibration_set(
         batch_size: trajectories denoised together.
         encoder_hidden_states: conditioning, `[L, D]` / `[1, L, D]` shared or `[n_traj, L, D]` per trajectory.
         progress: show a progress bar.
+        n_traj: number of teacher trajectories to draw from; None: `ceil(n_calib / T)`.
     """
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     table = sched.timesteps.detach().cpu().to(torch.int64)  # [T]
     n_steps = table.numel()
-    n_traj = math.ceil(n_calib / n_steps)
+    n_traj = resolve_n_traj(n_calib, n_steps, n_traj)
     traj_sel, step_sel = select_balanced(n_calib, n_steps, n_traj, seed)
     wanted = torch.zeros(n_traj, n_steps, dtype=torch.bool)  # [n_traj, T] which inputs to keep
     wanted[traj_sel, step_sel] = True
@@ -289,6 +308,7 @@ def calibration_key_fields(
     shape: tuple[int, int, int],
     seed: int,
     encoder_hidden_states: torch.Tensor | None = None,
+    n_traj: int | None = None,
 ) -> dict[str, Any]:
     """Everything that determines `build_calibration_set`'s result, as a JSON-able dict (the cache key)."""
     sched_cfg = {
@@ -305,6 +325,7 @@ def calibration_key_fields(
         "num_inference_steps": int(num_inference_steps),
         "shape": [int(s) for s in shape],
         "seed": int(seed),
+        "n_traj": resolve_n_traj(int(n_calib), int(num_inference_steps), n_traj),
         "encoder_hidden_states": ehs_hash,
         "selection": "step_balanced",
     }
@@ -396,13 +417,11 @@ def get_calibration_set(
     encoder_hidden_states: torch.Tensor | None = None,
     cache_root: str | Path | None = None,
     progress: bool = True,
+    n_traj: int | None = None,
 ) -> CalibrationSet:
     """`build_calibration_set` through the disk cache (`load_or_build_calibration` with `calibration_key_fields`)."""
-    fields = calibration_key_fields(unet, scheduler, n_calib, num_inference_steps, shape, seed, encoder_hidden_states)
-    return load_or_build_calibration(
-        cache_root,
-        fields,
-        lambda: build_calibration_set(
-            unet, scheduler, n_calib, num_inference_steps, shape, seed, batch_size, encoder_hidden_states, progress
-        ),
+    fields = calibration_key_fields(
+        unet, scheduler, n_calib, num_inference_steps, shape, seed, encoder_hidden_states, n_traj=n_traj
     )
+    args = (unet, scheduler, n_calib, num_inference_steps, shape, seed, batch_size, encoder_hidden_states, progress)
+    return load_or_build_calibration(cache_root, fields, lambda: build_calibration_set(*args, n_traj=n_traj))
