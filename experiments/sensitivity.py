@@ -1,22 +1,28 @@
-"""Diagnostic (not a test): which quantizers of a trained student cost the most, measured on its samples.
+"""Diagnostic (not a test): which quantizers of a student cost the most.
 
-    python experiments/sensitivity.py --student multirun/.../student [--n 250] [--by role|block] [--out table.md]
+    python experiments/sensitivity.py --student multirun/.../student [--by role|block|layer] [--out table.md]
     python experiments/sensitivity.py --ptq bits=w4a4 quantizer=dilatequant +quantizer.temporal=true --weights-fp
 
 Takes a student `dq-train` saved (`--student <run>/student`) or builds an untrained one the way `dq-eval` does
-from config overrides (`--ptq ...`: calibrated activation ranges, no training), samples it and the teacher from
-identical noise (DDIM at the student's own step count), then switches groups of quantizers back to full precision
-one group at a time and prints the PSNR-to-teacher each time. `--weights-fp` keeps every weight at full precision in
-every row (an activation-only study).
+from config overrides (`--ptq ...`: calibrated activation ranges, no training), then switches groups of quantizers
+back to full precision one group at a time and scores the student each time. `--weights-fp` keeps every weight at
+full precision in every row (an activation-only study).
+
+Scores: `--metric sqnr` (default) is the noise-prediction SQNR against the teacher on `--n` held-out calibration
+pairs (calib.seed = seed + 100, not the set the ranges were fitted on): cheap and smooth. It weighs every step
+alike, so an error that only matters at the smallest timesteps (where the noise prediction is most sensitive to
+its input) can look larger than it is in the samples. `--metric psnr` samples `--n` images with the teacher and
+the student from identical noise and scores the PSNR between them: what the README's tables report, but at W4A4
+the trajectories diverge and releasing a group moves it by noise.
 
 Read a trained student's table with care: training adapts each layer to the quantization error of the layers
-around it, so releasing one group can *lower* PSNR (the rest was trained to compensate it). The untrained
-`--ptq` student measures what each group's quantization costs before any training.
+around it, so releasing one group can *lower* the score. The untrained `--ptq` student measures what each group's
+quantization costs before any training.
 
-`--by role` groups activation quantizers by the layer role (conv1, conv2, conv_shortcut, attention, time embedding,
-...); `--by block` switches weights and activations of one block at a time. Rows also give
-"weights only" (activations off) and "activations only" (weights off) for the whole model. A group whose release
-gains many dB is where the bit budget goes.
+`--by role` groups activation quantizers by the layer role (network input, conv1, conv2, conv_shortcut,
+attention, time embedding, ...); `--by layer` is one row per layer; `--by block` switches weights and
+activations of one block at a time. Rows also give "weights only" (activations off) and "activations only"
+(weights off) for the whole model. A group whose release gains many dB is where the bit budget goes.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from dq.student import build_student, calibration_set
 
 # role of an activation quantizer, from its module path (first match wins)
 ROLES: list[tuple[str, str]] = [
-    (r"^(conv_in|conv_out)\.", "conv_in / conv_out (8-bit)"),
+    (r"^conv_in\.", "conv_in: the network input x_t"),
+    (r"^conv_out\.", "conv_out input"),
     (r"^time_embedding\.", "time embedding MLP"),
     (r"\.time_emb_proj\.", "time_emb_proj"),
     (r"\.processor\.prob_quantizer$", "attention probabilities"),
