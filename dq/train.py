@@ -100,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg.logger)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1}
+    # eval.progress=false silences every bar of the run (sweeps log to files), the trainer's included
+    trainer_kwargs["enable_progress_bar"] = bool(trainer_kwargs.get("enable_progress_bar", True) and cfg.eval.progress)
     trainer = pl.Trainer(
         **trainer_kwargs, callbacks=build_callbacks(cfg.get("callbacks")), logger=loggers or False,
         default_root_dir=str(run_dir), enable_checkpointing=False,
