@@ -182,6 +182,8 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (ModelDistillation, {"iters": 0}, "iters"),
         (ModelDistillation, {"batch_size": 0}, "batch_size"),
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),
+        (BlockwiseDistillation, {"lr_act_qparams": -1e-4}, "lr_act_qparams"),
+        (BlockwiseDistillation, {"lr_weight": 0, "lr_weight_qparams": 0, "lr_act_qparams": 0}, "lr_weight"),
     ],
 )
 def test_bad_training_settings_name_the_field(teacher, calib, cls, kwargs: dict, field: str) -> None:

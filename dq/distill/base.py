@@ -169,6 +169,18 @@ class QuantDistillation(pl.LightningModule):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
+        for name, lr in (
+            ("lr_weight", lr_weight),
+            ("lr_weight_qparams", lr_weight_qparams),
+            ("lr_act_qparams", lr_act_qparams),
+        ):
+            if lr < 0:
+                raise ValueError(f"distill.{name}={lr} must be >= 0 (0 freezes that group)")
+        if lr_weight == lr_weight_qparams == lr_act_qparams == 0:
+            raise ValueError(
+                "distill.lr_weight=0, lr_weight_qparams=0 and lr_act_qparams=0: nothing would train. "
+                "For post-training quantization without training use distill=none."
+            )
         self.batch_size = batch_size
         self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
         self.lr_schedule = lr_schedule
