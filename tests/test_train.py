@@ -123,3 +123,13 @@ def test_peak_memory_is_per_run_window() -> None:
     reset_peak_memory()
     after = peak_memory()["peak_mem_mb"]
     assert before - after > 150, (before, after)
+
+
+def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path):
+    """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
+    run = tmp_path / "run"
+    first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert any(r.get("eval/student/psnr_to_teacher") for r in rows)
