@@ -9,7 +9,8 @@ back to full precision one group at a time and scores the student each time. `--
 full precision in every row (an activation-only study).
 
 Scores: `--metric sqnr` (default) is the noise-prediction SQNR against the teacher on `--n` held-out calibration
-pairs (calib.seed = seed + 100, not the set the ranges were fitted on): cheap and smooth. It weighs every step
+pairs (calib.seed = seed + 100, not the set the ranges were fitted on; `--calib-seed 1` scores the default
+training pairs instead): cheap and smooth. It weighs every step
 alike, so an error that only matters at the smallest timesteps (where the noise prediction is most sensitive to
 its input) can look larger than it is in the samples. `--metric psnr` samples `--n` images with the teacher and
 the student from identical noise and scores the PSNR between them: what the README's tables report, but at W4A4
@@ -21,8 +22,9 @@ quantization costs before any training.
 
 `--by role` groups activation quantizers by the layer role (network input, conv1, conv2, conv_shortcut,
 attention, time embedding, ...); `--by layer` is one row per layer; `--by block` switches weights and
-activations of one block at a time. Rows also give "weights only" (activations off) and "activations only"
-(weights off) for the whole model. A group whose release gains many dB is where the bit budget goes.
+activations of one block at a time; `--by none` prints only the whole-model rows. Rows also give "weights only"
+(activations off) and "activations only" (weights off) for the whole model. A group whose release gains many dB
+is where the bit budget goes.
 """
 
 from __future__ import annotations
@@ -126,7 +128,12 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--n", type=int, default=512, help="held-out pairs (sqnr) or samples (psnr) per row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--by", choices=["role", "block", "layer"], default="role")
+    p.add_argument(
+        "--by", choices=["role", "block", "layer", "none"], default="role", help="none: whole-model rows only"
+    )
+    p.add_argument(
+        "--calib-seed", type=int, default=None, help="sqnr pairs from this calib.seed (default seed + 100, held out)"
+    )
     p.add_argument("--teacher", default=None, help="the teacher directory (default: the shipped one)")
     p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = p.parse_args()
@@ -143,7 +150,8 @@ def main() -> None:
     steps = len(getattr(student, TIMESTEPS_BUFFER))
 
     if args.metric == "sqnr":  # held-out pairs: not the calibration set the ranges were fitted on
-        cfg.calib.seed, cfg.calib.n_calib, cfg.model.num_inference_steps = args.seed + 100, args.n, steps
+        pairs_seed = args.seed + 100 if args.calib_seed is None else args.calib_seed
+        cfg.calib.seed, cfg.calib.n_calib, cfg.model.num_inference_steps = pairs_seed, args.n, steps
         held_out = calibration_set(cfg, teacher, scheduler)
         x_t, t = held_out.x_t, held_out.timesteps
 
@@ -166,6 +174,7 @@ def main() -> None:
         "role": lambda: groups_by_role(student),
         "block": lambda: groups_by_block(student, teacher),
         "layer": lambda: groups_by_layer(student),
+        "none": dict,
     }[args.by]()
     if args.weights_fp:
         for q in all_w:
@@ -184,7 +193,7 @@ def main() -> None:
 
     base = rows[0][2]
     what = {
-        "sqnr": f"noise-prediction SQNR on {args.n} held-out calibration pairs",
+        "sqnr": f"noise-prediction SQNR on {args.n} calibration pairs (calib.seed {cfg.calib.seed})",
         "psnr": f"PSNR of {args.n} DDIM samples to the teacher's",
     }[args.metric]
     lines = [
