@@ -85,17 +85,21 @@ def test_steps_are_balanced(n_calib: int) -> None:
 
 def test_entries_follow_the_teacher_trajectories(unet, scheduler, calib) -> None:
     """x_t at step 0 is the seeded noise; later entries match a plain DDIM loop over the same noise."""
-    n_traj = 2  # ceil(10 / 5)
-    x = make_noise(n_traj, SHAPE, seed=0)
     first = calib.step_index == 0
     assert first.any()
-    assert_close(calib.x_t[first], x[calib.trajectory[first]], atol=0, rtol=0)
+    assert_close(calib.x_t[first], make_noise(2, SHAPE, seed=0)[calib.trajectory[first]], atol=0, rtol=0)
+    assert_follows_trajectories(calib, unet, scheduler, n_traj=2)  # ceil(10 / 5)
+
+
+def assert_follows_trajectories(c: CalibrationSet, unet, scheduler, n_traj: int) -> None:
+    """Every entry equals a plain DDIM loop over `make_noise(n_traj, ...)` at its trajectory and step."""
+    x = make_noise(n_traj, SHAPE, seed=0)
     sched = DDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(STEPS)
     with torch.no_grad():
         for s, t in enumerate(sched.timesteps):
-            at = calib.step_index == s
-            assert_close(calib.x_t[at], x[calib.trajectory[at]], atol=0, rtol=0, msg=f"step {s}")
+            at = c.step_index == s
+            assert_close(c.x_t[at], x[c.trajectory[at]], atol=0, rtol=0, msg=f"step {s}")
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
 
 
@@ -105,14 +109,7 @@ def test_more_trajectories_follow_the_teacher_and_spread_the_set(unet, scheduler
     assert len(wide) == 10 and int(wide.trajectory.max()) < 10
     assert torch.bincount(wide.step_index, minlength=STEPS).tolist() == [2] * STEPS
     assert wide.trajectory.unique().numel() > calib.trajectory.unique().numel() == 2
-    x = make_noise(10, SHAPE, seed=0)
-    sched = DDIMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(STEPS)
-    with torch.no_grad():
-        for s, t in enumerate(sched.timesteps):
-            at = wide.step_index == s
-            assert_close(wide.x_t[at], x[wide.trajectory[at]], atol=0, rtol=0, msg=f"step {s}")
-            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert_follows_trajectories(wide, unet, scheduler, n_traj=10)
     a = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0)
     b = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0, n_traj=10)
     assert a["n_traj"] == 2 and b["n_traj"] == 10  # part of the cache key
