@@ -28,6 +28,7 @@ a=$!
   dq-train -m bits=w4a8 distill.lr_weight_qparams=1e-4,1e-5 $seeds $q hydra.sweep.dir=$root/lr_weight_qparams
   dq-train -m bits=w8a8 distill.lr_weight=1e-4 $q hydra.sweep.dir=$root/w8a8_lr_weight
   dq-train -m bits=w8a8 distill.lr_weight_qparams=1e-5 $q hydra.sweep.dir=$root/w8a8_lr_weight_qparams
+  dq-train -m bits=w8a8 distill.lr_weight=1e-4,1e-5 distill.lr_weight_qparams=1e-5 $q hydra.sweep.dir=$root/w8a8_both
 ) > "$root/b.log" 2>&1 &
 b=$!
 wait $a
