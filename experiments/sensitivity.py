@@ -10,11 +10,11 @@ full precision in every row (an activation-only study).
 
 Scores: `--metric sqnr` (default) is the noise-prediction SQNR against the teacher on `--n` held-out calibration
 pairs (calib.seed = seed + 100, not the set the ranges were fitted on; `--calib-seed 1` scores the default
-training pairs instead): cheap and smooth. It weighs every step
-alike, so an error that only matters at the smallest timesteps (where the noise prediction is most sensitive to
-its input) can look larger than it is in the samples. `--metric psnr` samples `--n` images with the teacher and
-the student from identical noise and scores the PSNR between them: what the README's tables report, but at W4A4
-the trajectories diverge and releasing a group moves it by noise.
+training pairs instead): cheap and smooth. It weighs every step alike, so an error that only matters at the
+smallest timesteps (where the noise prediction is most sensitive to its input) can look larger than it is in the
+samples. `--metric psnr` samples `--n` images with the teacher and the student from identical noise and scores the
+PSNR between them: what the README's tables report, but at W4A4 the trajectories diverge and releasing a group
+moves it by noise. The table ends with the median weight and activation step sizes.
 
 Read a trained student's table with care: training adapts each layer to the quantization error of the layers
 around it, so releasing one group can *lower* the score. The untrained `--ptq` student measures what each group's
@@ -110,6 +110,11 @@ def groups_by_block(student: nn.Module, teacher: nn.Module) -> dict[str, list[nn
     return out
 
 
+def median_step(quantizers: list[nn.Module]) -> float:
+    """Median |Δ| over every step size of `quantizers` (per channel / per sampling step)."""
+    return torch.cat([q.scale.detach().abs().flatten() for q in quantizers]).median().item()
+
+
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of `out` against `ref`, in dB."""
     return 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum().clamp_min(1e-30)).item()
@@ -203,6 +208,8 @@ def main() -> None:
         "| group | quantizers | dB | gain dB |",
         "|---|---|---|---|",
         *(f"| {name} | {k} | {v:.2f} | {v - base:+.2f} |" for name, k, v in rows),
+        "",
+        f"Median step size: weights {median_step(all_w):.2e}, activations {median_step(all_a):.2e}.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -169,14 +169,10 @@ class QuantDistillation(pl.LightningModule):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
-        for name, lr in (
-            ("lr_weight", lr_weight),
-            ("lr_weight_qparams", lr_weight_qparams),
-            ("lr_act_qparams", lr_act_qparams),
-        ):
-            if lr < 0:
-                raise ValueError(f"distill.{name}={lr} must be >= 0 (0 freezes that group)")
-        if lr_weight == lr_weight_qparams == lr_act_qparams == 0:
+        named = {"lr_weight": lr_weight, "lr_weight_qparams": lr_weight_qparams, "lr_act_qparams": lr_act_qparams}
+        if bad := [f"distill.{k}={v}" for k, v in named.items() if v < 0]:
+            raise ValueError(f"{', '.join(bad)}: learning rates must be >= 0 (0 freezes that group)")
+        if not any(named.values()):
             raise ValueError(
                 "distill.lr_weight=0, lr_weight_qparams=0 and lr_act_qparams=0: nothing would train. "
                 "For post-training quantization without training use distill=none."
