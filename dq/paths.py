@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -25,3 +29,24 @@ def asset(name: str) -> str:
 def cache_dir() -> Path:
     """Cache shared between runs (reference statistics, calibration sets): `$DQ_CACHE` or `~/.cache/dq`."""
     return Path(os.environ.get("DQ_CACHE", Path.home() / ".cache" / "dq")).expanduser()
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `<run_dir>/.dq.lock` for the duration of a run, so two processes never write one run directory.
+
+    Raises:
+        RuntimeError: another process holds the lock (names the directory and what to do).
+    """
+    lock = FileLock(Path(run_dir) / ".dq.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(
+            f"run_dir={run_dir} is in use by another running dq process (lock {lock.lock_file}); wait for it "
+            "to finish, or pass another run_dir=... (resuming a finished or killed run into it is fine)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -26,7 +26,7 @@ from dq.config import build_loggers, register_resolvers, validate
 from dq.distill.calibration import teacher_fingerprint
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
-from dq.paths import conf_dir
+from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, quantize_student
 
@@ -85,6 +85,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir):  # one writer per run directory
+        return _quantize_distill_evaluate(cfg, run_dir)
+
+
+def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """`train` inside the run-directory lock."""
     teacher, scheduler = load_teacher(cfg.model.path)
     teacher.to(cfg.device)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,6 +18,7 @@ from dq.callbacks import TemporalParallelQuantizer, WeightDilation
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.evaluation import method_of
 from dq.models import load_teacher
+from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, peak_memory, reset_peak_memory, train
 
@@ -133,3 +136,25 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert any(r.get("eval/student/psnr_to_teacher") for r in rows)
+
+
+def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_frees_it(tiny_teacher_dir, tmp_path):
+    """Two processes writing one run directory corrupt its CSV log; the second is refused up front. A holder that
+    is killed (SIGKILL, no clean-up) leaves no stale lock: the OS releases it with the process."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from dq.paths import run_dir_lock\nwith run_dir_lock({str(run)!r}):\n"
+         "    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=r"run_dir=.*run is in use by another running dq process"):
+            train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+        assert sorted(p.name for p in run.iterdir()) == [".dq.lock"]  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(run):  # free again
+        pass
