@@ -129,6 +129,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         "steps": int(module.max_steps),
         "resumed_at_step": int(module.start_step),
         "blocks": len(getattr(module, "blocks", [])),
+        "reverted_blocks": [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"],
     }
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 

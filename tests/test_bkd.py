@@ -18,6 +18,7 @@ from dq.distill import (
     NoDistillation,
     NonFiniteLossError,
     load_block_checkpoint,
+    lr_factor,
     param_groups,
 )
 from dq.distill.calibration import build_calibration_set
@@ -55,6 +56,11 @@ def bkd(teacher, calib, run_dir: Path | None = None, iters: int = 4, **kw) -> Bl
     return BlockwiseDistillation(teacher, make_student(teacher, calib), calib, **(args | kw))
 
 
+def block_param_names(module: BlockwiseDistillation, k: int) -> set[str]:
+    """Names (in the student) of block `k`'s parameters."""
+    return {f"{m}.{n}" for m in module.blocks[k].modules for n, _ in module.student.get_submodule(m).named_parameters()}
+
+
 class ParamWatch(pl.Callback):
     """Records, per training step, the parameters that changed and the block that was training."""
 
@@ -83,16 +89,51 @@ def test_param_groups_split_weights_and_quantizer_params(teacher, calib):
     assert [g["name"] for g in frozen] == ["weight_qparams", "act_qparams"]
 
 
+def test_param_groups_scale_rates_by_each_layers_weight_step(teacher, calib):
+    """Rates given for 4-bit weights: the 8-bit conv_in / conv_out (keep_8bit) get them x 15/255, their step ratio."""
+    student = make_student(teacher, calib)  # W4A8: conv_in, conv_out 8-bit
+    lrs = {"weights": 1.0, "weight_qparams": 2.0, "act_qparams": 3.0}
+    groups = {g["name"]: g for g in param_groups(student, lrs, lr_bits=4)}
+    names = {id(p): n for n, p in student.named_parameters()}
+    of = lambda g: {names[id(p)] for p in groups[g]["params"]}  # noqa: E731
+    assert lr_factor(8, 4) == pytest.approx(15 / 255) and lr_factor(4, 4) == 1.0 and lr_factor(8, None) == 1.0
+    assert groups["weights@w8"]["lr"] == pytest.approx(15 / 255)
+    assert groups["weight_qparams@w8"]["lr"] == pytest.approx(2 * 15 / 255)
+    assert of("weights@w8") == {f"{m}.{p}" for m in ("conv_in", "conv_out") for p in ("weight", "bias")}
+    assert of("weight_qparams@w8") == {"conv_in.weight_quantizer.scale", "conv_out.weight_quantizer.scale"}
+    assert "conv_in.weight_quantizer.zero_point" in of("weight_qparams")  # grid units: not scaled
+    assert "conv_in.act_quantizer.scale" in of("act_qparams")  # activation rates are not scaled
+    assert "down_blocks.0.resnets.0.conv1.weight" in of("weights") and groups["weights"]["lr"] == 1.0
+    assert sorted(n for g in groups.values() for n in of(g["name"])) == sorted(names.values())  # each once
+    # at 8-bit weights everything is scaled; with lr_bits=8 (or None) nothing is
+    w8 = make_student(teacher, calib, weight_bits=8)
+    scaled = {g["name"]: g["lr"] for g in param_groups(w8, lrs, lr_bits=4)}
+    assert scaled["weight_qparams@w8"] == pytest.approx(2 * 15 / 255) and "weight_qparams" in scaled  # z stays plain
+    assert {g["name"] for g in param_groups(w8, lrs, lr_bits=8)} == {"weights", "weight_qparams", "act_qparams"}
+
+
+def test_one_adam_step_moves_an_8bit_weight_by_the_scaled_rate(teacher, calib):
+    """Against a plain reference: Adam's first step moves each weight by ~lr (|g| >> eps), so by lr x 15/255."""
+    rates = dict(lr_weight=1e-3, lr_weight_qparams=0, lr_act_qparams=0, lr_bits=4)
+    module = bkd(teacher, calib, iters=1, revert_worse=False, **rates)
+    before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+    fit(module)
+    after = dict(module.student.named_parameters())
+    for name, lr in (("conv_in.weight", 1e-3 * 15 / 255), ("down_blocks.0.resnets.0.conv1.weight", 1e-3)):
+        moved = (after[name] - before[name]).abs()
+        moved = moved[moved > 0]
+        assert moved.numel() > 0 and torch.allclose(moved.median(), torch.tensor(lr), rtol=0.05), name
+
+
 def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
     module = bkd(teacher, calib, iters=10)
     watch = ParamWatch()
     fit(module, [watch])
     assert len(module.history) == len(module.blocks) == 17
     for k, changed in watch.changed:
-        own = {
-            f"{m}.{n}" for m in module.blocks[k].modules for n, _ in module.student.get_submodule(m).named_parameters()
-        }
-        assert changed and changed <= own, module.blocks[k].name  # only block k moves while it trains
+        assert changed and changed <= block_param_names(module, k), module.blocks[
+            k
+        ].name  # only block k moves while it trains
     # the blocks' MSE to the teacher on the whole calibration set goes down (10 Adam steps: not always for blocks
     # already near their quantization noise floor, e.g. the 8-bit conv_in)
     better = [h["mse_after"] < h["mse_before"] for h in module.history]
@@ -184,8 +225,40 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),
         (BlockwiseDistillation, {"lr_act_qparams": -1e-4}, "lr_act_qparams"),
         (BlockwiseDistillation, {"lr_weight": 0, "lr_weight_qparams": 0, "lr_act_qparams": 0}, "lr_weight"),
+        (BlockwiseDistillation, {"lr_bits": 1}, "lr_bits"),
+        (ModelDistillation, {"lr_bits": "4"}, "lr_bits"),
+        (ModelDistillation, {"lr_bits": 4.0}, "lr_bits"),
     ],
 )
 def test_bad_training_settings_name_the_field(teacher, calib, cls, kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"{field}="):
         cls(teacher, make_student(teacher, calib), calib, **kwargs)
+
+
+class StartState(pl.Callback):
+    """The student's parameters once fit has calibrated it, before any block trains."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.state = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+
+
+@pytest.mark.parametrize("revert_worse", [True, False])
+def test_a_block_that_training_makes_worse_is_put_back(teacher, calib, revert_worse: bool):
+    """Three constant-rate steps raise some blocks' MSE (11 of 17 here): each such block is exactly as before
+    training when revert_worse is on, the others (and all of them with it off) have moved."""
+    rates = dict(lr_weight=1e-3, lr_weight_qparams=1e-3, lr_act_qparams=1e-3, lr_schedule="constant")
+    module = bkd(teacher, calib, iters=3, revert_worse=revert_worse, **rates)
+    start = StartState()
+    fit(module, [start])
+    params = dict(module.student.named_parameters())
+    worse = [k for k, h in enumerate(module.history) if h["mse_trained"] > h["mse_before"]]
+    assert 0 < len(worse) < len(module.blocks), module.history
+    for k, h in enumerate(module.history):
+        unchanged = all(torch.equal(params[n], start.state[n]) for n in block_param_names(module, k))
+        reverted = revert_worse and k in worse
+        assert unchanged == reverted, h["block"]
+        assert h["kept"] == ("untrained" if reverted else "trained")
+        assert h["mse_after"] == (h["mse_before"] if reverted else h["mse_trained"])
+        if reverted:  # the block is back where it began: its MSE over the calibration set is the starting one
+            module._cache, module._cache_steps = module.capture(module.blocks[k])
+            assert module.block_mse(k) == pytest.approx(h["mse_before"], rel=1e-6)

@@ -4,7 +4,14 @@
 Nothing here imports `dq.student` (which imports `dq.distill.calibration`), so there is no import cycle.
 """
 
-from dq.distill.base import NoDistillation, NonFiniteLossError, QuantDistillation, calibrate_student, param_groups
+from dq.distill.base import (
+    NoDistillation,
+    NonFiniteLossError,
+    QuantDistillation,
+    calibrate_student,
+    lr_factor,
+    param_groups,
+)
 from dq.distill.bkd import BlockwiseDistillation
 from dq.distill.blocks import Block, BlockIO, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet, get_calibration_set
@@ -24,6 +31,7 @@ __all__ = [
     "capture_block_io",
     "get_calibration_set",
     "load_block_checkpoint",
+    "lr_factor",
     "param_groups",
     "partition_blocks",
     "run_block",

@@ -20,9 +20,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
-from dq.quant import TemporalQuantizer, UniformQuantizer, act_quantizers, calibrate_activations
+from dq.quant import QuantLayerMixin, TemporalQuantizer, UniformQuantizer, act_quantizers, calibrate_activations
 
-__all__ = ["NoDistillation", "NonFiniteLossError", "QuantDistillation", "calibrate_student", "param_groups"]
+__all__ = [
+    "NoDistillation",
+    "NonFiniteLossError",
+    "QuantDistillation",
+    "calibrate_student",
+    "lr_factor",
+    "param_groups",
+]
 
 GROUPS = ("weights", "weight_qparams", "act_qparams")  # optimizer groups; biases and norm affines go with weights
 
@@ -57,12 +64,24 @@ def calibrate_student(
     return names
 
 
-def param_groups(module: nn.Module, lrs: dict[str, float]) -> list[dict[str, Any]]:
+def lr_factor(bits: int, lr_bits: int | None) -> float:
+    """Learning-rate factor of a layer with `bits`-bit weights when the rates are given for `lr_bits`-bit weights.
+
+    `(2^lr_bits - 1) / (2^bits - 1)`: the ratio of the two grids' step sizes over the same range, so a rate moves
+    weights and step sizes by the same fraction of a step at every bit-width. 1 when `lr_bits` is None.
+    """
+    return 1.0 if lr_bits is None else (2**lr_bits - 1) / (2**bits - 1)
+
+
+def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None) -> list[dict[str, Any]]:
     """Adam parameter groups of `module`: latent weights (+ biases, norm affines), weight Δ/z, activation Δ/z.
 
     Args:
         module: The quantized model (or a part of it).
         lrs: Learning rate per group name in `GROUPS`; a group with lr 0 is left out (its parameters stay frozen).
+        lr_bits: The weight bit-width `lrs` are for. A quantized layer with `b`-bit weights gets its weight, bias
+            and weight step size in a group `"<name>@w<b>"` with the rate times `lr_factor(b, lr_bits)`; zero-points
+            (grid units), norm affines and activation parameters keep the plain rates. None: no scaling.
 
     Returns:
         `[{"name", "params", "lr"}]` for the groups with parameters and a positive lr.
@@ -72,10 +91,25 @@ def param_groups(module: nn.Module, lrs: dict[str, float]) -> list[dict[str, Any
         group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
         if isinstance(m, UniformQuantizer | TemporalQuantizer):
             kind.update({id(p): group for p in m.parameters(recurse=False)})
-    params: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+    factor: dict[int, tuple[str, float]] = {}  # id -> (suffix, lr factor) of bit-scaled parameters
+    for m in module.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if lr_bits is None or not isinstance(m, QuantLayerMixin) or not wq.enabled or wq.bits == lr_bits:
+            continue
+        scaled = (m.weight, m.bias, wq.scale if isinstance(wq.scale, nn.Parameter) else None)
+        factor.update({id(p): (f"@w{wq.bits}", lr_factor(wq.bits, lr_bits)) for p in scaled if p is not None})
+    params: dict[tuple[str, str], list[nn.Parameter]] = {}
+    scale: dict[str, float] = {}
     for p in module.parameters():
-        params[kind.get(id(p), "weights")].append(p)
-    return [{"name": g, "params": ps, "lr": float(lrs[g])} for g, ps in params.items() if ps and lrs[g] > 0]
+        suffix, f = factor.get(id(p), ("", 1.0))
+        params.setdefault((kind.get(id(p), "weights"), suffix), []).append(p)
+        scale[suffix] = f
+    order = sorted(params, key=lambda k: (GROUPS.index(k[0]), k[1]))
+    return [
+        {"name": g + suffix, "params": params[g, suffix], "lr": float(lrs[g]) * scale[suffix]}
+        for g, suffix in order
+        if lrs[g] > 0
+    ]
 
 
 def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
@@ -163,9 +197,16 @@ class QuantDistillation(pl.LightningModule):
         raise NotImplementedError
 
     def set_optimization(
-        self, batch_size: int, lr_weight: float, lr_weight_qparams: float, lr_act_qparams: float, lr_schedule: str
+        self,
+        batch_size: int,
+        lr_weight: float,
+        lr_weight_qparams: float,
+        lr_act_qparams: float,
+        lr_schedule: str,
+        lr_bits: int | None = None,
     ) -> None:
-        """Validate and keep the minibatch size and the three groups' learning rates / schedule (BKD, model KD)."""
+        """Validate and keep the minibatch size, the three groups' learning rates / schedule and the weight
+        bit-width the rates are for (`param_groups`; BKD, model KD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
@@ -177,13 +218,21 @@ class QuantDistillation(pl.LightningModule):
                 "distill.lr_weight=0, lr_weight_qparams=0 and lr_act_qparams=0: nothing would train. "
                 "For post-training quantization without training use distill=none."
             )
+        if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
+            raise ValueError(
+                f"distill.lr_bits={lr_bits!r} is invalid: the weight bit-width the learning rates are for, an integer "
+                "in [2, 16], or null for no per-bit-width scaling"
+            )
         self.batch_size = batch_size
+        self.lr_bits = lr_bits
         self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
         self.lr_schedule = lr_schedule
 
     def make_adam(self) -> torch.optim.Adam:
-        """Adam over the student's `param_groups`, each group remembering its `base_lr` for `schedule_lr`."""
-        return torch.optim.Adam([g | {"base_lr": g["lr"]} for g in param_groups(self.student, self.lrs)])
+        """Adam over the student's `param_groups` (rates scaled per weight bit-width), each group remembering its
+        `base_lr` for `schedule_lr`."""
+        groups = param_groups(self.student, self.lrs, self.lr_bits)
+        return torch.optim.Adam([g | {"base_lr": g["lr"]} for g in groups])
 
     def schedule_lr(self, i: int, n: int) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant)."""

@@ -5,9 +5,11 @@ Blocks (`partition_blocks`) train one after the other, `iters_per_block` steps e
 through the student (earlier blocks already quantized and trained) and the teacher, keeping the student's inputs to
 block `k` and the teacher's output of block `k`; each step then re-runs student block `k` on a minibatch of those
 inputs (its temporal quantizers reading each sample's own step index) and takes an Adam step on the MSE to the
-teacher's output. After each block the student's state is checkpointed; a restarted run with the same run directory
-loads it and goes on with the next block, and gives the same final student as an uninterrupted run: minibatches of
-block `k` are drawn from a generator seeded by `(seed, k)` alone, and each block's optimizer state starts fresh.
+teacher's output. A block whose training leaves its MSE over the calibration set above where it started is put
+back as it was before training (`revert_worse`). After each block the student's state is checkpointed; a restarted
+run with the same run directory loads it and goes on with the next block, and gives the same final student as an
+uninterrupted run: minibatches of block `k` are drawn from a generator seeded by `(seed, k)` alone, and each block's
+optimizer state starts fresh.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class BlockwiseDistillation(QuantDistillation):
         lr_weight_qparams: Learning rate of weight step sizes and zero-points.
         lr_act_qparams: Learning rate of activation step sizes and zero-points (per step under TPQ).
         lr_schedule: "cosine" (within each block, to 0) or "constant".
+        lr_bits: Weight bit-width the rates are for; layers with other weight bit-widths scale `lr_weight` and
+            `lr_weight_qparams` by their step-size ratio (`param_groups`). None: no scaling.
+        revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
+            higher than before (its history entry then says `"kept": "untrained"`).
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -80,13 +86,16 @@ class BlockwiseDistillation(QuantDistillation):
         lr_weight_qparams: float = 1e-3,
         lr_act_qparams: float = 1e-4,
         lr_schedule: str = "cosine",
+        lr_bits: int | None = 4,
+        revert_worse: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
         if iters_per_block < 1:
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
-        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule)
+        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits)
         self.iters_per_block = iters_per_block
+        self.revert_worse = revert_worse
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
         self.max_steps = len(self.blocks) * iters_per_block
         self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / after
@@ -95,6 +104,7 @@ class BlockwiseDistillation(QuantDistillation):
         self._cache_steps: Tensor | None = None  # [N] step index of each cached sample
         self._batches: Tensor | None = None  # [iters_per_block, batch_size] minibatch indices of block k
         self._trainable: set[int] = set()  # ids of the parameters in the optimizer
+        self._untrained: list[tuple[nn.Parameter, Tensor]] = []  # block k's parameters and their values at its start
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     @property
@@ -164,6 +174,8 @@ class BlockwiseDistillation(QuantDistillation):
         g = torch.Generator().manual_seed(block_seed(self.seed, k))
         self._batches = torch.randint(len(self.calib), (self.iters_per_block, self.batch_size), generator=g)
         self.freeze_all_but(p for p in self.block_params(k) if id(p) in self._trainable)
+        if self.revert_worse:
+            self._untrained = [(p, p.detach().clone()) for p in self.block_params(k) if id(p) in self._trainable]
         self._block = k
         self._mse_before = self.block_mse(k)
         self.log(f"block/{k:02d}/mse_before", self._mse_before)
@@ -176,11 +188,21 @@ class BlockwiseDistillation(QuantDistillation):
                 f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}; "
                 f"the last good checkpoint is {self.checkpoint_path}"
             )
-        mse_after = self.block_mse(k)
+        mse_trained = mse_after = self.block_mse(k)
+        kept = "trained"
+        if self.revert_worse and mse_trained > self._mse_before:  # training made the block worse: undo it
+            with torch.no_grad():
+                for p, value in self._untrained:
+                    p.copy_(value)
+            mse_after, kept = self._mse_before, "untrained"
+            print(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
+                  f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
         self.log(f"block/{k:02d}/mse_after", mse_after)
-        self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_after": mse_after})
+        self.log(f"block/{k:02d}/reverted", float(kept == "untrained"))
+        self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
+                             "mse_after": mse_after, "kept": kept})  # fmt: skip
         self.student.requires_grad_(False)
-        self._cache, self._cache_steps, self._batches = None, None, None
+        self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
         if self.checkpoint_dir is not None:
             save_block_checkpoint(
                 self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, self.history

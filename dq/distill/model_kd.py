@@ -31,6 +31,8 @@ class ModelDistillation(QuantDistillation):
         lr_weight_qparams: Learning rate of weight step sizes and zero-points.
         lr_act_qparams: Learning rate of activation step sizes and zero-points.
         lr_schedule: "cosine" (to 0 over `iters`) or "constant".
+        lr_bits: Weight bit-width the rates are for; layers with other weight bit-widths scale `lr_weight` and
+            `lr_weight_qparams` by their step-size ratio (`param_groups`). None: no scaling.
         **kwargs: `QuantDistillation` arguments.
     """
 
@@ -45,12 +47,13 @@ class ModelDistillation(QuantDistillation):
         lr_weight_qparams: float = 1e-4,
         lr_act_qparams: float = 1e-4,
         lr_schedule: str = "cosine",
+        lr_bits: int | None = 4,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
         if iters < 1:
             raise ValueError(f"iters={iters} must be >= 1")
-        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule)
+        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits)
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
