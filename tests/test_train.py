@@ -76,6 +76,7 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
         (["distill=none"], NoDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["experiment=qat_lsq"], ModelDistillation, []),
         (["experiment=ptq_recon"], BlockwiseDistillation, []),
+        (["experiment=paper_budget"], BlockwiseDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["quantizer=ptq_recon", "callbacks=none", "distill.lr_weight=0"], BlockwiseDistillation, []),
     ],
 )
