@@ -64,6 +64,12 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     logged = {k for r in rows for k, v in r.items() if v}
     assert {"block/00/loss", "block/16/loss", "block/05/mse_after", "distill/loss", "wd/s_mean"} <= logged
     assert {"tpq/scale_spread_mean", "eval/student/psnr_to_teacher"} <= logged
+    # each block's values are written while it trains, not repeated at every later step (2 steps per block)
+    for k in range(17):
+        steps = {int(r["step"]) for r in rows if r.get(f"block/{k:02d}/loss")}
+        assert steps and steps <= {2 * k, 2 * k + 1}, (k, sorted(steps))
+        assert sum(bool(r.get(f"block/{k:02d}/mse_after")) for r in rows) == 1
+    assert sum(bool(r.get("block/00/reverted")) for r in rows) == 1
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ class BlockwiseDistillation(QuantDistillation):
             self._untrained = [(p, p.detach().clone()) for p in self.block_params(k) if id(p) in self._trainable]
         self._block = k
         self._mse_before = self.block_mse(k)
-        self.log(f"block/{k:02d}/mse_before", self._mse_before)
+        self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
 
     def finish_block(self, k: int) -> None:
         """Check block `k`'s parameters are finite, log its final MSE and write the checkpoint."""
@@ -197,8 +197,10 @@ class BlockwiseDistillation(QuantDistillation):
             mse_after, kept = self._mse_before, "untrained"
             print(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
                   f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
-        self.log(f"block/{k:02d}/mse_after", mse_after)
-        self.log(f"block/{k:02d}/reverted", float(kept == "untrained"))
+        last = (k + 1) * self.iters_per_block - 1
+        self.log_block(
+            {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained")}, last
+        )
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
                              "mse_after": mse_after, "kept": kept})  # fmt: skip
         self.student.requires_grad_(False)
@@ -207,6 +209,15 @@ class BlockwiseDistillation(QuantDistillation):
             save_block_checkpoint(
                 self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, self.history
             )
+
+    def log_block(self, metrics: dict[str, float], step: int) -> None:
+        """Write block metrics to every logger once, at global step `step` (`k * iters_per_block + i`).
+
+        Not `self.log`: within the one epoch of the fit Lightning writes every key's last value again at each later
+        logging step, so block 0's loss would go on being logged, unchanged, until the last block.
+        """
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -226,7 +237,8 @@ class BlockwiseDistillation(QuantDistillation):
         self.manual_backward(loss)
         opt.step()
         self.log("distill/loss", loss.detach(), prog_bar=True)
-        self.log(f"block/{k:02d}/loss", loss.detach())
+        if i % self.trainer.log_every_n_steps == 0 or i == self.iters_per_block - 1:
+            self.log_block({f"block/{k:02d}/loss": loss.item()}, int(batch[0]))
         self.log("distill/block", float(k), prog_bar=True)
         if i == self.iters_per_block - 1:
             self.finish_block(k)
