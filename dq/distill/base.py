@@ -9,6 +9,7 @@ module calibrates the activation quantizers still uninitialised and, where a che
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,20 @@ def calibrate_student(
 
 
 def lr_factor(bits: int, lr_bits: int | None) -> float:
-    """Learning-rate factor of a layer with `bits`-bit weights when the rates are given for `lr_bits`-bit weights.
+    """Learning-rate factor of a student with `bits`-bit weights when the rates are given for `lr_bits`-bit weights.
 
     `(2^lr_bits - 1) / (2^bits - 1)`: the ratio of the two grids' step sizes over the same range, so a rate moves
     weights and step sizes by the same fraction of a step at every bit-width. 1 when `lr_bits` is None.
     """
     return 1.0 if lr_bits is None else (2**lr_bits - 1) / (2**bits - 1)
+
+
+def weight_bits(module: nn.Module) -> int | None:
+    """The weight bit-width of most of `module`'s quantized layers (the student's `bits`; the 8-bit `keep_8bit`
+    layers of a 4-bit student do not change it); None when no layer quantizes its weights."""
+    bits = Counter(m.weight_quantizer.bits for m in module.modules() if isinstance(m, QuantLayerMixin)
+                   and m.weight_quantizer.enabled)  # fmt: skip
+    return bits.most_common(1)[0][0] if bits else None
 
 
 def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None) -> list[dict[str, Any]]:
@@ -79,9 +88,10 @@ def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None =
     Args:
         module: The quantized model (or a part of it).
         lrs: Learning rate per group name in `GROUPS`; a group with lr 0 is left out (its parameters stay frozen).
-        lr_bits: The weight bit-width `lrs` are for. A quantized layer with `b`-bit weights gets its weight, bias
-            and weight step size in a group `"<name>@w<b>"` with the rate times `lr_factor(b, lr_bits)`; zero-points
-            (grid units), norm affines and activation parameters keep the plain rates. None: no scaling.
+        lr_bits: The weight bit-width `lrs` are for. When the student's `weight_bits` is another `b`, the weights,
+            biases and weight step sizes of its quantized layers go to groups `"<name>@w<b>"` with the rate times
+            `lr_factor(b, lr_bits)`; zero-points (grid units), norm affines and activation parameters keep the plain
+            rates. None: no scaling.
 
     Returns:
         `[{"name", "params", "lr"}]` for the groups with parameters and a positive lr.
@@ -91,23 +101,24 @@ def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None =
         group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
         if isinstance(m, UniformQuantizer | TemporalQuantizer):
             kind.update({id(p): group for p in m.parameters(recurse=False)})
-    factor: dict[int, tuple[str, float]] = {}  # id -> (suffix, lr factor) of bit-scaled parameters
-    for m in module.modules():
-        wq = getattr(m, "weight_quantizer", None)
-        if lr_bits is None or not isinstance(m, QuantLayerMixin) or not wq.enabled or wq.bits == lr_bits:
-            continue
-        scaled = (m.weight, m.bias, wq.scale if isinstance(wq.scale, nn.Parameter) else None)
-        factor.update({id(p): (f"@w{wq.bits}", lr_factor(wq.bits, lr_bits)) for p in scaled if p is not None})
-    params: dict[tuple[str, str], list[nn.Parameter]] = {}
-    scale: dict[str, float] = {}
+    bits = weight_bits(module)
+    scaled: set[int] = set()  # ids of the bit-scaled parameters
+    if lr_bits is not None and bits is not None and bits != lr_bits:
+        for m in module.modules():
+            if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled:
+                step = m.weight_quantizer.scale
+                scaled.update(id(p) for p in (m.weight, m.bias, step) if isinstance(p, nn.Parameter))
+    params: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in module.parameters():
-        suffix, f = factor.get(id(p), ("", 1.0))
-        params.setdefault((kind.get(id(p), "weights"), suffix), []).append(p)
-        scale[suffix] = f
+        params.setdefault((kind.get(id(p), "weights"), id(p) in scaled), []).append(p)
     order = sorted(params, key=lambda k: (GROUPS.index(k[0]), k[1]))
     return [
-        {"name": g + suffix, "params": params[g, suffix], "lr": float(lrs[g]) * scale[suffix]}
-        for g, suffix in order
+        {
+            "name": g + (f"@w{bits}" if is_scaled else ""),
+            "params": params[g, is_scaled],
+            "lr": float(lrs[g]) * (lr_factor(bits, lr_bits) if is_scaled else 1.0),
+        }
+        for g, is_scaled in order
         if lrs[g] > 0
     ]
 

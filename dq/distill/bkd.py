@@ -68,8 +68,9 @@ class BlockwiseDistillation(QuantDistillation):
         lr_weight_qparams: Learning rate of weight step sizes and zero-points.
         lr_act_qparams: Learning rate of activation step sizes and zero-points (per step under TPQ).
         lr_schedule: "cosine" (within each block, to 0) or "constant".
-        lr_bits: Weight bit-width the rates are for; layers with other weight bit-widths scale `lr_weight` and
-            `lr_weight_qparams` by their step-size ratio (`param_groups`). None: no scaling.
+        lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
+            `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
+            None: no scaling.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
             higher than before (its history entry then says `"kept": "untrained"`).
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).

@@ -31,8 +31,9 @@ class ModelDistillation(QuantDistillation):
         lr_weight_qparams: Learning rate of weight step sizes and zero-points.
         lr_act_qparams: Learning rate of activation step sizes and zero-points.
         lr_schedule: "cosine" (to 0 over `iters`) or "constant".
-        lr_bits: Weight bit-width the rates are for; layers with other weight bit-widths scale `lr_weight` and
-            `lr_weight_qparams` by their step-size ratio (`param_groups`). None: no scaling.
+        lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
+            `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
+            None: no scaling.
         **kwargs: `QuantDistillation` arguments.
     """
 
