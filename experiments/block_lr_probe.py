@@ -1,0 +1,80 @@
+"""Train one block of a finished dq-train run again with other learning rates, and print its calibration MSE.
+
+    python experiments/block_lr_probe.py <run_dir> up_blocks.1.attentions.1 1e-3,1e-3,1e-4 1e-3,1e-3,0
+
+Each setting is `lr_weight,lr_weight_qparams,lr_act_qparams`; the block trains `distill.iters_per_block` steps of
+the run's batch size and cosine schedule on the run's calibration pairs (from the cache), starting from the run's
+saved student. The block must be one that `revert_worse` put back (its history entry says `"kept": "untrained"`):
+then the saved student holds it exactly as it was before training, behind the trained blocks before it.
+`--freeze prob_quantizer` keeps the parameters whose name holds that text frozen. Prints, per setting, the block's
+MSE to the teacher over the calibration set before and after, and the minibatch loss every 10 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from dq.config import register_resolvers
+from dq.distill import BlockwiseDistillation
+from dq.distill.base import cosine_factor
+from dq.models import load_teacher
+from dq.quant import load_quantized
+from dq.student import calibration_set
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a finished dq-train run directory")
+    p.add_argument("block", help="block name, e.g. up_blocks.1.attentions.1")
+    p.add_argument("settings", nargs="+", help="lr_weight,lr_weight_qparams,lr_act_qparams")
+    p.add_argument("--freeze", default=None, help="also keep the block's parameters whose name holds this frozen")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    register_resolvers()
+    history = json.loads((args.run / "checkpoints" / "last.json").read_text())["history"]
+    kept = {h["block"]: h.get("kept", "trained") for h in history}
+    if kept.get(args.block) != "untrained":
+        raise SystemExit(f"{args.block}: its history in {args.run} says {kept.get(args.block)!r}, not 'untrained'; "
+                         "the saved student does not hold it as it was before training")  # fmt: skip
+    cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
+    with open_dict(cfg):
+        cfg.run_dir, cfg.eval.progress = str(args.run), False
+    teacher, scheduler = load_teacher(cfg.model.path)
+    calib = calibration_set(cfg, teacher, scheduler)
+    saved = load_quantized(args.run / "student")
+    n = int(cfg.distill.iters_per_block)
+    for setting in args.settings:
+        lr_weight, lr_weight_qparams, lr_act_qparams = map(float, setting.split(","))
+        module = BlockwiseDistillation(
+            teacher, copy.deepcopy(saved), calib, iters_per_block=n, batch_size=int(cfg.distill.batch_size),
+            lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams, lr_act_qparams=lr_act_qparams,
+            lr_bits=cfg.distill.get("lr_bits"), revert_worse=False, calib_batch_size=int(cfg.calib.batch_size),
+            seed=int(cfg.seed), progress=False,
+        )  # fmt: skip
+        opt = module.make_adam()
+        frozen = {id(q) for name, q in module.student.named_parameters() if args.freeze and args.freeze in name}
+        module._trainable = {id(q) for g in opt.param_groups for q in g["params"]} - frozen
+        k = module.block_names.index(args.block)
+        module.start_block(k)  # caches the block's inputs, draws its minibatches, measures mse_before
+        curve = []
+        for i in range(n):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * cosine_factor(i, n, str(cfg.distill.lr_schedule))
+            loss = module.block_loss(k, module._batches[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i % 10 == 0:
+                curve.append(f"{loss.item():.3g}")
+        print(f"{setting}: mse {module._mse_before:.4g} -> {module.block_mse(k):.4g}; loss every 10 steps "
+              f"{' '.join(curve)}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
