@@ -77,9 +77,8 @@ def lr_factor(bits: int, lr_bits: int | None) -> float:
 def weight_bits(module: nn.Module) -> int | None:
     """The weight bit-width of most of `module`'s quantized layers (the student's `bits`; the 8-bit `keep_8bit`
     layers of a 4-bit student do not change it); None when no layer quantizes its weights."""
-    bits = Counter(m.weight_quantizer.bits for m in module.modules() if isinstance(m, QuantLayerMixin)
-                   and m.weight_quantizer.enabled)  # fmt: skip
-    return bits.most_common(1)[0][0] if bits else None
+    layers = [m for m in module.modules() if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled]
+    return Counter(m.weight_quantizer.bits for m in layers).most_common(1)[0][0] if layers else None
 
 
 def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None) -> list[dict[str, Any]]:

@@ -99,7 +99,7 @@ class BlockwiseDistillation(QuantDistillation):
         self.revert_worse = revert_worse
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
         self.max_steps = len(self.blocks) * iters_per_block
-        self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / after
+        self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / trained / after, kept
         self._block: int | None = None  # index of the block whose inputs are cached
         self._cache: BlockIO | None = None  # student inputs to block k, teacher output of block k, all N samples
         self._cache_steps: Tensor | None = None  # [N] step index of each cached sample
