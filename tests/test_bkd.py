@@ -52,11 +52,9 @@ def fit(module: pl.LightningModule, callbacks: list[pl.Callback] = ()) -> pl.Tra
     return trainer
 
 
-def bkd(
-    teacher, calib, run_dir: Path | None = None, iters: int = 4, weight_bits: int = 4, **kw
-) -> BlockwiseDistillation:
+def bkd(teacher, calib, run_dir: Path | None = None, iters: int = 4, bits: int = 4, **kw) -> BlockwiseDistillation:
     args = dict(iters_per_block=iters, batch_size=8, calib_batch_size=8, run_dir=run_dir, progress=False, **LRS)
-    return BlockwiseDistillation(teacher, make_student(teacher, calib, weight_bits), calib, **(args | kw))
+    return BlockwiseDistillation(teacher, make_student(teacher, calib, bits), calib, **(args | kw))
 
 
 def block_param_names(module: BlockwiseDistillation, k: int) -> set[str]:
@@ -122,7 +120,7 @@ def test_one_adam_step_moves_the_weights_by_the_scaled_rate(teacher, calib, bits
     """Against a plain reference: Adam's first step moves each weight by ~lr (|g| >> eps), so by lr x factor;
     the 8-bit conv_in of a 4-bit student keeps the 4-bit rate."""
     rates = dict(lr_weight=1e-3, lr_weight_qparams=0, lr_act_qparams=0, lr_bits=4)
-    module = bkd(teacher, calib, iters=1, revert_worse=False, weight_bits=bits, **rates)
+    module = bkd(teacher, calib, iters=1, revert_worse=False, bits=bits, **rates)
     before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
     fit(module)
     after = dict(module.student.named_parameters())
