@@ -7,7 +7,8 @@ the run's batch size and cosine schedule on the run's calibration pairs (from th
 saved student. The block must be one that `revert_worse` put back (its history entry says `"kept": "untrained"`):
 then the saved student holds it exactly as it was before training, behind the trained blocks before it.
 `--freeze prob_quantizer` keeps the parameters whose name holds that text frozen. Prints, per setting, the block's
-MSE to the teacher over the calibration set before and after, and the minibatch loss every 10 steps.
+MSE to the teacher over the calibration set before and after, and the minibatch loss every 10 steps; first, the
+block's activation quantizers with their starting step sizes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dq.config import register_resolvers
 from dq.distill import BlockwiseDistillation
 from dq.distill.base import cosine_factor
 from dq.models import load_teacher
-from dq.quant import load_quantized
+from dq.quant import act_quantizers, load_quantized
 from dq.student import calibration_set
 
 
@@ -48,6 +49,9 @@ def main() -> None:
     teacher, scheduler = load_teacher(cfg.model.path)
     calib = calibration_set(cfg, teacher, scheduler)
     saved = load_quantized(args.run / "student")
+    for name, q in act_quantizers(saved.get_submodule(args.block)):  # the block's starting activation step sizes
+        step = q.scale.detach()
+        print(f"{name}: {q.bits}-bit, step size {step.min():.3g} .. {step.max():.3g} over {step.numel()} steps")
     n = int(cfg.distill.iters_per_block)
     for setting in args.settings:
         lr_weight, lr_weight_qparams, lr_act_qparams = map(float, setting.split(","))
