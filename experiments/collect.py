@@ -29,7 +29,7 @@ def overrides(run: Path) -> str:
 
 
 COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides", "fid", "is", "psnr_to_teacher",
-           "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "run"]  # fmt: skip
+           "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "run"]  # fmt: skip
 
 
 def rows(roots: list[Path]) -> list[dict]:
@@ -46,7 +46,7 @@ def rows(roots: list[Path]) -> list[dict]:
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),
-            "run": str(path.parent),
+            "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "run": str(path.parent),
         })  # fmt: skip
     if teacher is not None and all(r["quantizer"] != "fp" for r in out):
         out.insert(0, dict.fromkeys(COLUMNS, "") | {"quantizer": "fp (teacher)", "bits": "fp", "fid": teacher["fid"],

@@ -5,7 +5,8 @@
 # about 70 minutes):
 #   - the default at W4A8 and W4A4 over three calibration draws (compare: limits_study / split tables, made before
 #     both existed, i.e. with distill.revert_worse=false distill.lr_bits=null);
-#   - W8A8 with both, and with revert only (lr_bits=null); the WD / TPQ ablation at W4A8 / W4A4 with both.
+#   - W8A8 with both, and with revert only (lr_bits=null); the WD / TPQ ablation at W4A8 / W4A4 with both; W4A8
+#     with every activation rate lowered to 5.9e-6 instead (calib.seed 1).
 #   bash experiments/revert_lr_bits.sh [SWEEP_ROOT]   (default: multirun/revert_<date-time>; must not exist yet)
 set -euo pipefail
 root=${1:-multirun/revert_$(date +%Y-%m-%d_%H-%M-%S)}
@@ -22,6 +23,7 @@ a=$!
 (
   dq-train -m bits=w8a8 $q hydra.sweep.dir=$root/w8a8
   dq-train -m bits=w4a8,w4a4 callbacks=tpq,weight_dilation $q hydra.sweep.dir=$root/ablation
+  dq-train -m bits=w4a8 calib.seed=1 distill.lr_act_qparams=5.9e-6 $q hydra.sweep.dir=$root/w4a8_lr_act
 ) > "$root/b.log" 2>&1 &
 b=$!
 wait $a
