@@ -21,7 +21,7 @@ from dq.distill import (
     lr_factor,
     param_groups,
 )
-from dq.distill.base import weight_bits
+from dq.distill.base import RelativeAdam, calibrate_student, weight_bits
 from dq.distill.calibration import build_calibration_set
 from dq.quant import QuantSpec, act_quantizers, quantize_model
 
@@ -128,6 +128,61 @@ def test_one_adam_step_moves_the_weights_by_the_scaled_rate(teacher, calib, bits
         moved = (after[name] - before[name]).abs()
         moved = moved[moved > 0]
         assert moved.numel() > 0 and torch.allclose(moved.median(), torch.tensor(1e-3 * factor), rtol=0.05), name
+
+
+def test_param_groups_put_activation_step_sizes_in_a_relative_group(teacher, calib):
+    student = make_student(teacher, calib)
+    lrs = {"weights": 1.0, "weight_qparams": 2.0, "act_qparams": 3.0}
+    groups = {g["name"]: g for g in param_groups(student, lrs, act_step_rel=0.01)}
+    names = {id(p): n for n, p in student.named_parameters()}
+    of = lambda g: {names[id(p)] for p in groups[g]["params"]}  # noqa: E731
+    act_steps = {n for n, _ in act_quantizers(student)}
+    assert of("act_qparams@rel") == {f"{n}.scale" for n in act_steps}
+    assert groups["act_qparams@rel"]["relative"] and groups["act_qparams@rel"]["lr"] == 0.01
+    assert "conv_in.act_quantizer.zero_point" in of("act_qparams") and not groups["act_qparams"]["relative"]
+    assert not any(g["relative"] for g in param_groups(student, lrs))  # None: no relative group
+    assert "act_qparams@rel" not in {g["name"] for g in param_groups(student, lrs, act_step_rel=0)}  # 0: frozen
+
+
+def test_relative_adam_moves_each_element_by_its_own_fraction():
+    """Against plain Adam on a copy: a relative element moves by Adam's step times its own |value|."""
+    init = torch.tensor([1e-4, 3e-3, 0.1, 2.0])
+    rel, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    other = torch.nn.Parameter(init.clone())  # a plain group of the same optimizer
+    opt = RelativeAdam([{"params": [rel], "lr": 0.01, "relative": True}, {"params": [other], "lr": 0.01}])
+    other_ref = torch.nn.Parameter(init.clone())
+    plain = torch.optim.Adam([ref], lr=0.01)
+    other_plain = torch.optim.Adam([other_ref], lr=0.01)
+    for step in range(3):
+        grad = torch.tensor([1.0, -2.0, 0.5, 3.0]) * (step + 1)
+        old = rel.detach().clone()
+        ref.data.copy_(old)  # plain Adam from the same point and with the same moments
+        for p in (rel, other, ref, other_ref):
+            p.grad = grad.clone()
+        opt.step()
+        plain.step()
+        other_plain.step()
+        torch.testing.assert_close(rel.detach(), old + (ref.detach() - old) * old.abs())
+    torch.testing.assert_close(other.detach(), other_ref.detach())  # the plain group is plain Adam
+    assert torch.all(rel > 0)  # a 1e-4 step size moved by ~1% of itself, not by 0.01
+    assert (rel[0] - init[0]).abs() < 1e-5 and (other[0] - init[0]).abs() > 1e-2
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_lr_act_step_rel_out_of_range_is_refused(teacher, calib, bad: float):
+    with pytest.raises(ValueError, match="distill.lr_act_step_rel"):
+        bkd(teacher, calib, lr_act_step_rel=bad)
+
+
+def test_bkd_with_relative_activation_step_sizes_trains(teacher, calib):
+    module = bkd(teacher, calib, iters=3, lr_act_step_rel=0.01)
+    calibrate_student(module.student, calib, 8, progress=False)  # the fit then keeps these starting step sizes
+    before = {n: q.scale.detach().clone() for n, q in act_quantizers(module.student)}
+    fit(module)
+    moved = [n for n, q in act_quantizers(module.student) if not torch.equal(q.scale, before[n])]
+    assert moved and all(bool((q.scale > 0).all()) for _, q in act_quantizers(module.student))
+    ratio = [((q.scale - before[n]).abs() / before[n]).max().item() for n, q in act_quantizers(module.student)]
+    assert max(ratio) < 0.05  # 3 steps at ~1% of itself each (cosine: less), whatever the step size's size
 
 
 def test_bkd_trains_each_block_and_only_that_block(teacher, calib):

@@ -27,12 +27,14 @@ __all__ = [
     "NoDistillation",
     "NonFiniteLossError",
     "QuantDistillation",
+    "RelativeAdam",
     "calibrate_student",
     "lr_factor",
     "param_groups",
 ]
 
-GROUPS = ("weights", "weight_qparams", "act_qparams")  # optimizer groups; biases and norm affines go with weights
+# optimizer groups; biases and norm affines go with weights; "@rel": activation step sizes at a relative rate
+GROUPS = ("weights", "weight_qparams", "act_qparams", "act_qparams@rel")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,7 +83,9 @@ def weight_bits(module: nn.Module) -> int | None:
     return Counter(m.weight_quantizer.bits for m in layers).most_common(1)[0][0] if layers else None
 
 
-def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None, act_step_rel: float | None = None
+) -> list[dict[str, Any]]:
     """Adam parameter groups of `module`: latent weights (+ biases, norm affines), weight Δ/z, activation Δ/z.
 
     Args:
@@ -91,15 +95,21 @@ def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None =
             biases and weight step sizes of its quantized layers go to groups `"<name>@w<b>"` with the rate times
             `lr_factor(b, lr_bits)`; zero-points (grid units), norm affines and activation parameters keep the plain
             rates. None: no scaling.
+        act_step_rel: When given, the activation step sizes leave group `"act_qparams"` for group
+            `"act_qparams@rel"` with this rate and `"relative": True`: `RelativeAdam` moves each of them by about
+            this fraction of its own value per step. None: they train at `lrs["act_qparams"]` like zero-points.
 
     Returns:
-        `[{"name", "params", "lr"}]` for the groups with parameters and a positive lr.
+        `[{"name", "params", "lr"}]` (and `"relative"`) for the groups with parameters and a positive lr.
     """
     kind: dict[int, str] = {}
     for m in module.modules():
         group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
         if isinstance(m, UniformQuantizer | TemporalQuantizer):
             kind.update({id(p): group for p in m.parameters(recurse=False)})
+        if isinstance(m, TemporalQuantizer) and act_step_rel is not None and isinstance(m.scale, nn.Parameter):
+            kind[id(m.scale)] = "act_qparams@rel"
+    lrs = {**lrs, "act_qparams@rel": act_step_rel or 0.0}
     bits = weight_bits(module)
     scaled: set[int] = set()  # ids of the bit-scaled parameters
     if lr_bits is not None and bits is not None and bits != lr_bits:
@@ -116,10 +126,27 @@ def param_groups(module: nn.Module, lrs: dict[str, float], lr_bits: int | None =
             "name": g + (f"@w{bits}" if is_scaled else ""),
             "params": params[g, is_scaled],
             "lr": float(lrs[g]) * (lr_factor(bits, lr_bits) if is_scaled else 1.0),
+            "relative": g == "act_qparams@rel",
         }
         for g, is_scaled in order
         if lrs[g] > 0
     ]
+
+
+class RelativeAdam(torch.optim.Adam):
+    """Adam whose groups marked `"relative": True` take steps relative to each element's own value.
+
+    Such an element moves by `-lr * |p| * m̂ / (√v̂ + ε)` instead of `-lr * m̂ / (√v̂ + ε)`: Adam on `log p` to first
+    order, so a step size of 1e-4 and one of 1e-1 both change by about `lr` of themselves. Other groups are plain Adam.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        before = [(p, p.detach().clone()) for g in self.param_groups if g.get("relative") for p in g["params"]]
+        loss = super().step(closure)
+        for p, old in before:  # p <- old + (p - old) * |old|
+            p.sub_(old).mul_(old.abs()).add_(old)
+        return loss
 
 
 def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
@@ -214,18 +241,26 @@ class QuantDistillation(pl.LightningModule):
         lr_act_qparams: float,
         lr_schedule: str,
         lr_bits: int | None = None,
+        lr_act_step_rel: float | None = None,
     ) -> None:
-        """Validate and keep the minibatch size, the three groups' learning rates / schedule and the weight
-        bit-width the rates are for (`param_groups`; BKD, model KD)."""
+        """Validate and keep the minibatch size, the groups' learning rates / schedule, the weight bit-width the
+        rates are for and the relative rate of activation step sizes (`param_groups`; BKD, model KD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
         named = {"lr_weight": lr_weight, "lr_weight_qparams": lr_weight_qparams, "lr_act_qparams": lr_act_qparams}
+        if lr_act_step_rel is not None:
+            named["lr_act_step_rel"] = lr_act_step_rel
         if bad := [f"distill.{k}={v}" for k, v in named.items() if v < 0]:
             raise ValueError(f"{', '.join(bad)}: learning rates must be >= 0 (0 freezes that group)")
+        if lr_act_step_rel is not None and lr_act_step_rel >= 1:
+            raise ValueError(
+                f"distill.lr_act_step_rel={lr_act_step_rel} must be < 1: it is the fraction of its own value an "
+                "activation step size moves per step (try 1e-3 .. 1e-2), or null for the absolute lr_act_qparams"
+            )
         if not any(named.values()):
             raise ValueError(
-                "distill.lr_weight=0, lr_weight_qparams=0 and lr_act_qparams=0: nothing would train. "
+                f"distill.{'=0, '.join(named)}=0: nothing would train. "
                 "For post-training quantization without training use distill=none."
             )
         if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
@@ -236,13 +271,14 @@ class QuantDistillation(pl.LightningModule):
         self.batch_size = batch_size
         self.lr_bits = lr_bits
         self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
+        self.lr_act_step_rel = lr_act_step_rel
         self.lr_schedule = lr_schedule
 
-    def make_adam(self) -> torch.optim.Adam:
-        """Adam over the student's `param_groups` (rates scaled per weight bit-width), each group remembering its
-        `base_lr` for `schedule_lr`."""
-        groups = param_groups(self.student, self.lrs, self.lr_bits)
-        return torch.optim.Adam([g | {"base_lr": g["lr"]} for g in groups])
+    def make_adam(self) -> RelativeAdam:
+        """`RelativeAdam` over the student's `param_groups` (rates scaled per weight bit-width, activation step sizes
+        relative when `lr_act_step_rel` is set), each group remembering its `base_lr` for `schedule_lr`."""
+        groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel)
+        return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups])
 
     def schedule_lr(self, i: int, n: int) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant)."""

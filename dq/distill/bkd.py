@@ -71,6 +71,8 @@ class BlockwiseDistillation(QuantDistillation):
         lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
             `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
             None: no scaling.
+        lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
+            (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
             higher than before (its history entry then says `"kept": "untrained"`).
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
@@ -88,13 +90,16 @@ class BlockwiseDistillation(QuantDistillation):
         lr_act_qparams: float = 1e-4,
         lr_schedule: str = "cosine",
         lr_bits: int | None = 4,
+        lr_act_step_rel: float | None = None,
         revert_worse: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
         if iters_per_block < 1:
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
-        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits)
+        self.set_optimization(
+            batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits, lr_act_step_rel
+        )
         self.iters_per_block = iters_per_block
         self.revert_worse = revert_worse
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student

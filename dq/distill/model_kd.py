@@ -34,6 +34,8 @@ class ModelDistillation(QuantDistillation):
         lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
             `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
             None: no scaling.
+        lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
+            (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         **kwargs: `QuantDistillation` arguments.
     """
 
@@ -49,12 +51,15 @@ class ModelDistillation(QuantDistillation):
         lr_act_qparams: float = 1e-4,
         lr_schedule: str = "cosine",
         lr_bits: int | None = 4,
+        lr_act_step_rel: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
         if iters < 1:
             raise ValueError(f"iters={iters} must be >= 1")
-        self.set_optimization(batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits)
+        self.set_optimization(
+            batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits, lr_act_step_rel
+        )
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
