@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start every run of a run list at once, each as `dq-train <its overrides> <common overrides>`, and collect a table.
+# Meant for one GPU, where dq's small UNets are launch-bound and several processes share the card.
+#   bash experiments/parallel_runs.sh SWEEP_ROOT RUN_LIST [overrides for every run, e.g. trainer=gpu]
+# RUN_LIST (experiments/runs/*.txt): one run per line, `name override override ...`; `#` starts a comment.
+# Each run goes to SWEEP_ROOT/<name> (log: <name>.log); its results.json is copied to SWEEP_ROOT/<name>.json as it
+# finishes, so a cut-off batch keeps what finished; the table SWEEP_ROOT/<list name>.md/.csv is written last.
+set -uo pipefail
+root=${1:?usage: parallel_runs.sh SWEEP_ROOT RUN_LIST [overrides]}
+list=${2:?usage: parallel_runs.sh SWEEP_ROOT RUN_LIST [overrides]}
+shift 2
+[ -f "$list" ] || { echo "run list $list not found" >&2; exit 1; }
+if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
+mkdir -p "$root"
+pids=()
+while read -r name overrides; do
+  [ -z "$name" ] && continue
+  # shellcheck disable=SC2086  # the overrides are meant to split into words
+  ( python3 -m dq.train $overrides logger=csv eval.progress=false "$@" hydra.run.dir="$root/$name" \
+      > "$root/$name.log" 2>&1 && cp "$root/$name/results.json" "$root/$name.json" ) &
+  pids+=($!)
+done < <(sed 's/#.*//' "$list")
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+python3 experiments/collect.py "$root" --out "$root/$(basename "$list" .txt)"
+[ "$failed" -eq 0 ] || { echo "$failed run(s) failed: see $root/<name>.log" >&2; exit 1; }
