@@ -23,7 +23,6 @@ from omegaconf import OmegaConf, open_dict
 
 from dq.config import register_resolvers
 from dq.distill import BlockwiseDistillation
-from dq.distill.base import cosine_factor
 from dq.models import load_teacher
 from dq.quant import act_quantizers, load_quantized
 from dq.student import calibration_set
@@ -58,7 +57,8 @@ def main() -> None:
         module = BlockwiseDistillation(
             teacher, copy.deepcopy(saved), calib, iters_per_block=n, batch_size=int(cfg.distill.batch_size),
             lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams, lr_act_qparams=lr_act_qparams,
-            lr_bits=cfg.distill.get("lr_bits"), revert_worse=False, calib_batch_size=int(cfg.calib.batch_size),
+            lr_bits=cfg.distill.get("lr_bits"), lr_act_step_rel=cfg.distill.get("lr_act_step_rel"),
+            lr_schedule=str(cfg.distill.lr_schedule), revert_worse=False, calib_batch_size=int(cfg.calib.batch_size),
             seed=int(cfg.seed), progress=False,
         )  # fmt: skip
         opt = module.make_adam()
@@ -68,8 +68,7 @@ def main() -> None:
         module.start_block(k)  # caches the block's inputs, draws its minibatches, measures mse_before
         curve = []
         for i in range(n):
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * cosine_factor(i, n, str(cfg.distill.lr_schedule))
+            module.schedule_lr(i, n, opt)
             loss = module.block_loss(k, module._batches[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -280,9 +280,10 @@ class QuantDistillation(pl.LightningModule):
         groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel)
         return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups])
 
-    def schedule_lr(self, i: int, n: int) -> None:
-        """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant)."""
-        for g in self.optimizers().param_groups:
+    def schedule_lr(self, i: int, n: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant) in `optimizer` (default:
+        the fit's, `self.optimizers()`)."""
+        for g in (optimizer if optimizer is not None else self.optimizers()).param_groups:
             g["lr"] = g["base_lr"] * cosine_factor(i, n, self.lr_schedule)
 
     def freeze_all_but(self, params: Iterable[nn.Parameter]) -> None:
