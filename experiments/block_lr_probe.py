@@ -3,9 +3,11 @@
     python experiments/block_lr_probe.py <run_dir> up_blocks.1.attentions.1 1e-3,1e-3,1e-4 1e-3,1e-3,0
 
 Each setting is `lr_weight,lr_weight_qparams,lr_act_qparams`; the block trains `distill.iters_per_block` steps of
-the run's batch size and cosine schedule on the run's calibration pairs (from the cache), starting from the run's
-saved student. The block must be one that `revert_worse` put back (its history entry says `"kept": "untrained"`):
-then the saved student holds it exactly as it was before training, behind the trained blocks before it.
+the run's batch size, learning-rate schedule and `lr_act_step_rel` (when the run set it, activation step sizes move at
+that relative rate and the setting's lr_act_qparams only moves zero-points) on the run's calibration pairs (from the
+cache), starting from the run's saved student. The block must be one that `revert_worse` put back (its history entry
+says `"kept": "untrained"`): then the saved student holds it exactly as it was before training, behind the trained
+blocks before it.
 `--freeze prob_quantizer` keeps the parameters whose name holds that text frozen. Prints, per setting, the block's
 MSE to the teacher over the calibration set before and after, and the minibatch loss every 10 steps; first, the
 block's activation quantizers with their starting step sizes.
@@ -52,6 +54,10 @@ def main() -> None:
         step = q.scale.detach()
         print(f"{name}: {q.bits}-bit, step size {step.min():.3g} .. {step.max():.3g} over {step.numel()} steps")
     n = int(cfg.distill.iters_per_block)
+    rel = cfg.distill.get("lr_act_step_rel")
+    print(f"the run's schedule: {cfg.distill.lr_schedule}; activation step sizes: "
+          + (f"relative rate {rel} (the settings' lr_act_qparams moves zero-points only)" if rel is not None
+             else "at lr_act_qparams"))  # fmt: skip
     for setting in args.settings:
         lr_weight, lr_weight_qparams, lr_act_qparams = map(float, setting.split(","))
         module = BlockwiseDistillation(

@@ -6,21 +6,31 @@
 # Each run goes to SWEEP_ROOT/<name> (log: <name>.log); its results.json is copied to SWEEP_ROOT/<name>.json as it
 # finishes, so a cut-off batch keeps what finished; the table SWEEP_ROOT/<list name>.md/.csv is written last.
 set -uo pipefail
+set -f  # no globbing: overrides such as `a=[1,2]` pass to Hydra as written
+here=$(dirname "$0")
 root=${1:?usage: parallel_runs.sh SWEEP_ROOT RUN_LIST [overrides]}
 list=${2:?usage: parallel_runs.sh SWEEP_ROOT RUN_LIST [overrides]}
 shift 2
 [ -f "$list" ] || { echo "run list $list not found" >&2; exit 1; }
 if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
 mkdir -p "$root"
-pids=()
-while read -r name overrides; do
+names=() lines=()
+declare -A seen=()
+while read -r name overrides; do  # read and check the whole list before starting anything
   [ -z "$name" ] && continue
+  [ -z "${seen[$name]:-}" ] || { echo "run name $name appears twice in $list" >&2; exit 1; }
+  seen[$name]=1 names+=("$name") lines+=("$overrides")
+done < <(sed -e 's/#.*//' -e 's/\r$//' "$list")
+[ "${#names[@]}" -gt 0 ] || { echo "run list $list holds no runs" >&2; exit 1; }
+pids=()
+for i in "${!names[@]}"; do
+  name=${names[$i]}
   # shellcheck disable=SC2086  # the overrides are meant to split into words
-  ( python3 -m dq.train $overrides logger=csv eval.progress=false "$@" hydra.run.dir="$root/$name" \
+  ( python3 -m dq.train ${lines[$i]} logger=csv eval.progress=false "$@" hydra.run.dir="$root/$name" \
       > "$root/$name.log" 2>&1 && cp "$root/$name/results.json" "$root/$name.json" ) &
   pids+=($!)
-done < <(sed 's/#.*//' "$list")
+done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-python3 experiments/collect.py "$root" --out "$root/$(basename "$list" .txt)"
-[ "$failed" -eq 0 ] || { echo "$failed run(s) failed: see $root/<name>.log" >&2; exit 1; }
+python3 "$here/collect.py" "$root" --out "$root/$(basename "$list" .txt)" || failed=$((failed + 1))
+[ "$failed" -eq 0 ] || { echo "$failed run(s) or the table failed: see $root/<name>.log" >&2; exit 1; }

@@ -34,24 +34,27 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     register_resolvers()
+    if args.out.resolve() == args.run.resolve():
+        raise SystemExit(f"--out {args.out} is the run itself: its results.json would be overwritten; pick another")
+    old = json.loads((args.run / "results.json").read_text())["student"]  # before anything is written
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
     with open_dict(cfg):
         cfg.run_dir, cfg.eval.progress = str(args.out), False
     teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student", device=cfg.device)
-    hit = lambda name: any(name == n or name.startswith(n + ".") for n in args.names)  # noqa: E731
+    selects = lambda name, n: name == n or name.startswith(n + ".")  # noqa: E731
     released = []
     for name, module in student.named_modules():
-        if isinstance(module, UniformQuantizer | TemporalQuantizer) and hit(name):
+        if isinstance(module, UniformQuantizer | TemporalQuantizer) and any(selects(name, n) for n in args.names):
             module.enabled = False
             released.append(name)
-    if missing := [n for n in args.names if not any(r == n or r.startswith(n + ".") for r in released)]:
+    if missing := [n for n in args.names if not any(selects(r, n) for r in released)]:
         raise SystemExit(f"no quantizer of {args.run / 'student'} matches {missing}")
     print(f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    method = {"released": released, "run": str(args.run)}
+    saved = json.loads((args.run / "results.json").read_text())
+    method = saved.get("method", {}) | {"released": released, "run": str(args.run)}  # collect.py reads its columns
     new = evaluate_models(cfg, teacher.to(cfg.device).eval(), scheduler, student.eval(), args.out, [], method, {})
-    old = json.loads((args.run / "results.json").read_text())["student"]
     for label, r in (("as trained", old), ("switched off", new["student"])):
         print(f"{label:>12}: FID {r['fid']:.2f}  IS {r['is']:.2f}  PSNR to teacher {r['psnr_to_teacher']:.2f} dB")
 

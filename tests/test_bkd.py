@@ -145,14 +145,13 @@ def test_param_groups_put_activation_step_sizes_in_a_relative_group(teacher, cal
 
 
 def test_relative_adam_moves_each_element_by_its_own_fraction():
-    """Against plain Adam on a copy: a relative element moves by Adam's step times its own |value|."""
+    """Against plain Adam on a copy: a relative element becomes old * exp(plain Adam's move); other groups are plain."""
     init = torch.tensor([1e-4, 3e-3, 0.1, 2.0])
     rel, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
-    other = torch.nn.Parameter(init.clone())  # a plain group of the same optimizer
-    opt = RelativeAdam([{"params": [rel], "lr": 0.01, "relative": True}, {"params": [other], "lr": 0.01}])
-    other_ref = torch.nn.Parameter(init.clone())
-    plain = torch.optim.Adam([ref], lr=0.01)
-    other_plain = torch.optim.Adam([other_ref], lr=0.01)
+    other, other_ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    no_grad = torch.nn.Parameter(init.clone())  # in the relative group, but without a gradient
+    opt = RelativeAdam([{"params": [rel, no_grad], "lr": 0.01, "relative": True}, {"params": [other], "lr": 0.01}])
+    plain, other_plain = torch.optim.Adam([ref], lr=0.01), torch.optim.Adam([other_ref], lr=0.01)
     for step in range(3):
         grad = torch.tensor([1.0, -2.0, 0.5, 3.0]) * (step + 1)
         old = rel.detach().clone()
@@ -162,16 +161,42 @@ def test_relative_adam_moves_each_element_by_its_own_fraction():
         opt.step()
         plain.step()
         other_plain.step()
-        torch.testing.assert_close(rel.detach(), old + (ref.detach() - old) * old.abs())
-    torch.testing.assert_close(other.detach(), other_ref.detach())  # the plain group is plain Adam
-    assert torch.all(rel > 0)  # a 1e-4 step size moved by ~1% of itself, not by 0.01
-    assert (rel[0] - init[0]).abs() < 1e-5 and (other[0] - init[0]).abs() > 1e-2
+        torch.testing.assert_close(rel.detach(), old * torch.exp(ref.detach() - old), atol=0, rtol=0)
+    torch.testing.assert_close(other.detach(), other_ref.detach(), atol=0, rtol=0)  # the plain group
+    assert torch.equal(no_grad.detach(), init)
+    assert (rel[0] - init[0]).abs() < 1e-5 and (other[0] - init[0]).abs() > 1e-2  # 1e-4 moved by ~3% of itself
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0])
-def test_lr_act_step_rel_out_of_range_is_refused(teacher, calib, bad: float):
-    with pytest.raises(ValueError, match="distill.lr_act_step_rel"):
+def test_relative_adam_keeps_signs_at_large_rates():
+    p = torch.nn.Parameter(torch.tensor([3e-3, 0.5]))
+    opt = RelativeAdam([{"params": [p], "lr": 0.9, "relative": True}])
+    for _ in range(20):
+        p.grad = torch.ones(2)  # always push down: Adam's plain move is ~ -0.9 a step
+        opt.step()
+    assert torch.all(p > 0) and torch.all(p < torch.tensor([3e-3, 0.5]) * 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"), [(-0.1, "must be >= 0"), (1.0, r"in \[0, 1\)"), (float("nan"), r"in \[0, 1\)")]
+)
+def test_lr_act_step_rel_out_of_range_is_refused(teacher, calib, bad: float, message: str):
+    with pytest.raises(ValueError, match=f"distill.lr_act_step_rel=.*{message}"):
         bkd(teacher, calib, lr_act_step_rel=bad)
+
+
+def test_all_rates_zero_is_refused_naming_every_rate(teacher, calib):
+    zero = dict(lr_weight=0, lr_weight_qparams=0, lr_act_qparams=0)
+    with pytest.raises(ValueError, match="lr_act_qparams=0: nothing would train"):
+        bkd(teacher, calib, **zero)
+    with pytest.raises(ValueError, match="lr_act_step_rel=0: nothing would train"):
+        bkd(teacher, calib, **zero, lr_act_step_rel=0.0)
+    bkd(teacher, calib, **zero, lr_act_step_rel=0.01)  # only the relative step sizes train: allowed
+
+
+def test_model_kd_takes_the_relative_rate(teacher, calib):
+    kd = ModelDistillation(teacher, make_student(teacher, calib), calib, progress=False, **LRS, lr_act_step_rel=0.02)
+    groups = {g["name"]: g for g in kd.make_adam().param_groups}
+    assert groups["act_qparams@rel"]["relative"] and groups["act_qparams@rel"]["lr"] == 0.02
 
 
 def test_bkd_with_relative_activation_step_sizes_trains(teacher, calib):

@@ -90,7 +90,8 @@ def param_groups(
 
     Args:
         module: The quantized model (or a part of it).
-        lrs: Learning rate per group name in `GROUPS`; a group with lr 0 is left out (its parameters stay frozen).
+        lrs: Learning rate of "weights", "weight_qparams" and "act_qparams"; a group with lr 0 is left out (its
+            parameters stay frozen).
         lr_bits: The weight bit-width `lrs` are for. When the student's `weight_bits` is another `b`, the weights,
             biases and weight step sizes of its quantized layers go to groups `"<name>@w<b>"` with the rate times
             `lr_factor(b, lr_bits)`; zero-points (grid units), norm affines and activation parameters keep the plain
@@ -136,16 +137,18 @@ def param_groups(
 class RelativeAdam(torch.optim.Adam):
     """Adam whose groups marked `"relative": True` take steps relative to each element's own value.
 
-    Such an element moves by `-lr * |p| * m̂ / (√v̂ + ε)` instead of `-lr * m̂ / (√v̂ + ε)`: Adam on `log p` to first
-    order, so a step size of 1e-4 and one of 1e-1 both change by about `lr` of themselves. Other groups are plain Adam.
+    Such an element becomes `p * exp(-lr * m̂ / (√v̂ + ε))` instead of `p - lr * m̂ / (√v̂ + ε)`: a step of Adam's
+    size on `log |p|` (Adam's moments still see the gradient in `p`), so a step size of 1e-4 and one of 1e-1 both
+    change by about `lr` of themselves, and none changes sign. Other groups are plain Adam.
     """
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        """One Adam step; then each relative element is put at `old * exp(new - old)`."""
         before = [(p, p.detach().clone()) for g in self.param_groups if g.get("relative") for p in g["params"]]
         loss = super().step(closure)
-        for p, old in before:  # p <- old + (p - old) * |old|
-            p.sub_(old).mul_(old.abs()).add_(old)
+        for p, old in before:  # Adam moved p by d = new - old; as a step on log|p|: old * exp(d)
+            p.copy_(old * torch.exp(p - old))
         return loss
 
 
@@ -253,10 +256,11 @@ class QuantDistillation(pl.LightningModule):
             named["lr_act_step_rel"] = lr_act_step_rel
         if bad := [f"distill.{k}={v}" for k, v in named.items() if v < 0]:
             raise ValueError(f"{', '.join(bad)}: learning rates must be >= 0 (0 freezes that group)")
-        if lr_act_step_rel is not None and lr_act_step_rel >= 1:
+        if lr_act_step_rel is not None and not 0 <= lr_act_step_rel < 1:  # also refuses NaN
             raise ValueError(
-                f"distill.lr_act_step_rel={lr_act_step_rel} must be < 1: it is the fraction of its own value an "
-                "activation step size moves per step (try 1e-3 .. 1e-2), or null for the absolute lr_act_qparams"
+                f"distill.lr_act_step_rel={lr_act_step_rel} must be in [0, 1): it is the fraction of its own value an "
+                "activation step size moves per step (try 1e-3 .. 1e-2; 0 freezes them), or null for the absolute "
+                "lr_act_qparams"
             )
         if not any(named.values()):
             raise ValueError(

@@ -98,7 +98,13 @@ class BlockwiseDistillation(QuantDistillation):
         if iters_per_block < 1:
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
         self.set_optimization(
-            batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits, lr_act_step_rel
+            batch_size=batch_size,
+            lr_weight=lr_weight,
+            lr_weight_qparams=lr_weight_qparams,
+            lr_act_qparams=lr_act_qparams,
+            lr_schedule=lr_schedule,
+            lr_bits=lr_bits,
+            lr_act_step_rel=lr_act_step_rel,
         )
         self.iters_per_block = iters_per_block
         self.revert_worse = revert_worse

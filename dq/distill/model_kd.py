@@ -58,7 +58,13 @@ class ModelDistillation(QuantDistillation):
         if iters < 1:
             raise ValueError(f"iters={iters} must be >= 1")
         self.set_optimization(
-            batch_size, lr_weight, lr_weight_qparams, lr_act_qparams, lr_schedule, lr_bits, lr_act_step_rel
+            batch_size=batch_size,
+            lr_weight=lr_weight,
+            lr_weight_qparams=lr_weight_qparams,
+            lr_act_qparams=lr_act_qparams,
+            lr_schedule=lr_schedule,
+            lr_bits=lr_bits,
+            lr_act_step_rel=lr_act_step_rel,
         )
         self.iters = iters
         self.max_steps = iters
