@@ -4,6 +4,8 @@
 
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
 `overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones.
+`--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
+`checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 """
 
 from __future__ import annotations
@@ -32,8 +34,20 @@ COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides",
            "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "run"]  # fmt: skip
 
 
-def rows(roots: list[Path]) -> list[dict]:
-    """One row per results.json below `roots`, plus the teacher's row (from the first run) on top."""
+def block_mse(run: Path, block: str) -> str:
+    """`"before -> trained"` calibration MSE of BKD block `block` in `run` ("" without a history entry for it)."""
+    path = run / "checkpoints" / "last.json"
+    history = json.loads(path.read_text()).get("history", []) if path.is_file() else []
+    for h in history:
+        if h["block"] == block:
+            trained = h.get("mse_trained", h["mse_after"])
+            return f"{h['mse_before']:.3g} -> {trained:.3g}" + (" reverted" if h.get("kept") == "untrained" else "")
+    return ""
+
+
+def rows(roots: list[Path], block: str | None = None) -> list[dict]:
+    """One row per results.json below `roots`, plus the teacher's row (from the first run) on top; with `block`, each
+    row's `block_mse` of that block."""
     out, teacher = [], None
     for path in sorted(p for root in roots for p in root.rglob("results.json")):
         r = json.loads(path.read_text())
@@ -47,20 +61,25 @@ def rows(roots: list[Path]) -> list[dict]:
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),
             "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "run": str(path.parent),
-        })  # fmt: skip
+        } | ({"block_mse": block_mse(path.parent, block)} if block else {}))  # fmt: skip
     if teacher is not None and all(r["quantizer"] != "fp" for r in out):
         out.insert(0, dict.fromkeys(COLUMNS, "") | {"quantizer": "fp (teacher)", "bits": "fp", "fid": teacher["fid"],
                                                      "is": teacher["is"], "run": "teacher"})  # fmt: skip
     return out
 
 
+def columns(table: list[dict]) -> list[str]:
+    """COLUMNS, with `block_mse` before `run` when the rows have it."""
+    return COLUMNS[:-1] + ["block_mse", "run"] if any("block_mse" in r for r in table) else COLUMNS
+
+
 def markdown(table: list[dict]) -> str:
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    cols = [c for c in COLUMNS if c != "run"]
+    cols = [c for c in columns(table) if c != "run"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -68,14 +87,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.csv")
+    p.add_argument("--block", default=None, help="add a column with this BKD block's calibration MSE before -> after")
     args = p.parse_args()
-    table = rows(args.roots)
+    table = rows(args.roots, args.block)
     md = markdown(table)
     print(md)
     if args.out:
         atomic_write_text(args.out.with_suffix(".md"), md)
         with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
+            w = csv.DictWriter(f, columns(table), restval="")
             w.writeheader()
             w.writerows(table)
 
