@@ -3,7 +3,8 @@
     python experiments/collect.py multirun/eval/2026-11-24_19-30-00 --out experiments/tables/ptq_minmax
 
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
-`overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones.
+`overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones, and
+`off=<quantizer>` for each quantizer `release_eval.py` switched off.
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 """
@@ -56,7 +57,8 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
         out.append({
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
-            "callbacks": "+".join(m.get("callbacks", [])) or "-", "overrides": overrides(path.parent),
+            "callbacks": "+".join(m.get("callbacks", [])) or "-",
+            "overrides": " ".join([overrides(path.parent)] + [f"off={q}" for q in m.get("released", [])]).strip(),
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),

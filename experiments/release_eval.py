@@ -6,13 +6,15 @@ Each name selects the student's quantizers whose module path equals it or starts
 (`conv_in.act_quantizer`: the 8-bit quantizer of the network input x_t). The evaluation is dq-train's own
 (`evaluate_models` with the run's config: the same noise, N, sampler, FID features), so its FID / IS / PSNR to the
 teacher compare directly with the run's `results.json`; nothing is retrained. Prints both and writes the new
-`results.json` (and sample grid) under `--out`. Unlike `sensitivity.py`'s noise-prediction SQNR, this scores samples.
+`results.json`, sample grid and the run's `.hydra/` under `--out` (`collect.py` then lists the run's overrides and
+`off=<quantizer>`). Unlike `sensitivity.py`'s noise-prediction SQNR, this scores samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,6 +54,7 @@ def main() -> None:
         raise SystemExit(f"no quantizer of {args.run / 'student'} matches {missing}")
     print(f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(args.run / ".hydra", args.out / ".hydra", dirs_exist_ok=True)  # collect.py reads the overrides
     saved = json.loads((args.run / "results.json").read_text())
     method = saved.get("method", {}) | {"released": released, "run": str(args.run)}  # collect.py reads its columns
     new = evaluate_models(cfg, teacher.to(cfg.device).eval(), scheduler, student.eval(), args.out, [], method, {})
