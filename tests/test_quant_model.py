@@ -443,3 +443,32 @@ def test_split_concat_model_reports_and_round_trips(tmp_path):
         assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
         set_quant_state(loaded, weights=False, acts=False)
         assert_close(loaded(**kw).sample, tiny_unet()(**kw).sample)
+
+
+def test_fp_network_input_leaves_only_x_t_unquantized_and_round_trips(tmp_path):
+    """Against the same model quantized normally with conv_in's input quantizer switched off by hand."""
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, fp_network_input=True))
+    off = [n for n, q in act_quantizers(model) if not q.enabled]
+    assert off == ["conv_in.act_quantizer"]
+    reference = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4))
+    reference.conv_in.act_quantizer.enabled = False
+    kw = inputs(model)
+    with torch.no_grad():
+        expected = reference(**kw).sample
+        assert_close(model(**kw).sample, expected, atol=0, rtol=0)
+        reference.conv_in.act_quantizer.enabled = True
+        assert not torch.equal(reference(**kw).sample, expected)  # the switch matters on this input
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert [n for n, q in act_quantizers(loaded) if not q.enabled] == ["conv_in.act_quantizer"]
+    set_quant_state(loaded, weights=True, acts=True)  # switching all on keeps the network input off
+    assert not loaded.conv_in.act_quantizer.enabled
+    with torch.no_grad():
+        assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
+
+
+def test_fp_network_input_is_validated():
+    with pytest.raises(ValueError, match="fp_network_input"):
+        QuantSpec(fp_network_input="yes")
+    with pytest.raises(ValueError, match="fp_network_input=true needs a quantized `conv_in`"):
+        quantize_model(tiny_unet(), QuantSpec(fp_network_input=True), TIMESTEPS, filter_fn=lambda m, n: n != "conv_in")

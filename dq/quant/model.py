@@ -143,12 +143,17 @@ def quant_spec(model: nn.Module) -> QuantSpec:
     return model._dq_spec
 
 
+NETWORK_INPUT_QUANTIZER = "conv_in.act_quantizer"  # quantizes x_t; off under `QuantSpec.fp_network_input`
+
+
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
-    """Enable or disable weight and activation (incl. attention) quantization."""
+    """Enable or disable weight and activation (incl. attention) quantization (the network input's stays off under
+    `fp_network_input`)."""
+    fp_input = is_quantized(model) and quant_spec(model).fp_network_input  # `model` may be a single layer
     for _, q in weight_quantizers(model):
         q.enabled = weights
-    for _, q in act_quantizers(model):
-        q.enabled = acts
+    for name, q in act_quantizers(model):
+        q.enabled = acts and not (fp_input and name == NETWORK_INPUT_QUANTIZER)
 
 
 # ---- timesteps --------------------------------------------------------------------------------------------------
@@ -323,6 +328,14 @@ def quantize_model(
             w = m.to_q.weight
             proc = QuantAttnProcessor(spec.act_spec(name), spec.prob_spec(name), ctx).to(device=w.device, dtype=w.dtype)
             m.set_processor(proc)
+
+    if spec.fp_network_input:
+        quantizers = dict(act_quantizers(unet))
+        if NETWORK_INPUT_QUANTIZER not in quantizers:
+            raise ValueError(
+                f"fp_network_input=true needs a quantized `conv_in`, and this model has no {NETWORK_INPUT_QUANTIZER}"
+            )
+        quantizers[NETWORK_INPUT_QUANTIZER].enabled = False
 
     set_timesteps(unet, timesteps)
     unet.register_forward_pre_hook(_step_index_hook, with_kwargs=True)

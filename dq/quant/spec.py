@@ -112,6 +112,9 @@ class QuantSpec:
         quantize_attention: Quantize the attention matmul inputs (q, k, v, probabilities).
         split_concat: Give the skip half of an up-block `conv_shortcut`'s concatenated input its own activation
             quantizer (Q-Diffusion's shortcut splitting, `dq.quant.split`).
+        fp_network_input: Leave the network input x_t (the input of `conv_in`) unquantized: its quantizer is built
+            but switched off. Not the paper's setting (the first layer's input is 8-bit there); README "Where the
+            error comes from at W4A8".
     """
 
     weight_bits: int = 8
@@ -127,6 +130,7 @@ class QuantSpec:
     attn_prob_bits: int = 8
     quantize_attention: bool = True
     split_concat: bool = False
+    fp_network_input: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -145,6 +149,7 @@ class QuantSpec:
         _check_bool("learnable", self.learnable)
         _check_bool("quantize_attention", self.quantize_attention)
         _check_bool("split_concat", self.split_concat)
+        _check_bool("fp_network_input", self.fp_network_input)
         if isinstance(self.keep_8bit, str) or not all(isinstance(n, str) for n in self.keep_8bit):
             raise ValueError(f"keep_8bit={self.keep_8bit!r} is invalid: must be a list of module names")
         self.keep_8bit = list(self.keep_8bit)
