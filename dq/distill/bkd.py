@@ -97,15 +97,9 @@ class BlockwiseDistillation(QuantDistillation):
         super().__init__(teacher, student, calib, **kwargs)
         if iters_per_block < 1:
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
-        self.set_optimization(
-            batch_size=batch_size,
-            lr_weight=lr_weight,
-            lr_weight_qparams=lr_weight_qparams,
-            lr_act_qparams=lr_act_qparams,
-            lr_schedule=lr_schedule,
-            lr_bits=lr_bits,
-            lr_act_step_rel=lr_act_step_rel,
-        )
+        self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
+                              lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
+                              lr_act_step_rel=lr_act_step_rel)  # fmt: skip
         self.iters_per_block = iters_per_block
         self.revert_worse = revert_worse
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student

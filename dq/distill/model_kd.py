@@ -57,15 +57,9 @@ class ModelDistillation(QuantDistillation):
         super().__init__(teacher, student, calib, **kwargs)
         if iters < 1:
             raise ValueError(f"iters={iters} must be >= 1")
-        self.set_optimization(
-            batch_size=batch_size,
-            lr_weight=lr_weight,
-            lr_weight_qparams=lr_weight_qparams,
-            lr_act_qparams=lr_act_qparams,
-            lr_schedule=lr_schedule,
-            lr_bits=lr_bits,
-            lr_act_step_rel=lr_act_step_rel,
-        )
+        self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
+                              lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
+                              lr_act_step_rel=lr_act_step_rel)  # fmt: skip
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
