@@ -4,7 +4,8 @@
 
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
 `overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones, and
-`off=<quantizer>` for each quantizer `release_eval.py` switched off.
+`off=<quantizer>` for each quantizer `release_eval.py` switched off, and `[fp_network_input]` where the run's spec
+left the network input in float.
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 """
@@ -35,6 +36,13 @@ COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides",
            "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "run"]  # fmt: skip
 
 
+def marks(method: dict) -> list[str]:
+    """Settings a row must show even when no command-line override set them: the quantizers `release_eval.py`
+    switched off (`off=<name>`) and a network input left in float (`fp_network_input`)."""
+    fp_input = method.get("config", {}).get("spec", {}).get("fp_network_input", False)
+    return [f"off={q}" for q in method.get("released", [])] + (["[fp_network_input]"] if fp_input else [])
+
+
 def block_mse(run: Path, block: str) -> str:
     """`"before -> trained"` calibration MSE of BKD block `block` in `run` ("" without a history entry for it)."""
     path = run / "checkpoints" / "last.json"
@@ -58,7 +66,7 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
             "callbacks": "+".join(m.get("callbacks", [])) or "-",
-            "overrides": " ".join([overrides(path.parent)] + [f"off={q}" for q in m.get("released", [])]).strip(),
+            "overrides": " ".join([overrides(path.parent)] + marks(m)).strip(),
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),

@@ -47,11 +47,13 @@ def main() -> None:
     selects = lambda name, n: name == n or name.startswith(n + ".")  # noqa: E731
     released = []
     for name, module in student.named_modules():
-        if isinstance(module, UniformQuantizer | TemporalQuantizer) and any(selects(name, n) for n in args.names):
+        quantizer = isinstance(module, UniformQuantizer | TemporalQuantizer)
+        # one already off (fp_network_input) changes nothing: not listed
+        if quantizer and module.enabled and any(selects(name, n) for n in args.names):
             module.enabled = False
             released.append(name)
     if missing := [n for n in args.names if not any(selects(r, n) for r in released)]:
-        raise SystemExit(f"no quantizer of {args.run / 'student'} matches {missing}")
+        raise SystemExit(f"no quantizer of {args.run / 'student'} that is on matches {missing}")
     print(f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(args.run / ".hydra", args.out / ".hydra", dirs_exist_ok=True)  # collect.py reads the overrides

@@ -148,7 +148,7 @@ NETWORK_INPUT_QUANTIZER = "conv_in.act_quantizer"  # quantizes x_t; off under `Q
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
     """Enable or disable weight and activation (incl. attention) quantization (the network input's stays off under
-    `fp_network_input`)."""
+    `fp_network_input`; that needs the whole quantized model: on a single layer every quantizer follows the flags)."""
     fp_input = is_quantized(model) and quant_spec(model).fp_network_input  # `model` may be a single layer
     for _, q in weight_quantizers(model):
         q.enabled = weights
