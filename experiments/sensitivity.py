@@ -173,14 +173,16 @@ def main() -> None:
         ref = run(teacher)
         score = lambda m: psnr(run(m), ref)  # noqa: E731
 
-    all_w = [q for _, q in weight_quantizers(student)]
-    all_a = [q for _, q in act_quantizers(student)]
+    # quantizers already off (the network input under fp_network_input) cost nothing: left out of rows and medians
+    all_w = [q for _, q in weight_quantizers(student) if q.enabled]
+    all_a = [q for _, q in act_quantizers(student) if q.enabled]
     groups = {
         "role": lambda: groups_by_role(student),
         "block": lambda: groups_by_block(student, teacher),
         "layer": lambda: groups_by_layer(student),
         "none": dict,
     }[args.by]()
+    groups = {name: on for name, qs in groups.items() if (on := [q for q in qs if q.enabled])}
     if args.weights_fp:
         for q in all_w:
             q.enabled = False
