@@ -472,3 +472,22 @@ def test_fp_network_input_is_validated():
         QuantSpec(fp_network_input="yes")
     with pytest.raises(ValueError, match="fp_network_input=true needs a quantized `conv_in`"):
         quantize_model(tiny_unet(), QuantSpec(fp_network_input=True), TIMESTEPS, filter_fn=lambda m, n: n != "conv_in")
+
+
+def test_a_quantizer_switched_off_stays_off_through_save_and_load(tmp_path):
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4))
+    name = "down_blocks.0.resnets.0.conv1.act_quantizer"
+    model.get_submodule(name).enabled = False
+    model.get_submodule("conv_out.weight_quantizer").enabled = False
+    kw = inputs(model)
+    with torch.no_grad():
+        expected = model(**kw).sample
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert [n for n, q in act_quantizers(loaded) if not q.enabled] == [name]
+    assert [n for n, q in weight_quantizers(loaded) if not q.enabled] == ["conv_out.weight_quantizer"]
+    with torch.no_grad():
+        assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
+    q = loaded.get_submodule(name)
+    q.set_extra_state(torch.tensor([1], dtype=torch.uint8))  # a state saved before `enabled` was kept
+    assert q.enabled and q.initialized

@@ -142,7 +142,8 @@ def mse_search(values: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[T
 
 
 class _QuantizerBase(nn.Module):
-    """Shared state handling: parameters or buffers for (Δ, z), flags, `initialized` kept in the state dict."""
+    """Shared state handling: parameters or buffers for (Δ, z), flags; `initialized` and `enabled` kept in the state
+    dict, so a quantizer switched off stays off through save / load and checkpoints."""
 
     scale: Tensor
     zero_point: Tensor
@@ -151,7 +152,7 @@ class _QuantizerBase(nn.Module):
         super().__init__()
         self.spec = spec
         self.qmin, self.qmax = spec.qmin, spec.qmax
-        self.enabled = True  # False: identity
+        self.enabled = True  # False: identity (also saved in the state dict)
         self.initialized = False  # True once (Δ, z) hold real values (also saved in the state dict)
         self._set_params(torch.ones(shape), torch.zeros(shape))
 
@@ -184,10 +185,11 @@ class _QuantizerBase(nn.Module):
         self.initialized = True
 
     def get_extra_state(self) -> Tensor:
-        return torch.tensor([int(self.initialized)], dtype=torch.uint8)
+        return torch.tensor([int(self.initialized), int(self.enabled)], dtype=torch.uint8)  # [initialized, enabled]
 
     def set_extra_state(self, state: Tensor) -> None:
         self.initialized = bool(state[0])
+        self.enabled = bool(state[1]) if state.numel() > 1 else True  # states saved before `enabled` was kept
 
     def extra_repr(self) -> str:
         return (
