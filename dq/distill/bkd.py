@@ -179,9 +179,10 @@ class BlockwiseDistillation(QuantDistillation):
         self._cache, self._cache_steps = self.capture(self.blocks[k])
         g = torch.Generator().manual_seed(block_seed(self.seed, k))
         self._batches = torch.randint(len(self.calib), (self.iters_per_block, self.batch_size), generator=g)
-        self.freeze_all_but(p for p in self.block_params(k) if id(p) in self._trainable)
+        params = [p for p in self.block_params(k) if id(p) in self._trainable]
+        self.freeze_all_but(params)
         if self.revert_worse:
-            self._untrained = [(p, p.detach().clone()) for p in self.block_params(k) if id(p) in self._trainable]
+            self._untrained = [(p, p.detach().clone()) for p in params]
         self._block = k
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
