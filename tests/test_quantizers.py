@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant
-from dq.quant.quantizer import OBSERVE_SAMPLES, lsq_grad_scale
+from dq.quant.quantizer import MSE_RATIOS, OBSERVE_SAMPLES, fake_quant_, lsq_grad_scale, mse_search
 
 
 def ref_quant(x, scale, zp, qmin, qmax):
@@ -32,6 +32,47 @@ def test_fake_quant_matches_reference_and_lies_on_integer_grid():
     grid = out / scale + 7
     assert_close(grid, grid.round(), atol=1e-4, rtol=0)
     assert grid.round().min() == 0 and grid.round().max() == 15  # clamped at both ends
+
+
+def test_inplace_fake_quant_is_bit_identical_and_leaves_its_input():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 7, generator=g) * 2
+    before = x.clone()
+    scale = torch.rand(6, 1, 1, generator=g) * 0.1  # one row at the SCALE_MIN clamp
+    scale[0] = 0.0
+    zp = torch.rand(6, 1, 1, generator=g) * 15
+    out = fake_quant_(x, scale, zp, 0, 15)
+    assert torch.equal(out, fake_quant(x, scale, zp, 0, 15, 1.0))
+    assert torch.equal(x, before)
+
+
+def ref_mse_search(values, qmin, qmax):
+    """Plain reference: per row, each clipping ratio k/100 (k = 100..1) of the min-max range, the first ratio with
+    the smallest squared error wins."""
+    best = []
+    for row in values:
+        lo, hi = min(row.min(), 0), max(row.max(), 0)
+        errs, params = [], []
+        for k in range(MSE_RATIOS, 0, -1):
+            r = torch.tensor(k / MSE_RATIOS)
+            scale = ((hi * r - lo * r) / (qmax - qmin)).clamp_min(1e-8)
+            zp = (qmin - torch.round(lo * r / scale)).clamp(qmin, qmax)
+            errs.append((ref_quant(row, scale, zp, qmin, qmax) - row).pow(2).sum())
+            params.append((scale, zp))
+        best.append(params[int(torch.stack(errs).argmin())])
+    return torch.stack([p[0] for p in best]), torch.stack([p[1] for p in best])
+
+
+def test_mse_search_matches_a_plain_per_ratio_loop():
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(5, 3000, generator=g) - 0.5
+    values = -torch.sign(u) * torch.log1p(-2 * u.abs())  # Laplace rows: the best ratio is below 1
+    values[4] = values[4].abs() + 0.5  # all positive: the range is widened to include 0
+    scale, zp = mse_search(values, 0, 15, symmetric=False)
+    ref_scale, ref_zp = ref_mse_search(values, 0, 15)
+    assert_close(scale, ref_scale, atol=0, rtol=1e-6)
+    assert_close(zp, ref_zp, atol=0, rtol=0)
+    assert (scale < (values.amax(1).clamp_min(0) - values.amin(1).clamp_max(0)) / 15).any()  # some rows clip
 
 
 def test_fake_quant_clamps_to_range():
@@ -241,6 +282,24 @@ def test_temporal_observation_per_step_minmax():
     scale, zp = ref_minmax(torch.tensor([-1.0, -3.0, -3.0, -3.0]), torch.tensor([2.0, 0.5, 2.0, 2.0]), 4)
     assert_close(q.scale.detach(), scale, atol=0, rtol=0)
     assert_close(q.zero_point.detach(), zp, atol=0, rtol=0)
+
+
+def test_temporal_mse_observation_keeps_each_steps_values_in_batch_order():
+    q, ctx = _temporal(3, init="mse")
+    q.start_observation()
+    x1, x2 = torch.arange(12.0).reshape(3, 2, 2), -torch.arange(8.0).reshape(2, 2, 2)
+    ctx.index = torch.tensor([2, 0, 2])
+    q(x1)
+    ctx.index = torch.tensor([0, 2])
+    q(x2)
+    assert torch.equal(q._obs_samples[0], torch.cat([x1[1].flatten(), x2[0].flatten()]))
+    assert q._obs_samples[1] is None  # never observed
+    assert torch.equal(q._obs_samples[2], torch.cat([x1[0].flatten(), x1[2].flatten(), x2[1].flatten()]))
+    assert torch.equal(q._obs_min, torch.tensor([-3.0, float("inf"), -7.0]))
+    assert torch.equal(q._obs_max, torch.tensor([7.0, float("-inf"), 11.0]))
+    assert q.finish_observation()
+    pooled_scale, _ = mse_search(torch.cat([x1.flatten(), x2.flatten()])[None], 0, 15, False)
+    assert torch.equal(q.scale.detach()[1], pooled_scale[0])  # the unseen step takes the pooled search
 
 
 def test_temporal_observation_without_input_stays_uninitialised():
