@@ -1,0 +1,62 @@
+"""Benchmark: time the activation calibration of the default student (TPQ, MSE initialisation) and fingerprint it.
+
+    python experiments/bench_calibration.py [hydra overrides, e.g. calib.n_calib=5120 trainer=gpu]
+
+Builds the student exactly as `dq-train` does (quantize, per-step quantizers, calibration set from the cache), then
+times one `calibrate_student(..., force=True)` — the pass the TPQ callback makes at the start of training — and
+prints the seconds, the peak host memory and a sha256 over every quantizer parameter, so a faster implementation
+can be checked to give the same student bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from dq.config import register_resolvers
+from dq.distill.base import calibrate_student
+from dq.models import load_teacher
+from dq.paths import conf_dir
+from dq.quant import expand_act_quantizers
+from dq.student import calibration_set, quantize_student
+
+
+def qparams_digest(model: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) over the names and bytes of every quantizer's step sizes and zero-points."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if "quantizer." in name and name.rsplit(".", 1)[-1] in ("scale", "zero_point"):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(overrides: list[str]) -> None:
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = compose("train", overrides=["eval.progress=false", *overrides])
+    device = "cuda" if cfg.trainer.get("accelerator") == "gpu" else "cpu"
+    teacher, scheduler = load_teacher(cfg.model.path)
+    student = quantize_student(cfg, teacher.to(device), scheduler)
+    expand_act_quantizers(student)
+    calib = calibration_set(cfg, teacher, scheduler)
+    start = time.perf_counter()
+    calibrate_student(student, calib, cfg.calib.batch_size, force=True, progress=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(
+        f"calibrate_student: {len(calib)} pairs, batch {cfg.calib.batch_size}, {device}, "
+        f"{torch.get_num_threads()} thread(s): {seconds:.1f} s, peak host memory {rss_gb:.2f} GB, "
+        f"qparams sha256 {qparams_digest(student)}"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
