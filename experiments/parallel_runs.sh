@@ -22,6 +22,10 @@ while read -r name overrides; do  # read and check the whole list before startin
   seen[$name]=1 names+=("$name") lines+=("$overrides")
 done < <(sed -e 's/#.*//' -e 's/\r$//' "$list")
 [ "${#names[@]}" -gt 0 ] || { echo "run list $list holds no runs" >&2; exit 1; }
+# Share the cores: each run gets nproc / runs intra-op threads (unless OMP_NUM_THREADS is set); PyTorch's default of
+# one thread per core in every process oversubscribes the CPU as soon as several runs share it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${#names[@]} > 0 ? $(nproc) / ${#names[@]} : 1 ))}
+echo "${#names[@]} runs at once, OMP_NUM_THREADS=$OMP_NUM_THREADS each"
 pids=()
 for i in "${!names[@]}"; do
   name=${names[$i]}
