@@ -15,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from dq.quant import (
+    NonFiniteActivationError,
     QuantAttnProcessor,
     QuantConv2d,
     QuantizerSpec,
@@ -288,6 +289,20 @@ def test_calibration_and_uninitialised_errors():
     with pytest.raises(RuntimeError, match="has 3 steps but no step index is set"), torch.no_grad():
         step_context(model).index = None
         model.get_submodule("conv_in")(kw["sample"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_calibrating_on_non_finite_activations_names_the_quantizer_and_step(bad: float):
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(), timesteps=TIMESTEPS)
+    expand_act_quantizers(model)
+    kw = inputs(model)
+    kw["sample"][1, 0, 2, 3] = bad
+    kw["timestep"] = TIMESTEPS[1]  # every sample at step 1
+    message = r"activation quantizer conv_in\.act_quantizer: its input holds NaN or inf at step\(s\) \[1\]"
+    with pytest.raises(NonFiniteActivationError, match=message), torch.no_grad(), calibrate_activations(model):
+        model(**kw)
+    assert not any(q.observing or q.initialized for _, q in act_quantizers(model))
 
 
 def test_filter_fn_leaves_layers_float():

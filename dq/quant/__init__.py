@@ -24,10 +24,18 @@ from dq.quant.model import (
     timestep_to_index,
     weight_quantizers,
 )
-from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer, fake_quant, round_ste
+from dq.quant.quantizer import (
+    NonFiniteActivationError,
+    StepContext,
+    TemporalQuantizer,
+    UniformQuantizer,
+    fake_quant,
+    round_ste,
+)
 from dq.quant.spec import QuantizerSpec, QuantSpec
 
 __all__ = [
+    "NonFiniteActivationError",
     "QuantAttnProcessor",
     "QuantConv2d",
     "QuantLayerMixin",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
-from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer
+from dq.quant.quantizer import NonFiniteActivationError, StepContext, TemporalQuantizer, UniformQuantizer
 from dq.quant.spec import QuantSpec
 from dq.quant.split import concat_splits
 
@@ -238,10 +238,13 @@ def calibrate_activations(model: nn.Module, force: bool = False) -> Iterator[lis
         q.start_observation()
     try:
         yield names
-    except BaseException:
+    except BaseException as err:
         for _, q in chosen:
             q.observing = False
             q._reset_stats()
+        if isinstance(err, NonFiniteActivationError) and err.quantizer is not None:
+            name = next((n for n, q in chosen if q is err.quantizer), None)
+            raise NonFiniteActivationError(f"activation quantizer {name}: {err}") from err
         raise
     unseen = {n for n, q in chosen if not q.finish_observation()}
     names[:] = [n for n in names if n not in unseen]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dq.quant.spec import QuantizerSpec
 
 __all__ = [
+    "NonFiniteActivationError",
     "StepContext",
     "UniformQuantizer",
     "TemporalQuantizer",
@@ -32,6 +33,14 @@ SCALE_MIN = 1e-8  # step sizes are clamped to at least this
 MSE_RATIOS = 100  # clipping ratios k/100, k = 1..100, tried by the MSE search
 OBSERVE_SAMPLES = 2**16  # values kept per step for the MSE search of activation quantizers
 _MSE_CHUNK_ELEMENTS = 2**22  # the MSE search evaluates this many candidate values at once
+
+
+class NonFiniteActivationError(ValueError):
+    """An activation quantizer observed NaN or inf while calibrating (`calibrate_activations` names it)."""
+
+    def __init__(self, message: str, quantizer: nn.Module | None = None) -> None:
+        super().__init__(message)
+        self.quantizer = quantizer  # the quantizer that saw it
 
 
 class StepContext:
@@ -356,8 +365,16 @@ class TemporalQuantizer(_QuantizerBase):
         lo.scatter_reduce_(0, index, rows.amin(1), "amin")  # [T] min per step; steps not in the batch stay inf
         hi.scatter_reduce_(0, index, rows.amax(1), "amax")
         lo, hi = torch.stack([lo, hi]).cpu()
-        self._obs_min = torch.fmin(self._obs_min, lo)  # fmin / fmax: NaN never replaces a running bound
-        self._obs_max = torch.fmax(self._obs_max, hi)
+        # a step not in the batch keeps (inf, -inf); NaN, a -inf minimum or an inf maximum mean non-finite values
+        bad = lo.isnan() | hi.isnan() | (lo == float("-inf")) | (hi == float("inf"))
+        if bad.any():
+            raise NonFiniteActivationError(
+                f"its input holds NaN or inf at step(s) {bad.nonzero().flatten().tolist()} of the calibration batch: "
+                "the model's activations are not finite there (check the model checkpoint and the calibration set)",
+                self,
+            )
+        self._obs_min = torch.minimum(self._obs_min, lo)
+        self._obs_max = torch.maximum(self._obs_max, hi)
         if self.spec.init == "mse":
             rows, index = rows.cpu(), index.cpu()
             for i in torch.unique(index).tolist():
