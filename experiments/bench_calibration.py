@@ -2,10 +2,11 @@
 
     python experiments/bench_calibration.py [hydra overrides, e.g. calib.n_calib=5120 trainer=gpu]
 
-Builds the student exactly as `dq-train` does (quantize, per-step quantizers, calibration set from the cache), then
-times one `calibrate_student(..., force=True)` — the pass the TPQ callback makes at the start of training — and
-prints the seconds, the peak host memory and a sha256 over every quantizer parameter, so a faster implementation
-can be checked to give the same student bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs).
+Builds the student as `dq-train` does up to training (quantize, per-step quantizers, calibration set from the cache;
+no Weight Dilation), then times one `calibrate_student(..., force=True)` — the pass the TPQ callback makes at the
+start of training — and prints the seconds, the process's peak host memory (teacher and calibration set included)
+and a sha256 over every quantizer parameter, so a faster implementation can be checked to give the same parameters
+bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs; `device=cuda` or `trainer=gpu` on a GPU).
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ def main(overrides: list[str]) -> None:
     register_resolvers()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose("train", overrides=["eval.progress=false", *overrides])
-    device = "cuda" if cfg.trainer.get("accelerator") == "gpu" else "cpu"
+    device = str(cfg.device)
     teacher, scheduler = load_teacher(cfg.model.path)
     student = quantize_student(cfg, teacher.to(device), scheduler)
     expand_act_quantizers(student)
     calib = calibration_set(cfg, teacher, scheduler)
     start = time.perf_counter()
     calibrate_student(student, calib, cfg.calib.batch_size, force=True, progress=False)
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -298,8 +298,8 @@ def test_calibrating_on_non_finite_activations_names_the_quantizer_and_step(bad:
     expand_act_quantizers(model)
     kw = inputs(model)
     kw["sample"][1, 0, 2, 3] = bad
-    kw["timestep"] = TIMESTEPS[1]  # every sample at step 1
-    message = r"activation quantizer conv_in\.act_quantizer: its input holds NaN or inf at step\(s\) \[1\]"
+    kw["timestep"] = TIMESTEPS[[0, 2, 1]]  # sample 1 (the bad one) at step 2
+    message = r"activation quantizer conv_in\.act_quantizer: its input holds NaN or inf at step\(s\) \[2\]"
     with pytest.raises(NonFiniteActivationError, match=message), torch.no_grad(), calibrate_activations(model):
         model(**kw)
     assert not any(q.observing or q.initialized for _, q in act_quantizers(model))

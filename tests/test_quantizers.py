@@ -42,7 +42,7 @@ def test_inplace_fake_quant_is_bit_identical_and_leaves_its_input():
     scale[0] = 0.0
     zp = torch.rand(6, 1, 1, generator=g) * 15
     out = fake_quant_(x, scale, zp, 0, 15)
-    assert torch.equal(out, fake_quant(x, scale, zp, 0, 15, 1.0))
+    assert torch.equal(out.view(torch.int32), fake_quant(x, scale, zp, 0, 15, 1.0).view(torch.int32))  # bits, ±0
     assert torch.equal(x, before)
 
 
@@ -297,9 +297,40 @@ def test_temporal_mse_observation_keeps_each_steps_values_in_batch_order():
     assert torch.equal(q._obs_samples[2], torch.cat([x1[0].flatten(), x1[2].flatten(), x2[1].flatten()]))
     assert torch.equal(q._obs_min, torch.tensor([-3.0, float("inf"), -7.0]))
     assert torch.equal(q._obs_max, torch.tensor([7.0, float("-inf"), 11.0]))
+    pooled = torch.cat([q._obs_samples[0], q._obs_samples[2]])
     assert q.finish_observation()
-    pooled_scale, _ = mse_search(torch.cat([x1.flatten(), x2.flatten()])[None], 0, 15, False)
+    pooled_scale, _ = mse_search(pooled[None], 0, 15, False)
     assert torch.equal(q.scale.detach()[1], pooled_scale[0])  # the unseen step takes the pooled search
+
+
+def test_temporal_mse_observation_subsamples_like_a_plain_loop():
+    """Past OBSERVE_SAMPLES values a step keeps a seeded random subsample: the same one as a plain reference that
+    visits the batch's steps in ascending order, appends each step's values and draws one permutation per step."""
+    g = torch.Generator().manual_seed(4)
+    q, ctx = _temporal(4, init="mse")
+    q.start_observation()
+    ref: list[torch.Tensor | None] = [None] * 4
+    ref_gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, idx = torch.randn(6, 30_000, generator=g), torch.randint(0, 3, (6,), generator=g)
+        ctx.index = idx
+        q(x)
+        for i in torch.unique(idx).tolist():
+            flat = x[idx == i].reshape(-1) if ref[i] is None else torch.cat([ref[i], x[idx == i].reshape(-1)])
+            if flat.numel() > OBSERVE_SAMPLES:
+                flat = flat[torch.randperm(flat.numel(), generator=ref_gen)[:OBSERVE_SAMPLES]]
+            ref[i] = flat
+    assert sum(r is not None and r.numel() == OBSERVE_SAMPLES for r in ref) >= 2  # subsampling did happen
+    for got, want in zip(q._obs_samples, ref, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_temporal_observation_refuses_a_step_index_out_of_range():
+    q, ctx = _temporal(3)
+    q.start_observation()
+    ctx.index = torch.tensor([0, 3])
+    with pytest.raises(IndexError, match=r"step indices span \[0, 3\], out of range for a quantizer with 3 steps"):
+        q(torch.randn(2, 4))
 
 
 def test_temporal_observation_without_input_stays_uninitialised():

@@ -97,9 +97,10 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
 def fake_quant_(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """`fake_quant`'s forward value without autograd, as one in-place chain on a single new tensor.
 
-    Bit-identical to `fake_quant(x, scale, zero_point, qmin, qmax, g)` and several times faster on CPU (one
-    temporary instead of ten); `x` itself is left unchanged. Used where nothing needs gradients: sampling and the
-    MSE search of initial ranges.
+    Bit-identical to `fake_quant(x, scale, zero_point, qmin, qmax, g)` where `x / scale` is finite and `scale`,
+    `zero_point` have one shape (an inf input gives NaN there, the clamped grid end here), and several times faster
+    on CPU (one temporary instead of ten); `x` itself is left unchanged. Used where nothing needs gradients:
+    sampling and the MSE search of initial ranges.
     """
     scale = scale.clamp_min(SCALE_MIN)
     zp = zero_point.round()
@@ -356,15 +357,23 @@ class TemporalQuantizer(_QuantizerBase):
     def _observe(self, x: Tensor) -> None:
         # Per-step statistics come to the host in one transfer (not a synchronisation per step): on a GPU this
         # pass runs once per quantizer and calibration batch, so per-step syncs dominated calibration there.
-        rows = x.detach().float().reshape(x.shape[0], -1)  # [B, N]
         index = self._step_index(x)
-        if index is None:
-            index = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-        lo = torch.full((self.num_steps,), float("inf"), device=rows.device)
-        hi = torch.full((self.num_steps,), float("-inf"), device=rows.device)
-        lo.scatter_reduce_(0, index, rows.amin(1), "amin")  # [T] min per step; steps not in the batch stay inf
-        hi.scatter_reduce_(0, index, rows.amax(1), "amax")
-        lo, hi = torch.stack([lo, hi]).cpu()
+        if x.numel() == 0:
+            return
+        if index is None:  # shared: one row, values in the order they always had
+            rows, index = x.detach().float().reshape(1, -1), torch.zeros(1, dtype=torch.long, device=x.device)
+        else:
+            rows, index = x.detach().float().reshape(x.shape[0], -1), index.to(x.device, torch.long)  # [B, N], [B]
+        t = self.num_steps
+        lo = torch.full((t,), float("inf"), dtype=rows.dtype, device=rows.device)
+        hi = torch.full((t,), float("-inf"), dtype=rows.dtype, device=rows.device)
+        safe = index.clamp(0, t - 1)  # an index out of range is reported below, not as a device-side assert
+        lo.scatter_reduce_(0, safe, rows.amin(1), "amin")  # [T] min per step; steps not in the batch stay inf
+        hi.scatter_reduce_(0, safe, rows.amax(1), "amax")
+        first, last = index.aminmax()
+        lo, hi, span = torch.cat([lo, hi, torch.stack([first, last]).to(rows.dtype)]).cpu().split([t, t, 2])
+        if span[0] < 0 or span[1] >= t:
+            raise IndexError(f"step indices span {span.int().tolist()}, out of range for a quantizer with {t} steps")
         # a step not in the batch keeps (inf, -inf); NaN, a -inf minimum or an inf maximum mean non-finite values
         bad = lo.isnan() | hi.isnan() | (lo == float("-inf")) | (hi == float("inf"))
         if bad.any():
