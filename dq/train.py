@@ -35,13 +35,18 @@ register_resolvers()
 FINGERPRINT_KEYS = ("model", "quantizer", "bits", "distill", "callbacks", "calib", "seed")  # what shapes the student
 
 
-def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module) -> str:
-    """sha256 of the config sections that determine the trained student, and of the teacher's weights."""
+def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> str:
+    """sha256 of the config sections that determine the trained student, of the teacher's weights and of the
+    scheduler's config. Where the model lies (`model.path`) and the FID reference data (`model.data`) are left out:
+    the same teacher copied elsewhere, or a moved checkout, resumes its block checkpoints."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
              for k in FINGERPRINT_KEYS if k in cfg}  # fmt: skip
     parts["teacher"] = teacher_fingerprint(teacher)
-    for drop in ("progress", "calib_batch_size"):  # presentation / batching of no-grad passes only
-        (parts.get("distill") or {}).pop(drop, None)
+    parts["scheduler"] = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    # presentation, batching of no-grad passes, location, evaluation data: none changes the student
+    for section, keys in {"distill": ("progress", "calib_batch_size"), "model": ("path", "data")}.items():
+        for key in keys:
+            (parts.get(section) or {}).pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -101,7 +106,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     make_module = hydra.utils.instantiate(cfg.distill, _partial_=True)
     module = make_module(
         teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed,
-        fingerprint=config_fingerprint(cfg, teacher),
+        fingerprint=config_fingerprint(cfg, teacher, scheduler),
     )  # fmt: skip
     loggers = build_loggers(cfg.logger)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -20,7 +20,7 @@ from dq.evaluation import method_of
 from dq.models import load_teacher
 from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
-from dq.train import build_callbacks, peak_memory, reset_peak_memory, train
+from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +92,18 @@ def test_ablation_and_baseline_configs_compose(overrides, module_cls, callbacks,
     assert [type(c) for c in build_callbacks(cfg.get("callbacks"))] == callbacks
     method = method_of(cfg)
     assert method["distill"] == cfg.distill.name and method["callbacks"] == list(cfg.get("callbacks") or {})
+
+
+def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_teacher_dir, tmp_path):
+    teacher, scheduler = load_teacher(tiny_teacher_dir)
+    moved = tmp_path / "moved"  # the same teacher in another directory, another FID reference seed
+    base = config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler)
+    same = compose_cfg("train", [*fast(moved), "model.data.seed=3", "distill.progress=true"], tmp_path)
+    assert config_fingerprint(same, teacher, scheduler) == base
+    other = compose_cfg("train", [*fast(tiny_teacher_dir), "distill.iters_per_block=3"], tmp_path)
+    assert config_fingerprint(other, teacher, scheduler) != base
+    scheduler.register_to_config(beta_end=0.03)  # another noise schedule draws other calibration trajectories
+    assert config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler) != base
 
 
 def test_callbacks_run_in_order_whatever_the_config_order(tmp_path):
