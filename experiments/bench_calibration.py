@@ -5,13 +5,13 @@
 Builds the student as `dq-train` does up to training (quantize, per-step quantizers, calibration set from the cache;
 no Weight Dilation), then times one `calibrate_student(..., force=True)` — the pass the TPQ callback makes at the
 start of training — and prints the seconds, the process's peak host memory (teacher and calibration set included)
-and a sha256 over every quantizer parameter, so a faster implementation can be checked to give the same parameters
-bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs; `device=cuda` or `trainer=gpu` on a GPU).
+and the sha256 of the calibrated student's whole state (`teacher_fingerprint`), so a faster implementation can be
+checked to give the same student bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs;
+`device=cuda` or `trainer=gpu` on a GPU).
 """
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import sys
 import time
@@ -21,20 +21,11 @@ from hydra import compose, initialize_config_dir
 
 from dq.config import register_resolvers
 from dq.distill.base import calibrate_student
+from dq.distill.calibration import teacher_fingerprint
 from dq.models import load_teacher
 from dq.paths import conf_dir
 from dq.quant import expand_act_quantizers
 from dq.student import calibration_set, quantize_student
-
-
-def qparams_digest(model: torch.nn.Module) -> str:
-    """sha256 (16 hex digits) over the names and bytes of every quantizer's step sizes and zero-points."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        if "quantizer." in name and name.rsplit(".", 1)[-1] in ("scale", "zero_point"):
-            h.update(name.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def main(overrides: list[str]) -> None:
@@ -55,7 +46,7 @@ def main(overrides: list[str]) -> None:
     print(
         f"calibrate_student: {len(calib)} pairs, batch {cfg.calib.batch_size}, {device}, "
         f"{torch.get_num_threads()} thread(s): {seconds:.1f} s, peak host memory {rss_gb:.2f} GB, "
-        f"qparams sha256 {qparams_digest(student)}"
+        f"student sha256 {teacher_fingerprint(student)[:16]}"
     )
 
 

@@ -23,8 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from dq.config import register_resolvers
 from dq.evaluation import evaluate_models
 from dq.models import load_teacher
-from dq.quant import load_quantized
-from dq.quant.quantizer import TemporalQuantizer, UniformQuantizer
+from dq.quant import act_quantizers, load_quantized, weight_quantizers
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     register_resolvers()
     if args.out.resolve() == args.run.resolve():
         raise SystemExit(f"--out {args.out} is the run itself: its results.json would be overwritten; pick another")
-    old = json.loads((args.run / "results.json").read_text())["student"]  # before anything is written
+    saved = json.loads((args.run / "results.json").read_text())  # before anything is written
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
     with open_dict(cfg):
         cfg.run_dir, cfg.eval.progress = str(args.out), False
@@ -46,21 +45,19 @@ def main() -> None:
     student = load_quantized(args.run / "student", device=cfg.device)
     selects = lambda name, n: name == n or name.startswith(n + ".")  # noqa: E731
     released = []
-    for name, module in student.named_modules():
-        quantizer = isinstance(module, UniformQuantizer | TemporalQuantizer)
+    for name, quantizer in [*weight_quantizers(student), *act_quantizers(student)]:
         # one already off (fp_network_input) changes nothing: not listed
-        if quantizer and module.enabled and any(selects(name, n) for n in args.names):
-            module.enabled = False
+        if quantizer.enabled and any(selects(name, n) for n in args.names):
+            quantizer.enabled = False
             released.append(name)
     if missing := [n for n in args.names if not any(selects(r, n) for r in released)]:
         raise SystemExit(f"no quantizer of {args.run / 'student'} that is on matches {missing}")
     print(f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(args.run / ".hydra", args.out / ".hydra", dirs_exist_ok=True)  # collect.py reads the overrides
-    saved = json.loads((args.run / "results.json").read_text())
     method = saved.get("method", {}) | {"released": released, "run": str(args.run)}  # collect.py reads its columns
     new = evaluate_models(cfg, teacher.to(cfg.device).eval(), scheduler, student.eval(), args.out, [], method, {})
-    for label, r in (("as trained", old), ("switched off", new["student"])):
+    for label, r in (("as trained", saved["student"]), ("switched off", new["student"])):
         print(f"{label:>12}: FID {r['fid']:.2f}  IS {r['is']:.2f}  PSNR to teacher {r['psnr_to_teacher']:.2f} dB")
 
 

@@ -242,8 +242,8 @@ def calibrate_activations(model: nn.Module, force: bool = False) -> Iterator[lis
         for _, q in chosen:
             q.observing = False
             q._reset_stats()
-        name = next((n for n, q in chosen if isinstance(err, NonFiniteActivationError) and q is err.quantizer), None)
-        if name is not None:  # name the quantizer once; the new error no longer points at one
+        if isinstance(err, NonFiniteActivationError) and err.quantizer is not None:  # name it; the new error has none
+            name = next(n for n, q in chosen if q is err.quantizer)
             raise NonFiniteActivationError(f"activation quantizer {name}: {err}") from err
         raise
     unseen = {n for n, q in chosen if not q.finish_observation()}
