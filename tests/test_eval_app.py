@@ -6,7 +6,7 @@ from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 
 from dq.eval import evaluate
-from dq.paths import PACKAGE_DIR
+from dq.paths import PACKAGE_DIR, conf_dir
 
 
 def _package_files() -> list:
@@ -49,6 +49,12 @@ def test_unknown_config_option_is_rejected(tmp_path):
         compose_cfg("eval", ["eval.nsamples=3"], tmp_path)
     with pytest.raises(ConfigCompositionException, match="model"):
         compose_cfg("eval", ["model=nope"], tmp_path)
+
+
+def test_bits_name_follows_the_bit_widths(tmp_path):
+    for path in (Path(conf_dir()) / "bits").glob("*.yaml"):  # each preset is named after its own bit-widths
+        assert compose_cfg("eval", [f"bits={path.stem}"], tmp_path).bits.name == path.stem
+    assert compose_cfg("eval", ["bits=w4a4", "bits.weight_bits=8"], tmp_path).bits.name == "w8a4"  # runs, results
 
 
 def test_bad_features_value_names_the_field(tmp_path):
