@@ -4,8 +4,9 @@
 
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
 `overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones, and
-`off=<quantizer>` for each quantizer `release_eval.py` switched off, and `[fp_network_input]` where the run's spec
-left the network input in float.
+`off=<quantizer>` for each quantizer `release_eval.py` switched off (`only=<quantizer>` for those `--keep` left on),
+`[fp_network_input]` where the run's spec left the network input in float, and the evaluation seed with its
+teacher's FID where a run was scored on other noise than the first (the teacher row's).
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 """
@@ -38,8 +39,11 @@ COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides",
 
 def marks(method: dict) -> list[str]:
     """Settings a row must show even when no command-line override set them: the quantizers `release_eval.py`
-    switched off (`off=<name>`) and a network input left in float (`fp_network_input`)."""
+    switched off (`off=<name>`), or with `--keep` the only ones it left on (`only=<name>`), and a network input
+    left in float (`fp_network_input`)."""
     fp_input = method.get("config", {}).get("spec", {}).get("fp_network_input", False)
+    if "kept" in method:
+        return [f"only={q}" for q in method["kept"]] + (["[fp_network_input]"] if fp_input else [])
     return [f"off={q}" for q in method.get("released", [])] + (["[fp_network_input]"] if fp_input else [])
 
 
@@ -57,16 +61,18 @@ def block_mse(run: Path, block: str) -> str:
 def rows(roots: list[Path], block: str | None = None) -> list[dict]:
     """One row per results.json below `roots`, plus the teacher's row (from the first run) on top; with `block`, each
     row's `block_mse` of that block."""
-    out, teacher = [], None
+    out, teacher, seed = [], None, None
     for path in sorted(p for root in roots for p in root.rglob("results.json")):
         r = json.loads(path.read_text())
         m, s, cost = r.get("method", {}), r.get("student", r["teacher"]), r.get("cost", {})
-        teacher = teacher or r["teacher"]
+        teacher, seed = teacher or r["teacher"], r["metric"]["seed"] if seed is None else seed
+        other_noise = r["metric"]["seed"] != seed  # its teacher differs from the top row's: name it
+        noise = [f"[eval seed {r['metric']['seed']}, teacher FID {r['teacher']['fid']:.2f}]"] if other_noise else []
         out.append({
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
             "callbacks": "+".join(m.get("callbacks", [])) or "-",
-            "overrides": " ".join([overrides(path.parent)] + marks(m)).strip(),
+            "overrides": " ".join([overrides(path.parent)] + marks(m) + noise).strip(),
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),

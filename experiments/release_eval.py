@@ -1,13 +1,18 @@
 """Evaluate a finished dq-train run's student again with some quantizers switched off (full precision there).
 
     python experiments/release_eval.py <run_dir> conv_in.act_quantizer [more names] --out /tmp/released
+    python experiments/release_eval.py <run_dir> conv_in.act_quantizer --keep --out /tmp/only_input
 
-Each name selects the student's quantizers whose module path equals it or starts with it plus a dot
-(`conv_in.act_quantizer`: the 8-bit quantizer of the network input x_t). The evaluation is dq-train's own
+Each name selects the student's quantizers whose module path equals it, starts with it plus a dot, or matches it
+as a glob (`conv_in.act_quantizer`: the 8-bit quantizer of the network input x_t; `'*.weight_quantizer'`: every
+weight quantizer). The evaluation is dq-train's own
 (`evaluate_models` with the run's config: the same noise, N, sampler, FID features), so its FID / IS / PSNR to the
 teacher compare directly with the run's `results.json`; nothing is retrained. Prints both and writes the new
 `results.json`, sample grid and the run's `.hydra/` under `--out` (`collect.py` then lists the run's overrides and
-`off=<quantizer>`). Unlike `sensitivity.py`'s noise-prediction SQNR, this scores samples.
+`off=<quantizer>`). `--keep` inverts the selection: every other quantizer is switched off, so the named ones
+alone are measured (with `conv_in.act_quantizer`: the teacher with only its input x_t rounded to the run's per-step
+8-bit grid, the floor that this one rounding sets). Unlike `sensitivity.py`'s noise-prediction SQNR, this scores
+samples.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -29,9 +35,11 @@ from dq.quant import act_quantizers, load_quantized, weight_quantizers
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a finished dq-train run directory")
-    p.add_argument("names", nargs="+", help="quantizer module paths (or prefixes up to a dot) to switch off")
+    p.add_argument("names", nargs="+", help="quantizer module paths, prefixes up to a dot or globs to switch off")
+    p.add_argument("--keep", action="store_true", help="switch off every quantizer except the named ones")
     p.add_argument("--out", type=Path, required=True, help="directory for the new results.json and grid")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, help="another evaluation noise (teacher re-scored with it); default: the run's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     register_resolvers()
@@ -41,23 +49,30 @@ def main() -> None:
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
     with open_dict(cfg):
         cfg.run_dir, cfg.eval.progress = str(args.out), False
+        cfg.seed = cfg.seed if args.seed is None else args.seed
     teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student", device=cfg.device)
-    selects = lambda name, n: name == n or name.startswith(n + ".")  # noqa: E731
-    released = []
-    for name, quantizer in [*weight_quantizers(student), *act_quantizers(student)]:
-        # one already off (fp_network_input) changes nothing: not listed
-        if quantizer.enabled and any(selects(name, n) for n in args.names):
-            quantizer.enabled = False
-            released.append(name)
-    if missing := [n for n in args.names if not any(selects(r, n) for r in released)]:
+    selects = lambda name, n: name == n or name.startswith(n + ".") or fnmatchcase(name, n)  # noqa: E731
+    on = [(name, q) for name, q in [*weight_quantizers(student), *act_quantizers(student)] if q.enabled]
+    # one already off (fp_network_input) changes nothing: neither listed nor matched
+    named = [name for name, _ in on if any(selects(name, n) for n in args.names)]
+    if missing := [n for n in args.names if not any(selects(r, n) for r in named)]:
         raise SystemExit(f"no quantizer of {args.run / 'student'} that is on matches {missing}")
-    print(f"switched off: {', '.join(released)}")
+    released = [name for name, _ in on if (name in named) != args.keep]
+    for name, quantizer in on:
+        quantizer.enabled = name not in released
+    print(f"kept on: {', '.join(named)}" if args.keep else f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(args.run / ".hydra", args.out / ".hydra", dirs_exist_ok=True)  # collect.py reads the overrides
     method = saved.get("method", {}) | {"released": released, "run": str(args.run)}  # collect.py reads its columns
+    if args.keep:
+        method["kept"] = named
     new = evaluate_models(cfg, teacher.to(cfg.device).eval(), scheduler, student.eval(), args.out, [], method, {})
-    for label, r in (("as trained", saved["student"]), ("switched off", new["student"])):
+    seeds = saved["metric"]["seed"], new["metric"]["seed"]
+    if seeds[0] != seeds[1]:  # ratios to FP compare; FIDs of different noises do not
+        fids = saved["teacher"]["fid"], new["teacher"]["fid"]
+        print(f"teacher FID {fids[0]:.2f} (seed {seeds[0]}), {fids[1]:.2f} (seed {seeds[1]})")
+    for label, r in (("as trained", saved["student"]), ("kept on" if args.keep else "switched off", new["student"])):
         print(f"{label:>12}: FID {r['fid']:.2f}  IS {r['is']:.2f}  PSNR to teacher {r['psnr_to_teacher']:.2f} dB")
 
 
