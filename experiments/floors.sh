@@ -7,7 +7,7 @@
 #     teacher fed x_t rounded to the per-step 8-bit grid; with the default MSE ranges (on two evaluation noises) and
 #     with min-max ranges;
 #   - 4-bit activations alone: W8A4 (bits=w4a4 with 8-bit weights; the BKD rates scale with distill.lr_bits),
-#     untrained and trained over three calibration draws.
+#     untrained and trained over three calibration draws; and with the 4-bit students' BKD rates (lr_bits=null).
 #   bash experiments/floors.sh [ROOT]   (default: multirun/floors_<date-time>; must not exist yet)
 set -euo pipefail
 root=${1:-multirun/floors_$(date +%Y-%m-%d_%H-%M-%S)}
@@ -27,6 +27,7 @@ mkdir -p "$root"
 a=$!
 (
   dq-train -m bits=w4a4 bits.weight_bits=8 calib.seed=1,2,3 $q hydra.sweep.dir=$root/w8a4
+  dq-train bits=w4a4 bits.weight_bits=8 distill.lr_bits=null $q hydra.run.dir=$root/w8a4_rates4/s1
 ) > "$root/b.log" 2>&1 &
 b=$!
 wait $a
