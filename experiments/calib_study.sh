@@ -5,11 +5,8 @@
 # PSNR-to-teacher compares the students sample by sample. Writes experiments/tables/calib_study.{md,csv}.
 #   bash experiments/calib_study.sh [SWEEP_ROOT]   (default: multirun/calib_<date-time>; must not exist yet)
 set -euo pipefail
-root=${1:-multirun/calib_$(date +%Y-%m-%d_%H-%M-%S)}
-if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
-export OMP_NUM_THREADS=1
+source "$(dirname "$0")/study_root.sh" calib "${1:-}"
 common="calib.n_calib=512,2048 calib.seed=1,2,3 quantizer.spec.split_concat=false logger=csv eval.progress=false"
-mkdir -p "$(dirname "$root")"
 dq-train -m bits=w4a8 $common hydra.sweep.dir=$root/w4a8 > "$root.a.log" 2>&1 &
 a=$!
 dq-train -m bits=w4a4 $common hydra.sweep.dir=$root/w4a4 > "$root.b.log" 2>&1 &

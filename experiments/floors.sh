@@ -10,12 +10,9 @@
 #     untrained and trained over three calibration draws; and with the 4-bit students' BKD rates (lr_bits=null).
 #   bash experiments/floors.sh [ROOT]   (default: multirun/floors_<date-time>; must not exist yet)
 set -euo pipefail
-root=${1:-multirun/floors_$(date +%Y-%m-%d_%H-%M-%S)}
-if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
-export OMP_NUM_THREADS=1
+source "$(dirname "$0")/study_root.sh" floors "${1:-}"
 q="logger=csv eval.progress=false"
 keep="python experiments/release_eval.py"
-mkdir -p "$root"
 (
   dq-train distill=none $q hydra.run.dir=$root/none/w4a8_mse
   $keep $root/none/w4a8_mse conv_in.act_quantizer --keep --out $root/only_input/mse

@@ -8,12 +8,9 @@
 #     quantization error is small.
 #   bash experiments/limits_study.sh [SWEEP_ROOT]   (default: multirun/limits_<date-time>; must not exist yet)
 set -euo pipefail
-root=${1:-multirun/limits_$(date +%Y-%m-%d_%H-%M-%S)}
-if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
-export OMP_NUM_THREADS=1
+source "$(dirname "$0")/study_root.sh" limits "${1:-}"
 q="logger=csv eval.progress=false"
 seeds="calib.seed=1,2,3"
-mkdir -p "$root"
 (
   dq-train -m bits=w4a8 $seeds $q hydra.sweep.dir=$root/default
   dq-train -m bits=w4a8 quantizer.spec.weight_init=mse $seeds $q hydra.sweep.dir=$root/weight_init_mse/w4a8

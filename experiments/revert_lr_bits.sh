@@ -9,11 +9,8 @@
 #     with every activation rate lowered to 5.9e-6 instead (calib.seed 1).
 #   bash experiments/revert_lr_bits.sh [SWEEP_ROOT]   (default: multirun/revert_<date-time>; must not exist yet)
 set -euo pipefail
-root=${1:-multirun/revert_$(date +%Y-%m-%d_%H-%M-%S)}
-if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
-export OMP_NUM_THREADS=1
+source "$(dirname "$0")/study_root.sh" revert "${1:-}"
 q="logger=csv eval.progress=false"
-mkdir -p "$root"
 (
   dq-train -m bits=w4a8 calib.seed=1,2,3 $q hydra.sweep.dir=$root/w4a8
   dq-train -m bits=w4a4 calib.seed=1,2,3 $q hydra.sweep.dir=$root/w4a4

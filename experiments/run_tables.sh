@@ -4,9 +4,7 @@
 # the single-run timing of the default dq-train in the top-level README comes from running it alone.
 #   bash experiments/run_tables.sh [SWEEP_ROOT]   (default: multirun/<date-time>; must not exist yet)
 set -euo pipefail
-root=${1:-multirun/tables_$(date +%Y-%m-%d_%H-%M-%S)}
-if [ -e "$root" ]; then echo "$root exists: pick a fresh directory (old block checkpoints would be refused)" >&2; exit 1; fi
-export OMP_NUM_THREADS=1
+source "$(dirname "$0")/study_root.sh" tables "${1:-}"
 common="logger=csv eval.progress=false"
 
 stream_a() {
@@ -19,7 +17,6 @@ stream_b() {
   dq-eval -m quantizer=ptq_minmax bits=w8a8,w4a8,w4a6,w4a4 quantizer.temporal=false,true $common \
     hydra.sweep.dir=$root/ptq_minmax
 }
-mkdir -p "$(dirname "$root")"
 stream_a > "$root.a.log" 2>&1 &
 a=$!
 stream_b > "$root.b.log" 2>&1 &
