@@ -25,6 +25,7 @@ from dq.quant import (
     act_quantizers,
     calibrate_activations,
     expand_act_quantizers,
+    is_quantized,
     load_quantized,
     quant_modules,
     quant_report,
@@ -458,6 +459,29 @@ def test_split_concat_model_reports_and_round_trips(tmp_path):
         assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
         set_quant_state(loaded, weights=False, acts=False)
         assert_close(loaded(**kw).sample, tiny_unet()(**kw).sample)
+
+
+def test_keep_8bit_glob_keeps_every_shortcut_and_its_skip_half_at_8_bits(tmp_path):
+    spec = QuantSpec(weight_bits=4, act_bits=4, split_concat=True, keep_8bit=["conv_in", "conv_out", "*.conv_shortcut"])
+    model = calibrated(tiny_unet(), spec)
+    shortcuts = [n for n, _ in tiny_unet().named_modules() if n.endswith(".conv_shortcut")]
+    assert len(shortcuts) >= 2 and any(model.get_submodule(n).split for n in shortcuts)
+    save_quantized(model, tmp_path)
+    for loaded in (model, load_quantized(tmp_path)):  # the spec's glob survives save / load
+        bits = {r.name: (r.weight_bits, r.act_bits) for r in quant_report(loaded) if r.kind != "attn-matmul"}
+        assert {n for n, b in bits.items() if b == (8, 8)} == {"conv_in", "conv_out", *shortcuts}
+        assert {b for n, b in bits.items() if n not in {"conv_in", "conv_out", *shortcuts}} == {(4, 4)}
+        split = [loaded.get_submodule(n) for n in shortcuts if loaded.get_submodule(n).split]
+        assert all(m.act_quantizer_skip.bits == 8 for m in split)
+
+
+def test_keep_8bit_entry_that_names_no_module_is_refused_before_anything_changes():
+    model = tiny_unet()
+    with pytest.raises(ValueError, match=r"keep_8bit entries \['\*.conv_shortcutt', 'mid'\] name no module"):
+        quantize_model(model, QuantSpec(keep_8bit=["conv_in", "*.conv_shortcutt", "mid"]), timesteps=TIMESTEPS)
+    assert not is_quantized(model)  # untouched: quantizing it properly still works
+    quantize_model(model, QuantSpec(keep_8bit=["conv_in", "mid_block"]), timesteps=TIMESTEPS)
+    assert model.mid_block.resnets[0].conv1.weight_quantizer.bits == 8
 
 
 def test_fp_network_input_leaves_only_x_t_unquantized_and_round_trips(tmp_path):

@@ -416,4 +416,9 @@ def test_spec_round_trip_and_per_layer_specs():
     assert spec.weight_spec("down_blocks.0.resnets.0.conv1") == QuantizerSpec(4, False, "channel", "mse", True)
     assert spec.act_spec("down_blocks.0.resnets.0.conv1") == QuantizerSpec(6, False, "tensor", "minmax", True)
     assert spec.prob_spec("mid_block.attentions.0") == QuantizerSpec(8, False, "tensor", "minmax", True)
+    globbed = QuantSpec(weight_bits=4, act_bits=4, keep_8bit=["*.conv_shortcut"])  # a glob matches whole names
+    assert globbed.weight_spec("up_blocks.0.resnets.1.conv_shortcut").bits == 8
+    assert globbed.act_spec("down_blocks.1.resnets.0.conv_shortcut").bits == 8
+    assert globbed.act_spec("down_blocks.1.resnets.0.conv1").bits == 4
+    assert globbed.act_spec("conv_shortcut_extra.conv").bits == 4
     assert QuantizerSpec.from_dict(QuantizerSpec(5, True).to_dict()) == QuantizerSpec(5, True)

@@ -305,13 +305,14 @@ def quantize_model(
     """
     if is_quantized(unet) or any(True for _ in quant_modules(unet)):
         raise ValueError("model is already quantized")
+    modules = list(unet.named_modules())
+    spec.check_keep_8bit([name for name, _ in modules])  # before anything is changed
     ctx = StepContext()
     unet._dq_step_context = ctx
     unet._dq_spec = spec
     keep = filter_fn if filter_fn is not None else (lambda module, name: True)
 
     splits = concat_splits(unet) if spec.split_concat else {}  # traced on the float model, before the swap
-    modules = list(unet.named_modules())
     for name, m in modules:
         if not keep(m, name):
             continue

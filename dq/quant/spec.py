@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 __all__ = ["QuantizerSpec", "QuantSpec", "MIN_BITS", "MAX_BITS"]
@@ -92,6 +93,11 @@ class QuantizerSpec:
         return _from_dict(cls, d)
 
 
+def _names(entry: str, name: str) -> bool:
+    """Whether `keep_8bit` entry `entry` names module `name`: equal, a prefix up to a dot, or a matching glob."""
+    return name == entry or name.startswith(entry + ".") or fnmatchcase(name, entry)
+
+
 @dataclass
 class QuantSpec:
     """Quantization settings of a whole model.
@@ -106,8 +112,8 @@ class QuantSpec:
         weight_init: "minmax" or "mse" initialisation of weight step sizes.
         act_init: "minmax" or "mse" initialisation of activation step sizes (from calibration).
         learnable: Step sizes and zero-points are trainable parameters.
-        keep_8bit: Module names (exact, or a prefix up to a dot) whose weights and input activations are kept
-            at 8 bits (at least; more when the configured bits are higher).
+        keep_8bit: Module names (exact, a prefix up to a dot, or a glob such as `*.conv_shortcut`) whose weights
+            and input activations are kept at 8 bits (at least; more when the configured bits are higher).
         attn_prob_bits: Bit-width of the post-softmax attention probabilities.
         quantize_attention: Quantize the attention matmul inputs (q, k, v, probabilities).
         split_concat: Give the skip half of an up-block `conv_shortcut`'s concatenated input its own activation
@@ -155,8 +161,16 @@ class QuantSpec:
         self.keep_8bit = list(self.keep_8bit)
 
     def is_kept_8bit(self, name: str) -> bool:
-        """Whether module `name` is in `keep_8bit` (exact name or below a listed prefix)."""
-        return any(name == k or name.startswith(k + ".") for k in self.keep_8bit)
+        """Whether module `name` is in `keep_8bit` (exact name, below a listed prefix, or matching a glob)."""
+        return any(_names(k, name) for k in self.keep_8bit)
+
+    def check_keep_8bit(self, module_names: list[str]) -> None:
+        """Raise if an entry of `keep_8bit` names none of `module_names` (a typo would silently keep nothing)."""
+        if unmatched := [k for k in self.keep_8bit if not any(_names(k, n) for n in module_names)]:
+            raise ValueError(
+                f"keep_8bit entries {unmatched} name no module of this model (config: bits.keep_8bit): use module "
+                f"names such as {module_names[1:4]}, a prefix up to a dot, or a glob such as '*.conv_shortcut'"
+            )
 
     def weight_spec(self, name: str) -> QuantizerSpec:
         """Weight quantizer spec of layer `name`."""
