@@ -4,7 +4,7 @@
 
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
 `overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones, and
-`off=<quantizer>` for each quantizer `release_eval.py` switched off (`only=<quantizer>` for those `--keep` left on),
+`off=<name>` for each name or glob `release_eval.py` was given (`only=<name>` with `--keep`),
 `[fp_network_input]` where the run's spec left the network input in float, and the evaluation seed with its
 teacher's FID where a run was scored on other noise than the first (the teacher row's).
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
@@ -42,9 +42,9 @@ def marks(method: dict) -> list[str]:
     switched off (`off=<name>`), or with `--keep` the only ones it left on (`only=<name>`), and a network input
     left in float (`fp_network_input`)."""
     fp_input = method.get("config", {}).get("spec", {}).get("fp_network_input", False)
-    if "kept" in method:
-        return [f"only={q}" for q in method["kept"]] + (["[fp_network_input]"] if fp_input else [])
-    return [f"off={q}" for q in method.get("released", [])] + (["[fp_network_input]"] if fp_input else [])
+    kind = "only" if "kept" in method else "off"
+    names = method.get("selected", method.get("kept", method.get("released", [])))  # as typed, else expanded
+    return [f"{kind}={q}" for q in names] + (["[fp_network_input]"] if fp_input else [])
 
 
 def block_mse(run: Path, block: str) -> str:

@@ -9,10 +9,10 @@ weight quantizer). The evaluation is dq-train's own
 (`evaluate_models` with the run's config: the same noise, N, sampler, FID features), so its FID / IS / PSNR to the
 teacher compare directly with the run's `results.json`; nothing is retrained. Prints both and writes the new
 `results.json`, sample grid and the run's `.hydra/` under `--out` (`collect.py` then lists the run's overrides and
-`off=<quantizer>`). `--keep` inverts the selection: every other quantizer is switched off, so the named ones
-alone are measured (with `conv_in.act_quantizer`: the teacher with only its input x_t rounded to the run's per-step
-8-bit grid, the floor that this one rounding sets). Unlike `sensitivity.py`'s noise-prediction SQNR, this scores
-samples.
+`off=<name>` for each name given). `--keep` inverts the selection: every other quantizer is switched off, so the
+named ones alone are measured (with `conv_in.act_quantizer`: the teacher with only its input x_t rounded to the
+run's per-step 8-bit grid, the floor that this one rounding sets). Unlike `sensitivity.py`'s noise-prediction SQNR,
+this scores samples.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def main() -> None:
     print(f"kept on: {', '.join(named)}" if args.keep else f"switched off: {', '.join(released)}")
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(args.run / ".hydra", args.out / ".hydra", dirs_exist_ok=True)  # collect.py reads the overrides
-    method = saved.get("method", {}) | {"released": released, "run": str(args.run)}  # collect.py reads its columns
+    # collect.py marks the row with the names as given (`off=`, or `only=` where `kept` is there)
+    method = saved.get("method", {}) | {"released": released, "run": str(args.run), "selected": args.names}
     if args.keep:
         method["kept"] = named
     new = evaluate_models(cfg, teacher.to(cfg.device).eval(), scheduler, student.eval(), args.out, [], method, {})
