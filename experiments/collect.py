@@ -65,7 +65,8 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
     for path in sorted(p for root in roots for p in root.rglob("results.json")):
         r = json.loads(path.read_text())
         m, s, cost = r.get("method", {}), r.get("student", r["teacher"]), r.get("cost", {})
-        teacher, seed = teacher or r["teacher"], r["metric"]["seed"] if seed is None else seed
+        teacher = teacher or r["teacher"]
+        seed = r["metric"]["seed"] if seed is None else seed
         other_noise = r["metric"]["seed"] != seed  # its teacher differs from the top row's: name it
         noise = [f"[eval seed {r['metric']['seed']}, teacher FID {r['teacher']['fid']:.2f}]"] if other_noise else []
         out.append({

@@ -2,7 +2,7 @@
 # Re-run every benchmark table under experiments/tables (2-core CPU: about an hour).
 # Two streams side by side, one thread each, so train_s compares the runs of these tables with each other;
 # the single-run timing of the default dq-train in the top-level README comes from running it alone.
-#   bash experiments/run_tables.sh [SWEEP_ROOT]   (default: multirun/<date-time>; must not exist yet)
+#   bash experiments/run_tables.sh [SWEEP_ROOT]   (default: multirun/tables_<date-time>; must not exist yet)
 set -euo pipefail
 source "$(dirname "$0")/study_root.sh" tables "${1:-}"
 common="logger=csv eval.progress=false"

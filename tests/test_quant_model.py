@@ -475,13 +475,24 @@ def test_keep_8bit_glob_keeps_every_shortcut_and_its_skip_half_at_8_bits(tmp_pat
         assert all(m.act_quantizer_skip.bits == 8 for m in split)
 
 
-def test_keep_8bit_entry_that_names_no_module_is_refused_before_anything_changes():
+def test_keep_8bit_entry_that_names_no_layer_is_refused_before_anything_changes(tmp_path):
     model = tiny_unet()
-    with pytest.raises(ValueError, match=r"keep_8bit entries \['\*.conv_shortcutt', 'mid'\] name no module"):
-        quantize_model(model, QuantSpec(keep_8bit=["conv_in", "*.conv_shortcutt", "mid"]), timesteps=TIMESTEPS)
+    bad = ["conv_in", "*.conv_shortcutt", "mid", "time_proj"]  # a typo, half a name, a module that holds no layer
+    msg = r"keep_8bit entries \['\*.conv_shortcutt', 'mid', 'time_proj'\] name no quantizable layer"
+    with pytest.raises(ValueError, match=msg + r" of this model \(config: bits.keep_8bit\)"):
+        quantize_model(model, QuantSpec(keep_8bit=bad), timesteps=TIMESTEPS)
     assert not is_quantized(model)  # untouched: quantizing it properly still works
-    quantize_model(model, QuantSpec(keep_8bit=["conv_in", "mid_block"]), timesteps=TIMESTEPS)
-    assert model.mid_block.resnets[0].conv1.weight_quantizer.bits == 8
+    spec = QuantSpec(weight_bits=4, keep_8bit=["conv_in", "mid_block", "*.resnets.0"])
+    quantize_model(model, spec, timesteps=TIMESTEPS)
+    bits = {n: m.weight_quantizer.bits for n, m in quant_modules(model) if not isinstance(m, QuantAttnProcessor)}
+    assert bits["mid_block.resnets.1.conv1"] == bits["down_blocks.0.resnets.0.conv2"] == 8  # prefix; glob + prefix
+    assert bits["time_embedding.linear_1"] == bits["conv_out"] == 4
+    save_quantized(model, tmp_path)  # a saved spec naming no layer (hand-edited, older code) names its file
+    meta = json.loads((tmp_path / "quant_spec.json").read_text())
+    meta["spec"]["keep_8bit"] = ["conv_inn"]
+    (tmp_path / "quant_spec.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"\['conv_inn'\] .* \(.*quant_spec.json, spec.keep_8bit\)"):
+        load_quantized(tmp_path)
 
 
 def test_fp_network_input_leaves_only_x_t_unquantized_and_round_trips(tmp_path):

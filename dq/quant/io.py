@@ -24,6 +24,7 @@ from dq.quant.model import (
     act_quantizers,
     quant_modules,
     quant_spec,
+    quantizable_layers,
     quantize_model,
 )
 from dq.quant.spec import QuantSpec
@@ -117,6 +118,7 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{directory / CONFIG_NAME}: _class_name={class_name!r} is not a diffusers model class")
     model = cls.from_config(config)
+    spec.check_keep_8bit(quantizable_layers(model), f"{directory / SPEC_NAME}, spec.keep_8bit")
 
     layers, attention = set(meta["quantized_layers"]), set(meta["quantized_attention"])
 

@@ -22,6 +22,7 @@ from dq.quant.split import concat_splits
 __all__ = [
     "QuantReport",
     "QuantRow",
+    "quantizable_layers",
     "quantize_model",
     "quant_report",
     "quant_modules",
@@ -276,6 +277,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def quantizable_layers(unet: nn.Module) -> list[str]:
+    """Names of the modules `quantize_model` can quantize (convs, linears, attention), in module order."""
+    return [name for name, m in unet.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | Attention)]
+
+
 def quantize_model(
     unet: nn.Module,
     spec: QuantSpec,
@@ -306,7 +312,7 @@ def quantize_model(
     if is_quantized(unet) or any(True for _ in quant_modules(unet)):
         raise ValueError("model is already quantized")
     modules = list(unet.named_modules())
-    spec.check_keep_8bit([name for name, _ in modules])  # before anything is changed
+    spec.check_keep_8bit(quantizable_layers(unet))  # before anything is changed
     ctx = StepContext()
     unet._dq_step_context = ctx
     unet._dq_spec = spec

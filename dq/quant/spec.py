@@ -94,8 +94,9 @@ class QuantizerSpec:
 
 
 def _names(entry: str, name: str) -> bool:
-    """Whether `keep_8bit` entry `entry` names module `name`: equal, a prefix up to a dot, or a matching glob."""
-    return name == entry or name.startswith(entry + ".") or fnmatchcase(name, entry)
+    """Whether `keep_8bit` entry `entry` names module `name`: equal, a prefix up to a dot, or a glob matching the
+    name or a prefix of it up to a dot (`*.resnets.0` names `down_blocks.0.resnets.0.conv1`)."""
+    return name == entry or name.startswith(entry + ".") or fnmatchcase(name, entry) or fnmatchcase(name, entry + ".*")
 
 
 @dataclass
@@ -164,12 +165,14 @@ class QuantSpec:
         """Whether module `name` is in `keep_8bit` (exact name, below a listed prefix, or matching a glob)."""
         return any(_names(k, name) for k in self.keep_8bit)
 
-    def check_keep_8bit(self, module_names: list[str]) -> None:
-        """Raise if an entry of `keep_8bit` names none of `module_names` (a typo would silently keep nothing)."""
-        if unmatched := [k for k in self.keep_8bit if not any(_names(k, n) for n in module_names)]:
+    def check_keep_8bit(self, layer_names: list[str], source: str = "config: bits.keep_8bit") -> None:
+        """Raise if an entry of `keep_8bit` names none of `layer_names`, the model's quantizable layers (a typo, or
+        an entry such as `time_proj` that holds no layer, would silently keep nothing at 8 bits); `source` says
+        where the entries came from."""
+        if unmatched := [k for k in self.keep_8bit if not any(_names(k, n) for n in layer_names)]:
             raise ValueError(
-                f"keep_8bit entries {unmatched} name no module of this model (config: bits.keep_8bit): use module "
-                f"names such as {module_names[1:4]}, a prefix up to a dot, or a glob such as '*.conv_shortcut'"
+                f"keep_8bit entries {unmatched} name no quantizable layer of this model ({source}): use layer names "
+                f"such as {layer_names[:3]}, a prefix up to a dot, or a glob such as '*.conv_shortcut'"
             )
 
     def weight_spec(self, name: str) -> QuantizerSpec:
