@@ -1,0 +1,41 @@
+"""experiments/collect.py: the rows a table gets from run directories (the README's tables come from it)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import REPO
+
+
+def _collect():
+    spec = importlib.util.spec_from_file_location("collect", REPO / "experiments" / "collect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(path: Path, seed: int, teacher_fid: float, method: dict, overrides: list[str]) -> None:
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    student = {"fid": 50.0, "is": 8.0, "psnr_to_teacher": 30.0}
+    results = {"teacher": {"fid": teacher_fid, "is": 8.6}, "student": student, "metric": {"seed": seed}}
+    (path / "results.json").write_text(json.dumps(results | {"method": {"quantizer": "dilatequant"} | method}))
+
+
+def test_rows_mark_released_kept_and_other_noise(tmp_path):
+    _run(tmp_path / "a_trained", 0, 42.3, {}, ["bits=w4a4", "logger=csv"])
+    released = {"released": ["x.act_quantizer", "y.act_quantizer"], "selected": ["*.act_quantizer"]}
+    _run(tmp_path / "b_released", 0, 42.3, released, ["bits=w4a4"])
+    kept = {"released": ["x.act_quantizer"], "kept": ["conv_in.act_quantizer"], "selected": ["conv_in"]}
+    _run(tmp_path / "c_kept", 1, 34.2, kept, ["distill=none"])
+    _run(tmp_path / "d_older", 0, 42.3, {"released": ["conv_in.act_quantizer"]}, [])  # before `selected`
+
+    rows = _collect().rows([tmp_path])
+    assert [r["overrides"] for r in rows] == [
+        "",  # the teacher row, from the first run's noise
+        "bits=w4a4",  # logger= is dropped
+        "bits=w4a4 off=*.act_quantizer",  # the names as given, not every quantizer they matched
+        "distill=none only=conv_in [eval seed 1, teacher FID 34.20]",
+        "off=conv_in.act_quantizer",
+    ]
+    assert rows[0]["fid"] == 42.3 and rows[0]["quantizer"] == "fp (teacher)"
