@@ -94,9 +94,10 @@ class QuantizerSpec:
 
 
 def _names(entry: str, name: str) -> bool:
-    """Whether `keep_8bit` entry `entry` names module `name`: equal, a prefix up to a dot, or a glob matching the
-    name or a prefix of it up to a dot (`*.resnets.0` names `down_blocks.0.resnets.0.conv1`)."""
-    return name == entry or name.startswith(entry + ".") or fnmatchcase(name, entry) or fnmatchcase(name, entry + ".*")
+    """Whether `keep_8bit` entry `entry` (a name or a glob) matches module `name` or a prefix of it up to a dot
+    (`conv_in`, `time_embedding` and `*.resnets.0` name `conv_in`, `time_embedding.linear_1` and
+    `down_blocks.0.resnets.0.conv1`)."""
+    return fnmatchcase(name, entry) or fnmatchcase(name, entry + ".*")
 
 
 @dataclass
