@@ -3,9 +3,9 @@
     python experiments/release_eval.py <run_dir> conv_in.act_quantizer [more names] --out /tmp/released
     python experiments/release_eval.py <run_dir> conv_in.act_quantizer --keep --out /tmp/only_input
 
-Each name selects the student's quantizers whose module path equals it, starts with it plus a dot, or matches it
-as a glob (`conv_in.act_quantizer`: the 8-bit quantizer of the network input x_t; `'*.weight_quantizer'`: every
-weight quantizer). The evaluation is dq-train's own
+Each name selects the student's quantizers whose module path it matches (`dq.quant.spec.module_matches`, as for
+`keep_8bit`: the path itself, a prefix up to a dot, or a glob; `conv_in.act_quantizer`: the 8-bit quantizer of the
+network input x_t; `'*.weight_quantizer'`: every weight quantizer). The evaluation is dq-train's own
 (`evaluate_models` with the run's config: the same noise, N, sampler, FID features), so its FID / IS / PSNR to the
 teacher compare directly with the run's `results.json`; nothing is retrained. Prints both and writes the new
 `results.json`, sample grid and the run's `.hydra/` under `--out` (`collect.py` then lists the run's overrides and
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from dq.config import register_resolvers
 from dq.evaluation import evaluate_models
 from dq.models import load_teacher
 from dq.quant import act_quantizers, load_quantized, weight_quantizers
+from dq.quant.spec import module_matches
 
 
 def main() -> None:
@@ -52,11 +52,10 @@ def main() -> None:
         cfg.seed = cfg.seed if args.seed is None else args.seed
     teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student", device=cfg.device)
-    selects = lambda name, n: name == n or name.startswith(n + ".") or fnmatchcase(name, n)  # noqa: E731
     on = [(name, q) for name, q in [*weight_quantizers(student), *act_quantizers(student)] if q.enabled]
     # one already off (fp_network_input) changes nothing: neither listed nor matched
-    named = [name for name, _ in on if any(selects(name, n) for n in args.names)]
-    if missing := [n for n in args.names if not any(selects(r, n) for r in named)]:
+    named = [name for name, _ in on if any(module_matches(n, name) for n in args.names)]
+    if missing := [n for n in args.names if not any(module_matches(n, r) for r in named)]:
         raise SystemExit(f"no quantizer of {args.run / 'student'} that is on matches {missing}")
     released = [name for name, _ in on if (name in named) != args.keep]
     for name, quantizer in on:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-__all__ = ["QuantizerSpec", "QuantSpec", "MIN_BITS", "MAX_BITS"]
+__all__ = ["QuantizerSpec", "QuantSpec", "MIN_BITS", "MAX_BITS", "module_matches"]
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -93,11 +93,11 @@ class QuantizerSpec:
         return _from_dict(cls, d)
 
 
-def _names(entry: str, name: str) -> bool:
-    """Whether `keep_8bit` entry `entry` (a name or a glob) matches module `name` or a prefix of it up to a dot
-    (`conv_in`, `time_embedding` and `*.resnets.0` name `conv_in`, `time_embedding.linear_1` and
-    `down_blocks.0.resnets.0.conv1`)."""
-    return fnmatchcase(name, entry) or fnmatchcase(name, entry + ".*")
+def module_matches(pattern: str, name: str) -> bool:
+    """Whether `pattern` (a module name or a glob) matches module `name` or a prefix of it up to a dot: `conv_in`,
+    `time_embedding` and `*.resnets.0` match `conv_in`, `time_embedding.linear_1` and `down_blocks.0.resnets.0.conv1`.
+    How `keep_8bit` entries (and the experiment scripts' quantizer names) select modules."""
+    return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
 @dataclass
@@ -164,13 +164,13 @@ class QuantSpec:
 
     def is_kept_8bit(self, name: str) -> bool:
         """Whether module `name` is in `keep_8bit` (exact name, below a listed prefix, or matching a glob)."""
-        return any(_names(k, name) for k in self.keep_8bit)
+        return any(module_matches(k, name) for k in self.keep_8bit)
 
     def check_keep_8bit(self, layer_names: list[str], source: str = "config: bits.keep_8bit") -> None:
         """Raise if an entry of `keep_8bit` names none of `layer_names`, the model's quantizable layers (a typo, or
         an entry such as `time_proj` that holds no layer, would silently keep nothing at 8 bits); `source` says
         where the entries came from."""
-        if unmatched := [k for k in self.keep_8bit if not any(_names(k, n) for n in layer_names)]:
+        if unmatched := [k for k in self.keep_8bit if not any(module_matches(k, n) for n in layer_names)]:
             raise ValueError(
                 f"keep_8bit entries {unmatched} name no quantizable layer of this model ({source}): use layer names "
                 f"such as {layer_names[:3]}, a prefix up to a dot, or a glob such as '*.conv_shortcut'"
