@@ -23,7 +23,7 @@ from dq.distill import (
 )
 from dq.distill.base import RelativeAdam, calibrate_student, weight_bits
 from dq.distill.calibration import build_calibration_set
-from dq.quant import QuantSpec, act_quantizers, quantize_model
+from dq.quant import QuantSpec, act_quantizers, quantize_model, step_context
 
 LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
 
@@ -227,9 +227,10 @@ def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
     assert not any(p.requires_grad for p in module.student.parameters())
 
 
-def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path):
+@pytest.mark.parametrize("act_drop_prob", [0.0, 0.5])
+def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, act_drop_prob: float):
     def run(run_dir: Path, fail_at_block: int | None = None) -> BlockwiseDistillation:
-        module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg")
+        module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", act_drop_prob=act_drop_prob)
         callbacks = [WeightDilation(), TemporalParallelQuantizer()]
         if fail_at_block is not None:
             callbacks.append(Crash(fail_at_block * module.iters_per_block))
@@ -254,6 +255,7 @@ def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(q.num_steps == 3 for _, q in act_quantizers(resumed.student))
     assert resumed.history == straight.history
+    assert step_context(resumed.student).drop_prob == 0.0  # QDrop is off once distillation ends
 
     other = bkd(teacher, calib, tmp_path / "resumed", iters=2, fingerprint="another config")
     with pytest.raises(ValueError, match="different configuration"):
@@ -305,6 +307,8 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (BlockwiseDistillation, {"iters_per_block": 0}, "iters_per_block"),
         (BlockwiseDistillation, {"batch_size": 0}, "batch_size"),
         (BlockwiseDistillation, {"lr_schedule": "linear"}, "lr_schedule"),
+        (BlockwiseDistillation, {"act_drop_prob": 1.0}, "act_drop_prob"),
+        (BlockwiseDistillation, {"act_drop_prob": -0.1}, "act_drop_prob"),
         (ModelDistillation, {"iters": 0}, "iters"),
         (ModelDistillation, {"batch_size": 0}, "batch_size"),
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),

@@ -232,6 +232,31 @@ def test_inference_path_is_bit_identical_to_autograd_path(num_steps):
         assert_close(fast[b], ref_quant(x[b].detach(), q.scale[i].detach(), z[b], 0, 63), atol=0, rtol=0)
 
 
+def test_qdrop_leaves_a_share_of_elements_unquantized_only_while_training():
+    q, ctx = _temporal(2, bits=4)
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.1, 0.3]))
+        q.zero_point.copy_(torch.tensor([8.0, 3.0]))
+    q.initialized = True
+    x = torch.randn(8, 50, 50, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    ctx.index = torch.tensor([0, 1] * 4)
+    quantized = torch.stack([ref_quant(x[b].detach(), q.scale[i].detach(), q.zero_point[i].detach(), 0, 15)
+                             for b, i in enumerate(ctx.index.tolist())])  # fmt: skip
+    ctx.drop_prob, ctx.generator = 0.3, torch.Generator().manual_seed(1)
+    out = q(x)
+    kept_fp = out.detach() == x.detach()
+    assert torch.equal(out.detach()[~kept_fp], quantized[~kept_fp])  # every other element is the quantized value
+    assert abs(kept_fp.float().mean().item() - 0.3) < 0.02  # 20,000 elements; off-grid x is never its own quantum
+    out.sum().backward()  # dropped elements pass the gradient straight to x (identity), kept ones through the STE
+    assert torch.isfinite(x.grad).all() and q.scale.grad is not None
+    ctx.generator = torch.Generator().manual_seed(1)
+    assert torch.equal(q(x).detach(), out.detach())  # the same generator state draws the same mask
+    with torch.no_grad():  # sampling and evaluation always quantize
+        assert torch.equal(q(x), quantized)
+    ctx.drop_prob = 0.0
+    assert torch.equal(q(x).detach(), quantized)
+
+
 def test_temporal_gradients_reach_each_sample_step():
     q, ctx = _temporal(3)
     with torch.no_grad():

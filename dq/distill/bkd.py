@@ -75,6 +75,8 @@ class BlockwiseDistillation(QuantDistillation):
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
             higher than before (its history entry then says `"kept": "untrained"`).
+        act_drop_prob: QDrop: in each training step every activation element of the block stays full precision
+            with this probability (masks seeded by `(seed, k)`); 0: off. Evaluation and sampling always quantize.
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -92,6 +94,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_bits: int | None = 4,
         lr_act_step_rel: float | None = None,
         revert_worse: bool = True,
+        act_drop_prob: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -100,8 +103,14 @@ class BlockwiseDistillation(QuantDistillation):
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
                               lr_act_step_rel=lr_act_step_rel)  # fmt: skip
+        if not 0 <= act_drop_prob < 1:  # also refuses NaN
+            raise ValueError(
+                f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "
+                "skips quantization in a training step (QDrop; 0.5 in QDrop and EDA-DM), 0 for off"
+            )
         self.iters_per_block = iters_per_block
         self.revert_worse = revert_worse
+        self.act_drop_prob = act_drop_prob
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
         self.max_steps = len(self.blocks) * iters_per_block
         self.history: list[dict[str, Any]] = []  # per finished block: name, mse before / trained / after, kept
@@ -179,6 +188,9 @@ class BlockwiseDistillation(QuantDistillation):
         self._cache, self._cache_steps = self.capture(self.blocks[k])
         g = torch.Generator().manual_seed(block_seed(self.seed, k))
         self._batches = torch.randint(len(self.calib), (self.iters_per_block, self.batch_size), generator=g)
+        ctx = step_context(self.student)  # QDrop masks: drawn from (seed, k) too, so resuming does not change them
+        ctx.drop_prob = self.act_drop_prob
+        ctx.generator = torch.Generator(self.device).manual_seed(block_seed(self.seed, k) + 1)
         params = [p for p in self.block_params(k) if id(p) in self._trainable]
         self.freeze_all_but(params)
         if self.revert_worse:
@@ -211,6 +223,7 @@ class BlockwiseDistillation(QuantDistillation):
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
                              "mse_after": mse_after, "kept": kept})  # fmt: skip
         self.student.requires_grad_(False)
+        step_context(self.student).drop_prob, step_context(self.student).generator = 0.0, None
         self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
         if self.checkpoint_dir is not None:
             save_block_checkpoint(

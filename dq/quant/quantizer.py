@@ -47,11 +47,15 @@ class StepContext:
     """Shared per-forward state: the sampling-step index of every sample of the batch.
 
     The quantized model's forward pre-hook sets `index`; every `TemporalQuantizer` of the model holds a
-    reference to the same object (not as a submodule).
+    reference to the same object (not as a submodule). A distillation may set `drop_prob` (QDrop, Wei et al. 2022):
+    while autograd records, each activation element then keeps its full-precision value with that probability, masks
+    drawn from `generator`; sampling and every pass without gradients always quantize.
     """
 
     def __init__(self) -> None:
         self.index: Tensor | None = None  # [B] long, step index i of each sample, or None
+        self.drop_prob = 0.0  # QDrop probability of leaving an element unquantized (training passes only)
+        self.generator: torch.Generator | None = None  # draws the QDrop masks; None: the global generator
 
     def __repr__(self) -> str:
         return f"StepContext(index={self.index})"
@@ -457,7 +461,12 @@ class TemporalQuantizer(_QuantizerBase):
         else:
             shape = [x.shape[0]] + [1] * (x.ndim - 1)  # [B, 1, ...]: each sample its own step's pair
             scale, zp = self.scale[index].reshape(shape), self.zero_point[index].reshape(shape)
-        return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+        out = fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+        p = self.step_context.drop_prob
+        if p > 0:  # QDrop: each element stays full precision with probability p
+            drop = torch.rand(x.shape, generator=self.step_context.generator, device=x.device) < p
+            out = torch.where(drop, x, out)
+        return out
 
     def _fused_inference(self, x: Tensor, index: Tensor | None) -> Tensor:
         """Sampling path (no autograd): the arithmetic of `fake_quant` as one in-place chain.
