@@ -2,10 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg
+from conftest import TEACHER, compose_cfg
 from hydra.errors import ConfigCompositionException
 
 from dq.eval import evaluate
+from dq.models import load_teacher
+from dq.quant import QuantSpec
+from dq.quant.model import quantizable_layers
 from dq.paths import PACKAGE_DIR, conf_dir
 
 
@@ -55,6 +58,13 @@ def test_bits_name_follows_the_bit_widths(tmp_path):
     for path in (Path(conf_dir()) / "bits").glob("*.yaml"):  # each preset is named after its own bit-widths
         assert compose_cfg("eval", [f"bits={path.stem}"], tmp_path).bits.name == path.stem
     assert compose_cfg("eval", ["bits=w4a4", "bits.weight_bits=8"], tmp_path).bits.name == "w8a4"  # runs, results
+
+
+def test_every_bits_preset_keeps_layers_of_the_shipped_teacher_at_8_bits(tmp_path):
+    layers = quantizable_layers(load_teacher(TEACHER)[0])
+    for path in sorted((Path(conf_dir()) / "bits").glob("*.yaml")):
+        keep = list(compose_cfg("eval", [f"bits={path.stem}"], tmp_path).bits.keep_8bit)
+        QuantSpec(keep_8bit=keep).check_keep_8bit(layers, f"conf/bits/{path.name}")  # a typo raises, naming the file
 
 
 def test_bad_features_value_names_the_field(tmp_path):
