@@ -33,6 +33,9 @@ from dq.student import calibration_set, quantize_student
 register_resolvers()
 
 FINGERPRINT_KEYS = ("model", "quantizer", "bits", "distill", "callbacks", "calib", "seed")  # what shapes the student
+# options added after runs existed, at the value that changes nothing: left out of the fingerprint there, so a run
+# started before the option existed still resumes its block checkpoints
+NEUTRAL_OPTIONS = {"distill": {"act_drop_prob": 0.0}}
 
 
 def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> str:
@@ -47,6 +50,10 @@ def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any
     for section, keys in {"distill": ("progress", "calib_batch_size"), "model": ("path", "data")}.items():
         for key in keys:
             (parts.get(section) or {}).pop(key, None)
+    for section, neutral in NEUTRAL_OPTIONS.items():
+        for key, value in neutral.items():
+            if (parts.get(section) or {}).get(key, value) == value:
+                (parts.get(section) or {}).pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -210,6 +210,24 @@ def test_bkd_with_relative_activation_step_sizes_trains(teacher, calib):
     assert max(ratio) < 0.05  # 3 steps at ~1% of itself each (cosine: less), whatever the step size's size
 
 
+def test_qdrop_is_on_in_training_steps_only_and_changes_the_student(teacher, calib):
+    class DropWatch(pl.Callback):
+        seen: list[float] = []
+
+        def on_before_backward(self, trainer, module, loss) -> None:
+            self.seen.append(step_context(module.student).drop_prob)
+
+    students = []
+    for p in (0.0, 0.5):
+        module, watch = bkd(teacher, calib, iters=2, act_drop_prob=p), DropWatch()
+        watch.seen = []
+        fit(module, [watch])
+        assert watch.seen == [p] * module.max_steps  # every training step ran with it ...
+        assert step_context(module.student).drop_prob == 0.0  # ... and it is off once distillation ends
+        students.append(module.student.state_dict())
+    assert any(not torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
 def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
     module = bkd(teacher, calib, iters=10)
     watch = ParamWatch()
@@ -309,6 +327,7 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (BlockwiseDistillation, {"lr_schedule": "linear"}, "lr_schedule"),
         (BlockwiseDistillation, {"act_drop_prob": 1.0}, "act_drop_prob"),
         (BlockwiseDistillation, {"act_drop_prob": -0.1}, "act_drop_prob"),
+        (BlockwiseDistillation, {"act_drop_prob": float("nan")}, "act_drop_prob"),
         (ModelDistillation, {"iters": 0}, "iters"),
         (ModelDistillation, {"batch_size": 0}, "batch_size"),
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),

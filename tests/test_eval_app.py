@@ -7,9 +7,9 @@ from hydra.errors import ConfigCompositionException
 
 from dq.eval import evaluate
 from dq.models import load_teacher
+from dq.paths import PACKAGE_DIR, conf_dir
 from dq.quant import QuantSpec
 from dq.quant.model import quantizable_layers
-from dq.paths import PACKAGE_DIR, conf_dir
 
 
 def _package_files() -> list:

@@ -102,6 +102,10 @@ def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_
     assert config_fingerprint(same, teacher, scheduler) == base
     other = compose_cfg("train", [*fast(tiny_teacher_dir), "distill.iters_per_block=3"], tmp_path)
     assert config_fingerprint(other, teacher, scheduler) != base
+    older = compose_cfg("train", [*fast(tiny_teacher_dir), "~distill.act_drop_prob"], tmp_path)  # before QDrop existed
+    assert config_fingerprint(older, teacher, scheduler) == base  # ... its runs still resume
+    qdrop = compose_cfg("train", [*fast(tiny_teacher_dir), "distill.act_drop_prob=0.5"], tmp_path)
+    assert config_fingerprint(qdrop, teacher, scheduler) != base
     scheduler.register_to_config(beta_end=0.03)  # another noise schedule draws other calibration trajectories
     assert config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler) != base
 

@@ -58,7 +58,7 @@ class StepContext:
         self.generator: torch.Generator | None = None  # draws the QDrop masks; None: the global generator
 
     def __repr__(self) -> str:
-        return f"StepContext(index={self.index})"
+        return f"StepContext(index={self.index}, drop_prob={self.drop_prob})"
 
 
 def round_ste(x: Tensor) -> Tensor:
