@@ -53,6 +53,12 @@ def test_release_selects_by_glob_and_keep_inverts(run: Path, tmp_path: Path, mon
     assert off["student"]["psnr_to_teacher"] > 60 > trained["student"]["psnr_to_teacher"]
     assert (tmp_path / "all_off" / ".hydra" / "overrides.yaml").exists()  # collect.py reads the run's overrides
 
+    release_eval(monkeypatch, run, "*", "--seed", 1, "--out", tmp_path / "other_noise")
+    other = json.loads((tmp_path / "other_noise" / "results.json").read_text())
+    assert other["metric"]["seed"] == 1 != trained["metric"]["seed"]  # teacher and student re-sampled from seed 1
+    assert other["teacher"]["fid"] != pytest.approx(trained["teacher"]["fid"])
+    assert other["student"]["fid"] == pytest.approx(other["teacher"]["fid"], rel=1e-3)
+
     release_eval(monkeypatch, run, "conv_in.act_quantizer", "--keep", "--out", tmp_path / "only_input")
     kept = json.loads((tmp_path / "only_input" / "results.json").read_text())["method"]
     assert kept["kept"] == ["conv_in.act_quantizer"]
