@@ -51,9 +51,10 @@ def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any
         for key in keys:
             (parts.get(section) or {}).pop(key, None)
     for section, neutral in NEUTRAL_OPTIONS.items():
+        part = parts.get(section) or {}
         for key, value in neutral.items():
-            if (parts.get(section) or {}).get(key, value) == value:
-                (parts.get(section) or {}).pop(key, None)
+            if part.get(key, value) == value:
+                part.pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

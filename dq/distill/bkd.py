@@ -223,7 +223,8 @@ class BlockwiseDistillation(QuantDistillation):
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
                              "mse_after": mse_after, "kept": kept})  # fmt: skip
         self.student.requires_grad_(False)
-        step_context(self.student).drop_prob, step_context(self.student).generator = 0.0, None
+        ctx = step_context(self.student)
+        ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it
         self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
         if self.checkpoint_dir is not None:
             save_block_checkpoint(
