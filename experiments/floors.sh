@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # How close to full precision the quality targets of the embedded benchmark can get at all
-# (experiments/tables/floors.md; README "What limits W4A8"). Two streams side by side, one thread each (2-core
+# (experiments/tables/floors.md; BENCHMARKS.md "What limits W4A8"). Two streams side by side, one thread each (2-core
 # CPU: about 25 minutes):
 #   - the 8-bit network input x_t alone: an untrained DilateQuant student (distill=none: WD, per-step ranges from
 #     calibration, split) with every quantizer but conv_in's input switched off by release_eval.py --keep, i.e. the

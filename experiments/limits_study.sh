@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What limits DilateQuant W4A8 on the embedded benchmark (experiments/tables/limits_study.md; README "What limits
+# What limits DilateQuant W4A8 on the embedded benchmark (experiments/tables/limits_study.md; BENCHMARKS.md "What limits
 # W4A8"). Two streams side by side, one thread each (2-core CPU: about 2.5 hours):
 #   - the default over three calibration draws (calib.seed 1 / 2 / 3), and two calibration changes over the same
 #     draws at W4A8 and W4A4: MSE-initialised weight step sizes, pairs drawn from 512 trajectories instead of 21;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two BKD defaults added together (experiments/tables/revert_lr_bits.md; README "Reverting blocks, learning
+# The two BKD defaults added together (experiments/tables/revert_lr_bits.md; BENCHMARKS.md "Reverting blocks, learning
 # rates across bit-widths"): distill.revert_worse (a block whose training raises its calibration MSE is put back) and
 # distill.lr_bits (an 8-bit student's weight rates x 15/255). Two streams side by side, one thread each (2-core CPU:
 # about 70 minutes):

@@ -13,7 +13,7 @@ pairs (calib.seed = seed + 100, not the set the ranges were fitted on; `--calib-
 training pairs instead): cheap and smooth. It weighs every step alike, so an error that only matters at the
 smallest timesteps (where the noise prediction is most sensitive to its input) can look larger than it is in the
 samples. `--metric psnr` samples `--n` images with the teacher and the student from identical noise and scores the
-PSNR between them: what the README's tables report, but at W4A4 the trajectories diverge and releasing a group
+PSNR between them: what the benchmark tables report, but at W4A4 the trajectories diverge and releasing a group
 moves it by noise. The table ends with the median weight and activation step sizes.
 
 Read a trained student's table with care: training adapts each layer to the quantization error of the layers

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where W4A4 loses, on samples, and what keeping the ResNet shortcut convs at 8 bits buys
-# (experiments/tables/shortcut_study.md; README "Where W4A4 loses"). Two streams side by side, one thread each
+# (experiments/tables/shortcut_study.md; BENCHMARKS.md "Where W4A4 loses"). Two streams side by side, one thread each
 # (2-core CPU):
 #   - the default W4A4 (calib.seed 1), then release_eval.py re-scoring it with groups of activation quantizers at
 #     full precision: the ResNet conv1 inputs, the conv_shortcut inputs (both halves where split), both; and with

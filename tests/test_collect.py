@@ -1,4 +1,4 @@
-"""experiments/collect.py: the rows a table gets from run directories (the README's tables come from it)."""
+"""experiments/collect.py: the rows a table gets from run directories (the benchmark tables come from it)."""
 
 import importlib.util
 import json

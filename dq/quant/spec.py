@@ -121,7 +121,7 @@ class QuantSpec:
         split_concat: Give the skip half of an up-block `conv_shortcut`'s concatenated input its own activation
             quantizer (Q-Diffusion's shortcut splitting, `dq.quant.split`).
         fp_network_input: Leave the network input x_t (the input of `conv_in`) unquantized: its quantizer is built
-            but switched off. Not the paper's setting (the first layer's input is 8-bit there); README "Where the
+            but switched off. Not the paper's setting (the first layer's input is 8-bit there); BENCHMARKS.md "Where the
             error comes from at W4A8".
     """
 
