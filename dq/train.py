@@ -35,7 +35,7 @@ register_resolvers()
 FINGERPRINT_KEYS = ("model", "quantizer", "bits", "distill", "callbacks", "calib", "seed")  # what shapes the student
 # options added after runs existed, at the value that changes nothing: left out of the fingerprint there, so a run
 # started before the option existed still resumes its block checkpoints
-NEUTRAL_OPTIONS = {"distill": {"act_drop_prob": 0.0}}
+NEUTRAL_OPTIONS = {"distill.act_drop_prob": 0.0, "quantizer.spec.fp_output_layer_input": False}
 
 
 def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> str:
@@ -50,11 +50,13 @@ def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any
     for section, keys in {"distill": ("progress", "calib_batch_size"), "model": ("path", "data")}.items():
         for key in keys:
             (parts.get(section) or {}).pop(key, None)
-    for section, neutral in NEUTRAL_OPTIONS.items():
-        part = parts.get(section) or {}
-        for key, value in neutral.items():
-            if part.get(key, value) == value:
-                part.pop(key, None)
+    for path, value in NEUTRAL_OPTIONS.items():
+        *sections, key = path.split(".")
+        part = parts
+        for section in sections:
+            part = part.get(section) if isinstance(part, dict) else None
+        if isinstance(part, dict) and part.get(key, value) == value:
+            part.pop(key, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -5,8 +5,9 @@
 Every directory below the given roots that holds a results.json is one row (method, bits, settings, metrics);
 `overrides` lists the run's Hydra command-line overrides (from `.hydra/overrides.yaml`) other than logging ones, and
 `off=<name>` for each name or glob `release_eval.py` was given (`only=<name>` with `--keep`),
-`[fp_network_input]` where the run's spec left the network input in float, and the evaluation seed with its
-teacher's FID where a run was scored on other noise than the first (the teacher row's).
+`[fp_network_input]` / `[fp_output_layer_input]` where the run's spec left the network input / the output layer's
+input in float, and the evaluation seed with its teacher's FID where a run was scored on other noise than the first
+(the teacher row's).
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dq.quant.model import FP_INPUT_QUANTIZERS
 from dq.utils.io import atomic_write_text
 
 QUIET = ("logger=", "eval.progress=", "hydra.", "run_dir=")  # overrides that do not change the result
@@ -39,12 +41,12 @@ COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides",
 
 def marks(method: dict) -> list[str]:
     """Settings a row must show even when no command-line override set them: the quantizers `release_eval.py`
-    switched off (`off=<name>`), or with `--keep` the only ones it left on (`only=<name>`), and a network input
-    left in float (`fp_network_input`)."""
-    fp_input = method.get("config", {}).get("spec", {}).get("fp_network_input", False)
+    switched off (`off=<name>`), or with `--keep` the only ones it left on (`only=<name>`), and a network input or
+    output layer input left in float (`[fp_network_input]`, `[fp_output_layer_input]`)."""
+    spec = method.get("config", {}).get("spec", {})
     kind = "only" if "kept" in method else "off"
     names = method.get("selected", method.get("kept", method.get("released", [])))  # as typed, else expanded
-    return [f"{kind}={q}" for q in names] + (["[fp_network_input]"] if fp_input else [])
+    return [f"{kind}={q}" for q in names] + [f"[{flag}]" for flag in FP_INPUT_QUANTIZERS if spec.get(flag, False)]
 
 
 def block_mse(run: Path, block: str) -> str:

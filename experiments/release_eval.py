@@ -53,7 +53,7 @@ def main() -> None:
     teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student", device=cfg.device)
     on = [(name, q) for name, q in [*weight_quantizers(student), *act_quantizers(student)] if q.enabled]
-    # one already off (fp_network_input) changes nothing: neither listed nor matched
+    # one already off (fp_network_input, fp_output_layer_input) changes nothing: neither listed nor matched
     named = [name for name, _ in on if any(module_matches(n, name) for n in args.names)]
     if missing := [n for n in args.names if not any(module_matches(n, r) for r in named)]:
         raise SystemExit(f"no quantizer of {args.run / 'student'} that is on matches {missing}")

@@ -173,7 +173,7 @@ def main() -> None:
         ref = run(teacher)
         score = lambda m: psnr(run(m), ref)  # noqa: E731
 
-    # quantizers already off (the network input under fp_network_input) cost nothing: left out of rows and medians
+    # quantizers already off (fp_network_input, fp_output_layer_input) cost nothing: left out of rows and medians
     all_w = [q for _, q in weight_quantizers(student) if q.enabled]
     all_a = [q for _, q in act_quantizers(student) if q.enabled]
     groups = {

@@ -39,3 +39,19 @@ def test_rows_mark_released_kept_and_other_noise(tmp_path):
         "off=conv_in.act_quantizer",
     ]
     assert rows[0]["fid"] == 42.3 and rows[0]["quantizer"] == "fp (teacher)"
+
+
+def test_rows_mark_inputs_left_in_float(tmp_path):
+    def spec(**flags: bool) -> dict:
+        return {"config": {"spec": {"split_concat": True, **flags}}}
+
+    _run(tmp_path / "a", 0, 42.3, spec(), ["bits=w4a8"])
+    _run(tmp_path / "b", 0, 42.3, spec(fp_network_input=True), ["bits=w4a8"])
+    _run(tmp_path / "c", 0, 42.3, spec(fp_output_layer_input=True, fp_network_input=False), [])
+    _run(tmp_path / "d", 0, 42.3, spec(fp_network_input=True, fp_output_layer_input=True), [])
+    assert [r["overrides"] for r in _collect().rows([tmp_path])][1:] == [
+        "bits=w4a8",
+        "bits=w4a8 [fp_network_input]",
+        "[fp_output_layer_input]",
+        "[fp_network_input] [fp_output_layer_input]",
+    ]

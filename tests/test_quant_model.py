@@ -495,33 +495,42 @@ def test_keep_8bit_entry_that_names_no_layer_is_refused_before_anything_changes(
         load_quantized(tmp_path)
 
 
-def test_fp_network_input_leaves_only_x_t_unquantized_and_round_trips(tmp_path):
-    """Against the same model quantized normally with conv_in's input quantizer switched off by hand."""
-    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, fp_network_input=True))
-    off = [n for n, q in act_quantizers(model) if not q.enabled]
-    assert off == ["conv_in.act_quantizer"]
+@pytest.mark.parametrize(("flag", "layer"), [("fp_network_input", "conv_in"), ("fp_output_layer_input", "conv_out")])
+def test_an_fp_input_flag_leaves_only_that_input_unquantized_and_round_trips(tmp_path, flag, layer):
+    """Against the same model quantized normally with that layer's input quantizer switched off by hand."""
+    name = f"{layer}.act_quantizer"
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, **{flag: True}))
+    assert [n for n, q in act_quantizers(model) if not q.enabled] == [name]
     reference = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4))
-    reference.conv_in.act_quantizer.enabled = False
+    reference.get_submodule(name).enabled = False
     kw = inputs(model)
     with torch.no_grad():
         expected = reference(**kw).sample
         assert_close(model(**kw).sample, expected, atol=0, rtol=0)
-        reference.conv_in.act_quantizer.enabled = True
+        reference.get_submodule(name).enabled = True
         assert not torch.equal(reference(**kw).sample, expected)  # the switch matters on this input
     save_quantized(model, tmp_path)
     loaded = load_quantized(tmp_path)
-    assert [n for n, q in act_quantizers(loaded) if not q.enabled] == ["conv_in.act_quantizer"]
-    set_quant_state(loaded, weights=True, acts=True)  # switching all on keeps the network input off
-    assert not loaded.conv_in.act_quantizer.enabled
+    assert [n for n, q in act_quantizers(loaded) if not q.enabled] == [name]
+    set_quant_state(loaded, weights=True, acts=True)  # switching all on keeps that input off
+    assert not loaded.get_submodule(name).enabled
     with torch.no_grad():
         assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
 
 
-def test_fp_network_input_is_validated():
-    with pytest.raises(ValueError, match="fp_network_input"):
-        QuantSpec(fp_network_input="yes")
-    with pytest.raises(ValueError, match="fp_network_input=true needs a quantized `conv_in`"):
-        quantize_model(tiny_unet(), QuantSpec(fp_network_input=True), TIMESTEPS, filter_fn=lambda m, n: n != "conv_in")
+def test_both_fp_input_flags_together():
+    model = calibrated(
+        tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, fp_network_input=True, fp_output_layer_input=True)
+    )
+    assert [n for n, q in act_quantizers(model) if not q.enabled] == ["conv_in.act_quantizer", "conv_out.act_quantizer"]
+
+
+@pytest.mark.parametrize(("flag", "layer"), [("fp_network_input", "conv_in"), ("fp_output_layer_input", "conv_out")])
+def test_an_fp_input_flag_is_validated(flag, layer):
+    with pytest.raises(ValueError, match=flag):
+        QuantSpec(**{flag: "yes"})
+    with pytest.raises(ValueError, match=f"{flag}=true needs a quantized `{layer}`"):
+        quantize_model(tiny_unet(), QuantSpec(**{flag: True}), TIMESTEPS, filter_fn=lambda m, n: n != layer)
 
 
 def test_a_quantizer_switched_off_stays_off_through_save_and_load(tmp_path):

@@ -106,6 +106,10 @@ def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_
     assert config_fingerprint(older, teacher, scheduler) == base  # ... its runs still resume
     qdrop = compose_cfg("train", [*fast(tiny_teacher_dir), "distill.act_drop_prob=0.5"], tmp_path)
     assert config_fingerprint(qdrop, teacher, scheduler) != base
+    older = compose_cfg("train", [*fast(tiny_teacher_dir), "~quantizer.spec.fp_output_layer_input"], tmp_path)
+    assert config_fingerprint(older, teacher, scheduler) == base  # a nested option added later: also neutral
+    fp_out = compose_cfg("train", [*fast(tiny_teacher_dir), "quantizer.spec.fp_output_layer_input=true"], tmp_path)
+    assert config_fingerprint(fp_out, teacher, scheduler) != base
     scheduler.register_to_config(beta_end=0.03)  # another noise schedule draws other calibration trajectories
     assert config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler) != base
 

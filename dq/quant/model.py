@@ -144,17 +144,24 @@ def quant_spec(model: nn.Module) -> QuantSpec:
     return model._dq_spec
 
 
-NETWORK_INPUT_QUANTIZER = "conv_in.act_quantizer"  # quantizes x_t; off under `QuantSpec.fp_network_input`
+# activation quantizers a QuantSpec flag keeps switched off: the network input x_t, and the output layer's input
+FP_INPUT_QUANTIZERS = {"fp_network_input": "conv_in.act_quantizer", "fp_output_layer_input": "conv_out.act_quantizer"}
+
+
+def fp_input_quantizers(spec: QuantSpec) -> dict[str, str]:
+    """`{flag: quantizer name}` of the activation quantizers `spec` keeps off (`fp_network_input`, ...)."""
+    return {flag: name for flag, name in FP_INPUT_QUANTIZERS.items() if getattr(spec, flag)}
 
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
-    """Enable or disable weight and activation (incl. attention) quantization (the network input's stays off under
-    `fp_network_input`; that needs the whole quantized model: on a single layer every quantizer follows the flags)."""
-    fp_input = is_quantized(model) and quant_spec(model).fp_network_input  # `model` may be a single layer
+    """Enable or disable weight and activation (incl. attention) quantization (the quantizers that
+    `fp_network_input` / `fp_output_layer_input` keep off stay off; that needs the whole quantized model: on a single
+    layer every quantizer follows the flags)."""
+    kept_off = set(fp_input_quantizers(quant_spec(model)).values()) if is_quantized(model) else set()
     for _, q in weight_quantizers(model):
         q.enabled = weights
     for name, q in act_quantizers(model):
-        q.enabled = acts and not (fp_input and name == NETWORK_INPUT_QUANTIZER)
+        q.enabled = acts and name not in kept_off
 
 
 # ---- timesteps --------------------------------------------------------------------------------------------------
@@ -339,13 +346,12 @@ def quantize_model(
             proc = QuantAttnProcessor(spec.act_spec(name), spec.prob_spec(name), ctx).to(device=w.device, dtype=w.dtype)
             m.set_processor(proc)
 
-    if spec.fp_network_input:
-        quantizers = dict(act_quantizers(unet))
-        if NETWORK_INPUT_QUANTIZER not in quantizers:
-            raise ValueError(
-                f"fp_network_input=true needs a quantized `conv_in`, and this model has no {NETWORK_INPUT_QUANTIZER}"
-            )
-        quantizers[NETWORK_INPUT_QUANTIZER].enabled = False
+    quantizers = dict(act_quantizers(unet))
+    for flag, name in fp_input_quantizers(spec).items():
+        if name not in quantizers:
+            layer = name.split(".")[0]
+            raise ValueError(f"{flag}=true needs a quantized `{layer}`, and this model has no {name}")
+        quantizers[name].enabled = False
 
     set_timesteps(unet, timesteps)
     unet.register_forward_pre_hook(_step_index_hook, with_kwargs=True)

@@ -123,6 +123,9 @@ class QuantSpec:
         fp_network_input: Leave the network input x_t (the input of `conv_in`) unquantized: its quantizer is built
             but switched off. Not the paper's setting (the first layer's input is 8-bit there); BENCHMARKS.md "Where the
             error comes from at W4A8".
+        fp_output_layer_input: Leave the input of the output layer (`conv_out`) unquantized: its quantizer is built
+            but switched off. EDA-DM's code, which DilateQuant's builds on, does this
+            (`disable_network_output_quantization`); BENCHMARKS.md "The output layer's input".
     """
 
     weight_bits: int = 8
@@ -139,6 +142,7 @@ class QuantSpec:
     quantize_attention: bool = True
     split_concat: bool = False
     fp_network_input: bool = False
+    fp_output_layer_input: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -158,6 +162,7 @@ class QuantSpec:
         _check_bool("quantize_attention", self.quantize_attention)
         _check_bool("split_concat", self.split_concat)
         _check_bool("fp_network_input", self.fp_network_input)
+        _check_bool("fp_output_layer_input", self.fp_output_layer_input)
         if isinstance(self.keep_8bit, str) or not all(isinstance(n, str) for n in self.keep_8bit):
             raise ValueError(f"keep_8bit={self.keep_8bit!r} is invalid: must be a list of module names")
         self.keep_8bit = list(self.keep_8bit)
