@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The two BKD defaults added together (experiments/tables/revert_lr_bits.md; BENCHMARKS.md "Reverting blocks, learning
-# rates across bit-widths"): distill.revert_worse (a block whose training raises its calibration MSE is put back) and
+# The two BKD defaults added together (experiments/tables/revert_lr_bits.md; BENCHMARKS.md "Blocks that training
+# makes worse, and learning rates across bit-widths"): distill.revert_worse (a block whose training raises its calibration MSE is put back) and
 # distill.lr_bits (an 8-bit student's weight rates x 15/255). Two streams side by side, one thread each (2-core CPU:
 # about 70 minutes):
 #   - the default at W4A8 and W4A4 over three calibration draws (compare: limits_study / split tables, made before
