@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dq.quant.model import FP_INPUT_QUANTIZERS
+from dq.quant.spec import FP_INPUT_QUANTIZERS
 from dq.utils.io import atomic_write_text
 
 QUIET = ("logger=", "eval.progress=", "hydra.", "run_dir=")  # overrides that do not change the result
@@ -39,14 +39,17 @@ COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides",
            "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "run"]  # fmt: skip
 
 
-def marks(method: dict) -> list[str]:
+def marks(method: dict, given: str = "") -> list[str]:
     """Settings a row must show even when no command-line override set them: the quantizers `release_eval.py`
     switched off (`off=<name>`), or with `--keep` the only ones it left on (`only=<name>`), and a network input or
-    output layer input left in float (`[fp_network_input]`, `[fp_output_layer_input]`)."""
+    output layer input left in float (`[fp_network_input]`, `[fp_output_layer_input]`) unless `given`, the run's
+    overrides, already sets it."""
     spec = method.get("config", {}).get("spec", {})
     kind = "only" if "kept" in method else "off"
     names = method.get("selected", method.get("kept", method.get("released", [])))  # as typed, else expanded
-    return [f"{kind}={q}" for q in names] + [f"[{flag}]" for flag in FP_INPUT_QUANTIZERS if spec.get(flag, False)]
+    unsaid = [f for f in FP_INPUT_QUANTIZERS if f"quantizer.spec.{f}=true" not in given.split()]
+    fp = [f"[{f}]" for f in unsaid if spec.get(f, False)]
+    return [f"{kind}={q}" for q in names] + fp
 
 
 def block_mse(run: Path, block: str) -> str:
@@ -75,7 +78,7 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
             "callbacks": "+".join(m.get("callbacks", [])) or "-",
-            "overrides": " ".join([overrides(path.parent)] + marks(m) + noise).strip(),
+            "overrides": " ".join([given := overrides(path.parent)] + marks(m, given) + noise).strip(),
             "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),

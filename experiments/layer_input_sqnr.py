@@ -5,15 +5,16 @@
 Feeds the shipped FP teacher the calibration pairs (calib.seed 1, the default 512), records each named layer's input
 and scores the layer's output SQNR against float with that input fake-quantized the way DilateQuant's activation
 quantizers start: asymmetric, one (Δ, z) per tensor and per sampling step (TPQ), MSE-searched clipping, each half of
-a split skip concatenation on its own. Weights stay float, so the figure is the input's rounding alone. The table also
+a split skip concatenation on its own. Weights stay float, so the figure is the input's rounding alone. Two
+simplifications: the search sees every value of a step (calibration subsamples large steps), and Weight Dilation's
+1/s is not applied (the input is X, not X / s). The table also
 gives the share of the output error's energy that sits in its mean per step and output channel: the part a bias
 correction (PTQD-style) could remove.
 
 The `rotated` column turns the channels of each part by an orthonormal matrix H (Hadamard; random orthogonal where
 the count is not a power of two) before rounding and back after (QuaRot-style: `(X H)(Hᵀ W) = X W`, so integer
 kernels could fold Hᵀ into the weight). A rotation spreads outlier channels over all channels; where it gains
-little, the channels are already balanced and the loss is the grid's resolution over the values' spread, which no
-equivalent transform (Weight Dilation included) removes.
+little, the channels hold no outlier to spread and the loss is the grid's resolution over the values' spread.
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ def rounded_input(x: Tensor, steps: Tensor, parts: list[tuple[int, int]], bits: 
 
 
 def layer_output(layer: nn.Module, x: Tensor) -> Tensor:
+    """The layer on `x` given channels first ([N, C, ...]); a linear's output keeps its channels last."""
     if isinstance(layer, nn.Conv2d):
         return layer._conv_forward(x, layer.weight, layer.bias)
     return F.linear(x.movedim(1, -1), layer.weight, layer.bias)
+
+
+def output_channel_dim(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Conv2d) else -1
 
 
 def sqnr_db(out: Tensor, ref: Tensor) -> float:
     return 10 * math.log10(ref.square().sum().item() / (out - ref).square().sum().item())
 
 
-def mean_share(err: Tensor, steps: Tensor) -> float:
+def mean_share(err: Tensor, steps: Tensor, channel_dim: int) -> float:
     """Share of the error energy in its per-step, per-output-channel mean (what a bias correction could remove)."""
-    dims = [d for d in range(err.ndim) if d != (1 if err.ndim == 4 else err.ndim - 1)]  # all but the channel dim
+    dims = [d for d in range(err.ndim) if d != channel_dim % err.ndim]  # samples and positions
     mean = torch.zeros_like(err)
     for i in steps.unique():
         mean[steps == i] = err[steps == i].mean(dim=dims, keepdim=True)
@@ -115,7 +121,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.layers:
         layer, x = modules[name], torch.cat(inputs[name])
-        if x.ndim == 3:  # a linear over tokens: [N, L, C] -> channels at dim 1
+        if isinstance(layer, nn.Linear):  # [N, ..., C] -> channels first, as a conv's input
             x = x.movedim(-1, 1)
         c, split = x.shape[1], splits.get(name, 0)
         parts = [(0, split), (split, c)] if split else [(0, c)]
@@ -124,7 +130,7 @@ def main() -> None:
         tag = f"{name} (split)" if split else name
         for bits in args.bits:
             out = layer_output(layer, rounded_input(x, steps, parts, bits, False))
-            plain, bias = sqnr_db(out, ref), mean_share(out - ref, steps)
+            plain, bias = sqnr_db(out, ref), mean_share(out - ref, steps, output_channel_dim(layer))
             rotated = sqnr_db(layer_output(layer, rounded_input(x, steps, parts, bits, True)), ref)
             print(f"| {tag} | {bits} | {plain:.2f} | {100 * bias:.1f} % | {rotated:.2f} |")
 

@@ -49,9 +49,11 @@ def test_rows_mark_inputs_left_in_float(tmp_path):
     _run(tmp_path / "b", 0, 42.3, spec(fp_network_input=True), ["bits=w4a8"])
     _run(tmp_path / "c", 0, 42.3, spec(fp_output_layer_input=True, fp_network_input=False), [])
     _run(tmp_path / "d", 0, 42.3, spec(fp_network_input=True, fp_output_layer_input=True), [])
+    _run(tmp_path / "e", 0, 42.3, spec(fp_output_layer_input=True), ["quantizer.spec.fp_output_layer_input=true"])
     assert [r["overrides"] for r in _collect().rows([tmp_path])][1:] == [
         "bits=w4a8",
         "bits=w4a8 [fp_network_input]",
         "[fp_output_layer_input]",
         "[fp_network_input] [fp_output_layer_input]",
+        "quantizer.spec.fp_output_layer_input=true",  # the override says it already: no mark
     ]

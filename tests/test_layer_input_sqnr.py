@@ -38,24 +38,32 @@ def test_rounding_is_per_step_and_per_part() -> None:
             assert len(out[steps == i, a:b].unique()) <= 16
 
 
-def test_rotated_rounding_is_close_to_input_and_differs_from_plain() -> None:
-    x = torch.randn(8, 16, 2, 2, generator=torch.Generator().manual_seed(1))
-    steps = torch.zeros(8, dtype=torch.long)
-    rotated = lis.rounded_input(x, steps, [(0, 16)], 8, rotate=True)
-    plain = lis.rounded_input(x, steps, [(0, 16)], 8, rotate=False)
-    assert (rotated - x).abs().max() < 0.05  # 8 bits over a range of ~8: steps of ~0.03, rotated back
-    assert not torch.equal(rotated, plain)
+@pytest.mark.parametrize("n", [16, 48])  # Hadamard (symmetric) and random orthogonal (not symmetric)
+def test_rotated_rounding_rounds_in_the_rotated_coordinates(n: int) -> None:
+    x = torch.randn(8, n, 2, 2, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([0, 1] * 4)
+    h = lis.rotation(n)
+    out = lis.rounded_input(x, steps, [(0, n)], 4, rotate=True)
+    for i in range(2):  # the reference: round x @ H per step, turn back with Hᵀ
+        v = x[steps == i].movedim(1, -1)
+        ref = (lis.round_per_tensor(v @ h, 4) @ h.T).movedim(-1, 1)
+        torch.testing.assert_close(out[steps == i], ref)
+        on_grid = (out[steps == i].movedim(1, -1) @ h).round(decimals=4)  # back in rotated coordinates: 16 levels
+        assert len(on_grid.unique()) <= 16
+    assert not torch.allclose(out, lis.rounded_input(x, steps, [(0, n)], 4, rotate=False))
 
 
 def test_mean_share() -> None:
     steps = torch.tensor([0, 0, 1, 1])
     const = torch.tensor([1.0, 1.0, -2.0, -2.0])[:, None, None, None].expand(4, 3, 2, 2).clone()
-    assert lis.mean_share(const, steps) == pytest.approx(1.0)
+    assert lis.mean_share(const, steps, 1) == pytest.approx(1.0)
     zero_mean = torch.tensor([1.0, -1.0, 3.0, -3.0])[:, None, None, None].expand(4, 3, 2, 2).clone()
-    assert lis.mean_share(zero_mean, steps) == pytest.approx(0.0)
+    assert lis.mean_share(zero_mean, steps, 1) == pytest.approx(0.0)
     # a linear's [N, L, C]: the mean is per step and channel, over samples *and* tokens (not per token)
     tokens = torch.tensor([[2.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, 1.0]])[:, :, None]  # [4, 2, 1]
-    assert lis.mean_share(tokens, steps) == pytest.approx(8 / 12)  # per token it would be 12 / 12
+    assert lis.mean_share(tokens, steps, -1) == pytest.approx(8 / 12)  # per token it would be 12 / 12
+    flat = torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 3.0], [1.0, 3.0]])  # a linear's [N, C] (the time embedding)
+    assert lis.mean_share(flat, steps, -1) == pytest.approx(24 / 26)  # channel means 1, 1 | 1, 3; energies 6 | 20
 
 
 def test_layer_output_matches_the_module() -> None:

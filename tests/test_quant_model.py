@@ -501,6 +501,7 @@ def test_an_fp_input_flag_leaves_only_that_input_unquantized_and_round_trips(tmp
     name = f"{layer}.act_quantizer"
     model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4, **{flag: True}))
     assert [n for n, q in act_quantizers(model) if not q.enabled] == [name]
+    assert {r.name: r.act_bits for r in quant_report(model) if r.kind != "attn-matmul"}[layer] is None  # shown as "-"
     reference = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=4))
     reference.get_submodule(name).enabled = False
     kw = inputs(model)
@@ -529,8 +530,11 @@ def test_both_fp_input_flags_together():
 def test_an_fp_input_flag_is_validated(flag, layer):
     with pytest.raises(ValueError, match=flag):
         QuantSpec(**{flag: "yes"})
+    model = tiny_unet()
     with pytest.raises(ValueError, match=f"{flag}=true needs a quantized `{layer}`"):
-        quantize_model(tiny_unet(), QuantSpec(**{flag: True}), TIMESTEPS, filter_fn=lambda m, n: n != layer)
+        quantize_model(model, QuantSpec(**{flag: True}), TIMESTEPS, filter_fn=lambda m, n: n != layer)
+    assert not is_quantized(model) and not list(quant_modules(model))  # refused before anything changed
+    quantize_model(model, QuantSpec(), TIMESTEPS)  # so the same model can still be quantized
 
 
 def test_a_quantizer_switched_off_stays_off_through_save_and_load(tmp_path):

@@ -132,6 +132,23 @@ def test_ptq_recon_trains_quantizer_parameters_only(tiny_teacher_dir, tmp_path, 
     assert moved and all(q.num_steps == 1 for _, q in act_quantizers(student))
 
 
+def test_an_fp_output_layer_input_student_keeps_it_off_through_training_saving_and_resuming(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    """TPQ calibration, BKD (with revert), the saved student and a resumed run all leave conv_out's input in float."""
+    monkeypatch.setattr("dq.train.evaluate_models", lambda *args, **kwargs: {})  # training only
+    run = tmp_path / "run"
+    overrides = ["quantizer.spec.fp_output_layer_input=true", "logger=none"]
+    cfg = compose_cfg("train", fast(tiny_teacher_dir) + overrides, run)
+    train(cfg)
+    for _ in range(2):  # as trained, then after a rerun into the same run directory (resumes: every block finished)
+        student = load_quantized(run / "student")
+        assert [n for n, q in act_quantizers(student) if not q.enabled] == ["conv_out.act_quantizer"]
+        assert student.conv_out.act_quantizer.num_steps == 3  # expanded by TPQ like the others, just unused
+        assert next(r for r in quant_report(student) if r.name == "conv_out").act_bits is None
+        train(cfg)
+
+
 def test_fp_quantizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="quantizer=fp"):
         train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))

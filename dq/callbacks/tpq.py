@@ -22,8 +22,9 @@ __all__ = ["TemporalParallelQuantizer", "tpq_stats"]
 
 def tpq_stats(student: nn.Module) -> dict[str, float]:
     """How much per-step step sizes differ: mean and max over quantizers of `max_t Δ_t / min_t Δ_t`."""
-    spreads = [(q.scale.max() / q.scale.min().clamp_min(1e-12)).item() for _, q in act_quantizers(student)]
-    steps = [q.num_steps for _, q in act_quantizers(student)]
+    on = [q for _, q in act_quantizers(student) if q.enabled]  # those kept off (fp_network_input, ...) are unused
+    spreads = [(q.scale.max() / q.scale.min().clamp_min(1e-12)).item() for q in on]
+    steps = [q.num_steps for q in on]
     return {
         "quantizers": float(len(spreads)),
         "steps": float(max(steps, default=0)),

@@ -144,20 +144,11 @@ def quant_spec(model: nn.Module) -> QuantSpec:
     return model._dq_spec
 
 
-# activation quantizers a QuantSpec flag keeps switched off: the network input x_t, and the output layer's input
-FP_INPUT_QUANTIZERS = {"fp_network_input": "conv_in.act_quantizer", "fp_output_layer_input": "conv_out.act_quantizer"}
-
-
-def fp_input_quantizers(spec: QuantSpec) -> dict[str, str]:
-    """`{flag: quantizer name}` of the activation quantizers `spec` keeps off (`fp_network_input`, ...)."""
-    return {flag: name for flag, name in FP_INPUT_QUANTIZERS.items() if getattr(spec, flag)}
-
-
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
     """Enable or disable weight and activation (incl. attention) quantization (the quantizers that
     `fp_network_input` / `fp_output_layer_input` keep off stay off; that needs the whole quantized model: on a single
     layer every quantizer follows the flags)."""
-    kept_off = set(fp_input_quantizers(quant_spec(model)).values()) if is_quantized(model) else set()
+    kept_off = set(quant_spec(model).fp_input_quantizers().values()) if is_quantized(model) else set()
     for _, q in weight_quantizers(model):
         q.enabled = weights
     for name, q in act_quantizers(model):
@@ -273,7 +264,8 @@ def quant_report(model: nn.Module) -> QuantReport:
             rows.append(QuantRow(f"{name}[p@v]", "attn-matmul", v.bits, p.bits, kind_of(p)))
         else:
             kind = "conv" if isinstance(m, QuantConv2d) else "linear"
-            w_bits, a_bits = m.weight_quantizer.bits, m.act_quantizer.bits
+            a_bits = m.act_quantizer.bits if m.act_quantizer.enabled else None  # off: fp_network_input, ...
+            w_bits = m.weight_quantizer.bits
             rows.append(QuantRow(name, kind, w_bits, a_bits, kind_of(m.act_quantizer), m.split))
     return QuantReport(rows)
 
@@ -320,10 +312,15 @@ def quantize_model(
         raise ValueError("model is already quantized")
     modules = list(unet.named_modules())
     spec.check_keep_8bit(quantizable_layers(unet))  # before anything is changed
+    keep = filter_fn if filter_fn is not None else (lambda module, name: True)
+    by_name = dict(modules)
+    for flag, quantizer in spec.fp_input_quantizers().items():
+        layer = quantizer.rpartition(".")[0]
+        if not isinstance(by_name.get(layer), nn.Conv2d | nn.Linear) or not keep(by_name[layer], layer):
+            raise ValueError(f"{flag}=true needs a quantized `{layer}`, and this model would have no {quantizer}")
     ctx = StepContext()
     unet._dq_step_context = ctx
     unet._dq_spec = spec
-    keep = filter_fn if filter_fn is not None else (lambda module, name: True)
 
     splits = concat_splits(unet) if spec.split_concat else {}  # traced on the float model, before the swap
     for name, m in modules:
@@ -347,10 +344,7 @@ def quantize_model(
             m.set_processor(proc)
 
     quantizers = dict(act_quantizers(unet))
-    for flag, name in fp_input_quantizers(spec).items():
-        if name not in quantizers:
-            layer = name.split(".")[0]
-            raise ValueError(f"{flag}=true needs a quantized `{layer}`, and this model has no {name}")
+    for name in spec.fp_input_quantizers().values():
         quantizers[name].enabled = False
 
     set_timesteps(unet, timesteps)

@@ -100,6 +100,13 @@ def module_matches(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
+# the activation quantizer each `QuantSpec` flag keeps switched off: the network input x_t, the output layer's input
+FP_INPUT_QUANTIZERS: dict[str, str] = {
+    "fp_network_input": "conv_in.act_quantizer",
+    "fp_output_layer_input": "conv_out.act_quantizer",
+}
+
+
 @dataclass
 class QuantSpec:
     """Quantization settings of a whole model.
@@ -166,6 +173,10 @@ class QuantSpec:
         if isinstance(self.keep_8bit, str) or not all(isinstance(n, str) for n in self.keep_8bit):
             raise ValueError(f"keep_8bit={self.keep_8bit!r} is invalid: must be a list of module names")
         self.keep_8bit = list(self.keep_8bit)
+
+    def fp_input_quantizers(self) -> dict[str, str]:
+        """`{flag: quantizer name}` of the activation quantizers this spec keeps off (`fp_network_input`, ...)."""
+        return {flag: name for flag, name in FP_INPUT_QUANTIZERS.items() if getattr(self, flag)}
 
     def is_kept_8bit(self, name: str) -> bool:
         """Whether module `name` is in `keep_8bit` (exact name, below a listed prefix, or matching a glob)."""
