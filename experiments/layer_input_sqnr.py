@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
 from dq.config import register_resolvers
+from dq.metrics import sqnr_db
 from dq.models import load_teacher
 from dq.paths import asset, conf_dir
 from dq.quant.quantizer import fake_quant_, mse_search
@@ -75,10 +76,6 @@ def layer_output(layer: nn.Module, x: Tensor) -> Tensor:
 
 def output_channel_dim(layer: nn.Module) -> int:
     return 1 if isinstance(layer, nn.Conv2d) else -1
-
-
-def sqnr_db(out: Tensor, ref: Tensor) -> float:
-    return 10 * math.log10(ref.square().sum().item() / (out - ref).square().sum().item())
 
 
 def mean_share(err: Tensor, steps: Tensor, channel_dim: int) -> float:

@@ -41,7 +41,7 @@ from torch import nn
 
 from dq.config import register_resolvers
 from dq.distill.blocks import partition_blocks
-from dq.metrics import psnr
+from dq.metrics import psnr, sqnr_db
 from dq.models import ddim_sample, load_teacher, make_noise
 from dq.paths import asset, conf_dir
 from dq.quant import act_quantizers, load_quantized, weight_quantizers
@@ -113,11 +113,6 @@ def groups_by_block(student: nn.Module, teacher: nn.Module) -> dict[str, list[nn
 def median_step(quantizers: list[nn.Module]) -> float:
     """Median |Δ| over every step size of `quantizers` (per channel / per sampling step)."""
     return torch.cat([q.scale.detach().abs().flatten() for q in quantizers]).median().item()
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of `out` against `ref`, in dB."""
-    return 10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum().clamp_min(1e-30)).item()
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ import torch
 from conftest import CLASSIFIER
 
 from dq.data import load_mnist_split
-from dq.metrics import SampleMetrics, psnr
+from dq.metrics import SampleMetrics, psnr, sqnr_db
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,11 @@ def test_psnr_against_plain_formula():
     mse = ((a - b) ** 2).flatten(1).mean(1).double()
     expected = (10 * torch.log10(4.0 / mse)).mean().item()
     assert psnr(b, a) == pytest.approx(expected, rel=1e-6)  # torchmetrics keeps data_range in float32
+
+
+def test_sqnr_against_plain_formula():
+    ref = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    out = ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    expected = 10 * torch.log10(ref.double().square().sum() / (out - ref).double().square().sum()).item()
+    assert sqnr_db(out, ref) == pytest.approx(expected, rel=1e-9)
+    assert 100 < sqnr_db(ref, ref) < float("inf")  # identical: large, finite

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchmetrics.functional.audio import signal_noise_ratio
 from torchmetrics.image import PeakSignalNoiseRatio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
@@ -164,6 +165,12 @@ def psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean per-image PSNR (dB) of `samples` against `reference`, images in [-1, 1] (data range 2)."""
     metric = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
     return float(metric(samples.double(), reference.double()))
+
+
+def sqnr_db(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio (dB) of `out` against `reference` over the whole tensor:
+    `10 log10(sum ref² / sum (out - ref)²)` (torchmetrics' signal-to-noise ratio on the flattened tensors)."""
+    return float(signal_noise_ratio(out.flatten().double(), reference.flatten().double()))
 
 
 def _file_digest(path: Path) -> str:

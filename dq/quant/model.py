@@ -343,9 +343,8 @@ def quantize_model(
             proc = QuantAttnProcessor(spec.act_spec(name), spec.prob_spec(name), ctx).to(device=w.device, dtype=w.dtype)
             m.set_processor(proc)
 
-    quantizers = dict(act_quantizers(unet))
-    for name in spec.fp_input_quantizers().values():
-        quantizers[name].enabled = False
+    for name in spec.fp_input_quantizers().values():  # checked above: the layer is quantized
+        unet.get_submodule(name).enabled = False
 
     set_timesteps(unet, timesteps)
     unet.register_forward_pre_hook(_step_index_hook, with_kwargs=True)
