@@ -26,6 +26,8 @@ register_resolvers()
 
 def pretrain(cfg: DictConfig) -> dict[str, float]:
     """Train, export to `<run_dir>/<name>` with a model card, optionally install; returns the card's metrics."""
+    if cfg.install_dir:
+        check_install_dir(Path(cfg.install_dir), cfg.pretrain.name)  # before training, not after
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     module = hydra.utils.instantiate(cfg.pretrain.module)
@@ -54,13 +56,43 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     atomic_write_text(out / "model_card.json", json.dumps(card, indent=2))
     atomic_write_text(out / "README.md", _card_markdown(card))
     if cfg.install_dir:
-        dest = Path(cfg.install_dir)
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(out, dest)
-        print(f"installed {out} -> {dest}")
+        install(out, Path(cfg.install_dir), cfg.pretrain.name)
+        print(f"installed {out} -> {cfg.install_dir}")
     print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
     return metrics
+
+
+def check_install_dir(dest: Path, name: str) -> None:
+    """Refuse an `install_dir` that holds anything but an earlier copy of asset `name` (it would be replaced)."""
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return
+    card = dest / "model_card.json"
+    try:
+        installed = json.loads(card.read_text()).get("name") if card.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        installed = None
+    if installed != name:
+        raise ValueError(
+            f"install_dir={dest} is not empty and holds no earlier '{name}' asset (no {card.name} naming it): "
+            f"installing would delete what is there. Pass the asset's own folder, e.g. install_dir=dq/assets/{name}, "
+            "or an empty or new one."
+        )
+
+
+def install(src: Path, dest: Path, name: str) -> None:
+    """Copy the exported asset `src` to `dest`, replacing an earlier copy of the same asset only once the new one is
+    complete (copied beside it, then swapped in by renames)."""
+    check_install_dir(dest, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.installing")
+    old = dest.with_name(f".{dest.name}.replaced")
+    for leftover in (staging, old):  # from an install that died half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _hardware(trainer: pl.Trainer) -> str:

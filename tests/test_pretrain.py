@@ -1,11 +1,12 @@
 import json
 
+import pytest
 from conftest import compose_cfg
 from safetensors.torch import load_file
 
 from dq.metrics import MNISTClassifier
 from dq.models import load_teacher
-from dq.pretrain import pretrain
+from dq.pretrain import install, pretrain
 
 
 def test_pretrain_teacher_writes_loadable_model_and_card(tmp_path):
@@ -33,3 +34,43 @@ def test_pretrain_classifier_reports_holdout_accuracy(tmp_path):
     saved = tmp_path / "run" / "mnist_classifier"
     assert set(load_file(str(saved / "model.safetensors"))) == set(MNISTClassifier().state_dict())
     MNISTClassifier.load(saved)
+
+
+def _asset(path, name, extra="x"):
+    path.mkdir(parents=True)
+    (path / "model_card.json").write_text(json.dumps({"name": name}))
+    (path / "weights.bin").write_text(extra)
+
+
+@pytest.mark.parametrize("holds", ["other_file", "other_asset", "bad_card"])
+def test_install_refuses_a_folder_it_would_wipe_before_training(tmp_path, holds):
+    dest = tmp_path / "dest"
+    if holds == "other_file":
+        dest.mkdir()
+        (dest / "notes.txt").write_text("important")
+    elif holds == "other_asset":
+        _asset(dest, "mnist_classifier")
+    else:
+        dest.mkdir()
+        (dest / "model_card.json").write_text("{not json")
+    before = sorted(p.name for p in dest.iterdir())
+    over = ["pretrain=teacher", "logger=none", f"install_dir={dest}"]
+    with pytest.raises(ValueError, match=r"install_dir=.*dest is not empty and holds no earlier 'ddpm_mnist' asset"):
+        pretrain(compose_cfg("pretrain", over, tmp_path / "run"))
+    assert sorted(p.name for p in dest.iterdir()) == before
+    assert not (tmp_path / "run" / "ddpm_mnist").exists()  # refused before training
+
+
+def test_install_replaces_an_earlier_copy_of_the_same_asset_whole(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "assets" / "ddpm_mnist"
+    _asset(src, "ddpm_mnist", extra="new")
+    _asset(dest, "ddpm_mnist", extra="old")
+    (dest / "stale.txt").write_text("from the old asset")
+    install(src, dest, "ddpm_mnist")
+    assert sorted(p.name for p in dest.iterdir()) == ["model_card.json", "weights.bin"]
+    assert (dest / "weights.bin").read_text() == "new"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["ddpm_mnist"]  # no staging or replaced copy left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    install(src, empty, "ddpm_mnist")  # an empty folder is fine too
+    assert (empty / "weights.bin").read_text() == "new"
