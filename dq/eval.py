@@ -1,7 +1,12 @@
-"""`dq-eval`: sample a model and score it with FID / IS (and PSNR to the teacher for a quantized student)."""
+"""`dq-eval`: sample a model and score it with FID / IS (and PSNR to the teacher for a quantized student).
+
+The student is built from the config (`quantizer=ptq_minmax bits=w4a8`: quantized and calibrated here), or loaded
+from a dq-train run (`student_dir=<run>/student`, as saved by `save_quantized`) and scored again, e.g. on more samples.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,23 +19,70 @@ from dq.config import build_loggers, register_resolvers, validate
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
+from dq.quant import load_quantized
+from dq.quant.io import SPEC_NAME
 from dq.student import build_student
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Load the teacher, build the configured student (none for `quantizer=fp`), evaluate both from one noise."""
+    """Load the teacher and the student (built from the config, none for `quantizer=fp`, or a saved one from
+    `student_dir`), evaluate both from one noise."""
     validate(cfg)
-    pl.seed_everything(cfg.seed, verbose=False)
     run_dir = Path(cfg.run_dir)
+    if (run_dir / "student").exists() or (run_dir / "checkpoints").exists():
+        raise ValueError(
+            f"run_dir={run_dir} holds a dq-train run: dq-eval would overwrite its results.json and samples.png. "
+            f"Evaluate into a new directory (hydra.run.dir=...); to score that run's student again, pass "
+            f"student_dir={run_dir / 'student'}."
+        )
+    student_dir = Path(cfg.student_dir) if cfg.get("student_dir") else None
+    if student_dir is not None and cfg.quantizer.name != "fp":
+        raise ValueError(
+            f"student_dir={student_dir} scores a saved student, and quantizer={cfg.quantizer.name} would build "
+            "another: pass one of the two."
+        )
+    pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
         teacher.to(cfg.device)
-        student, cost = build_student(cfg, teacher, scheduler)
+        if student_dir is None:
+            student, cost = build_student(cfg, teacher, scheduler)
+            method = method_of(cfg)
+        else:
+            student, cost = load_student(student_dir, teacher, cfg.device), {}
+            method = saved_method(student_dir)
         loggers = build_loggers(cfg.logger)
-        return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
+        return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
+
+
+def load_student(student_dir: Path, teacher: Any, device: str) -> Any:
+    """The student saved in `student_dir`, checked to take the teacher's inputs."""
+    if not (student_dir / SPEC_NAME).is_file():
+        raise FileNotFoundError(
+            f"student_dir={student_dir} holds no saved student ({SPEC_NAME} missing): pass the student/ folder of a "
+            "dq-train run."
+        )
+    student = load_quantized(student_dir, device=device)
+    keys = ("in_channels", "out_channels", "sample_size")
+    if any(student.config.get(k) != teacher.config.get(k) for k in keys):
+        raise ValueError(
+            f"student_dir={student_dir} was quantized from another model than model.path: "
+            + ", ".join(f"{k} {student.config.get(k)} vs {teacher.config.get(k)}" for k in keys)
+        )
+    return student.eval().requires_grad_(False)
+
+
+def saved_method(student_dir: Path) -> dict[str, Any]:
+    """results.json's `method` of the run that saved `student_dir` (its own results.json beside it), plus where the
+    student came from; only `student_dir` when that file is missing or unreadable."""
+    try:
+        method = json.loads((student_dir.parent / "results.json").read_text())["method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        method = {"quantizer": "saved", "bits": "?"}
+    return {**method, "student_dir": str(student_dir)}
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")

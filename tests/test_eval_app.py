@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException
 from dq.eval import evaluate
 from dq.models import load_teacher
 from dq.paths import PACKAGE_DIR, conf_dir
-from dq.quant import QuantSpec
+from dq.quant import QuantSpec, save_quantized
 from dq.quant.model import quantizable_layers
+from dq.student import build_student
 
 
 def _package_files() -> list:
@@ -100,3 +101,42 @@ def test_teacher_samples_are_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, mon
     with pytest.warns(UserWarning, match=cached.name):
         again = evaluate(cfg)["teacher"]
     assert calls == ["teacher", "teacher timing", "teacher"] and again["fid"] == pytest.approx(first["fid"])
+
+
+def _saved_ptq_run(tmp_path):
+    """A run directory like dq-train's: student/ (a W4A8 min-max PTQ student) and a results.json beside it; also
+    returns the scores dq-eval gave the same student when it built it."""
+    over = _fast() + ["logger=none", "quantizer=ptq_minmax", "bits=w4a8", "calib.n_calib=30"]
+    cfg = compose_cfg("eval", over, tmp_path / "built")
+    teacher, scheduler = load_teacher(cfg.model.path)
+    student, _ = build_student(cfg, teacher, scheduler)
+    run = tmp_path / "trained"
+    save_quantized(student, run / "student")
+    (run / "results.json").write_text(json.dumps({"method": {"quantizer": "ptq_minmax", "bits": "w4a8"}}))
+    return run, evaluate(cfg)["student"]
+
+
+def test_student_dir_scores_a_saved_student_and_a_train_run_dir_is_never_overwritten(tmp_path):
+    run, built = _saved_ptq_run(tmp_path)
+    results = evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run / 'student'}"], tmp_path / "e"))
+    assert {k: results["student"][k] for k in (*SCORES, "psnr_to_teacher")} == {
+        k: built[k] for k in (*SCORES, "psnr_to_teacher")
+    }  # the saved student samples exactly like the one built in memory, from the same noise
+    assert results["method"] == {"quantizer": "ptq_minmax", "bits": "w4a8", "student_dir": str(run / "student")}
+
+    saved = (run / "results.json").read_text()
+    with pytest.raises(ValueError, match=rf"run_dir={run} holds a dq-train run.*student_dir={run / 'student'}"):
+        evaluate(compose_cfg("eval", _fast() + ["logger=none"], run))
+    assert (run / "results.json").read_text() == saved and not (run / "samples.png").exists()
+
+
+def test_student_dir_mistakes_name_the_field(tmp_path):
+    run, _ = _saved_ptq_run(tmp_path)
+    student = run / "student"
+    with pytest.raises(FileNotFoundError, match=rf"model.path`={student} is a quantized student.*student_dir="):
+        evaluate(compose_cfg("eval", _fast() + ["logger=none", f"model.path={student}"], tmp_path / "a"))
+    with pytest.raises(ValueError, match="scores a saved student, and quantizer=ptq_minmax would build another"):
+        over = ["logger=none", f"student_dir={student}", "quantizer=ptq_minmax", "bits=w4a8"]
+        evaluate(compose_cfg("eval", _fast() + over, tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match=rf"student_dir={run} holds no saved student"):
+        evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run}"], tmp_path / "c"))

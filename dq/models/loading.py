@@ -43,6 +43,11 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
         )
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     sched_dir = root / "scheduler"
+    if (unet_dir / "quant_spec.json").is_file():  # dq.quant.io.SPEC_NAME (not imported: models stay below quant)
+        raise FileNotFoundError(
+            f"`{field}`={root} is a quantized student saved by dq (quant_spec.json), not a teacher: keep `{field}` at "
+            f"the full-precision model and pass the student as `student_dir={root}` to dq-eval."
+        )
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"'{unet_dir}' has no config.json: `{field}` must name a diffusers model directory.")
     if not (sched_dir / "scheduler_config.json").is_file():
