@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
@@ -33,7 +35,14 @@ CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject bad values of choice fields at start-up, naming the field and the allowed values."""
+    """Reject bad values at start-up, naming the field and what to do."""
+    if HydraConfig.initialized() and cfg.get("run_dir") is not None:
+        hydra_dir = HydraConfig.get().runtime.output_dir
+        if Path(str(cfg.run_dir)).resolve() != Path(hydra_dir).resolve():
+            raise ValueError(
+                f"run_dir={cfg.run_dir} would split the run: Hydra writes the composed config and the log to "
+                f"{hydra_dir}. Pass hydra.run.dir={cfg.run_dir} instead (run_dir follows it)."
+            )
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):

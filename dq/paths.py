@@ -44,7 +44,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     except Timeout:
         raise RuntimeError(
             f"run_dir={run_dir} is in use by another running dq process (lock {lock.lock_file}); wait for it "
-            "to finish, or pass another run_dir=... (resuming a finished or killed run into it is fine)"
+            "to finish, or pass another hydra.run.dir=... (resuming a finished or killed run into it is fine)"
         ) from None
     try:
         yield

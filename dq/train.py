@@ -24,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dq.config import build_loggers, register_resolvers, validate
 from dq.distill.calibration import teacher_fingerprint
+from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, quantize_student
+from dq.utils.io import atomic_write_text
 
 register_resolvers()
 
@@ -40,8 +42,19 @@ NEUTRAL_OPTIONS: dict[str, object] = {"distill.act_drop_prob": 0.0, "quantizer.s
 
 def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> str:
     """sha256 of the config sections that determine the trained student, of the teacher's weights and of the
-    scheduler's config. Where the model lies (`model.path`) and the FID reference data (`model.data`) are left out:
-    the same teacher copied elsewhere, or a moved checkout, resumes its block checkpoints."""
+    scheduler's config (`fingerprint_parts`). Where the model lies (`model.path`) and the FID reference data
+    (`model.data`) are left out: the same teacher copied elsewhere, or a moved checkout, resumes its block
+    checkpoints."""
+    return _digest(fingerprint_parts(cfg, teacher, scheduler))
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_parts(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> dict[str, Any]:
+    """What `config_fingerprint` hashes: the student-shaping config sections, the teacher's weight digest and the
+    scheduler config, without the keys that change nothing (presentation, location, neutral new options)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
              for k in FINGERPRINT_KEYS if k in cfg}  # fmt: skip
     parts["teacher"] = teacher_fingerprint(teacher)
@@ -57,7 +70,36 @@ def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any
             part = part.get(section) if isinstance(part, dict) else None
         if isinstance(part, dict) and part.get(key, value) == value:
             part.pop(key, None)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return parts
+
+
+def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str) -> None:
+    """Refuse, before anything in the run changes, block checkpoints written by another configuration; name the keys
+    that differ when the run kept its `config.json` (older runs did not). Write that file for a fresh run."""
+    saved = checkpoint_fingerprint(checkpoint_dir)
+    config_file = checkpoint_dir / "config.json"
+    if saved is None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
+        return
+    if saved == fingerprint:
+        return
+    try:
+        changed = _changed_keys(json.loads(config_file.read_text()), json.loads(json.dumps(parts, default=str)))
+    except (OSError, ValueError):
+        changed = []
+    what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
+    raise ValueError(
+        f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed. Re-run with "
+        f"the settings of that run to resume it, use a new run directory, or delete {checkpoint_dir} to start over."
+    )
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (a key present in only one counts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(all)"]
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[pl.Callback]:
@@ -100,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
 
@@ -108,6 +151,9 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     """`train` inside the run-directory lock."""
     teacher, scheduler = load_teacher(cfg.model.path)
     teacher.to(cfg.device)
+    parts = fingerprint_parts(cfg, teacher, scheduler)
+    fingerprint = _digest(parts)
+    check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
 
     start = time.perf_counter()
     student = quantize_student(cfg, teacher, scheduler)
@@ -115,9 +161,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     # a partial, then the objects: instantiate would turn the CalibrationSet dataclass into a DictConfig
     make_module = hydra.utils.instantiate(cfg.distill, _partial_=True)
     module = make_module(
-        teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed,
-        fingerprint=config_fingerprint(cfg, teacher, scheduler),
-    )  # fmt: skip
+        teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed, fingerprint=fingerprint
+    )
     loggers = build_loggers(cfg.logger)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1}
@@ -127,12 +172,21 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         **trainer_kwargs, callbacks=build_callbacks(cfg.get("callbacks")), logger=loggers or False,
         default_root_dir=str(run_dir), enable_checkpointing=False,
     )  # fmt: skip
+    resume = (
+        f"training was interrupted; the finished blocks are kept in {run_dir / 'checkpoints'}: re-run the same command "
+        f"with hydra.run.dir={run_dir} to resume"
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
-        trainer.fit(module)
+        try:
+            trainer.fit(module)
+        except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully
+            if trainer.interrupted:
+                print(resume, file=sys.stderr)
+            raise
     if trainer.interrupted:
-        raise RuntimeError(f"training was interrupted; re-run with run_dir={run_dir} to resume")
+        raise RuntimeError(resume)
     train_s = time.perf_counter() - start
 
     teacher.to(cfg.device).eval()

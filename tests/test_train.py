@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import compose_cfg
+from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file
 
 from dq.callbacks import TemporalParallelQuantizer, WeightDilation
@@ -172,7 +175,7 @@ def test_peak_memory_is_per_run_window() -> None:
     assert before - after > 150, (before, after)
 
 
-def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path):
+def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch):
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"
     first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
@@ -180,6 +183,15 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert any(r.get("eval/student/psnr_to_teacher") for r in rows)
+
+    # other student settings: refused before anything in the run is touched (dilation.json was rewritten before)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "csv" not in p.parts}
+    monkeypatch.setattr("dq.train.quantize_student", lambda *a: pytest.fail("quantized before the refusal"))
+    other = fast(tiny_teacher_dir) + ["logger=csv", "distill.lr_weight=1e-5", "callbacks.weight_dilation.s_max=1.5"]
+    with pytest.raises(ValueError, match=r"another configuration \(callbacks.weight_dilation.s_max, distill.lr_weight "
+                       r"differ\); nothing was changed"):  # fmt: skip
+        train(compose_cfg("train", other, run))
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "csv" not in p.parts} == before
 
 
 def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_frees_it(tiny_teacher_dir, tmp_path):
@@ -202,3 +214,38 @@ def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_free
         holder.wait()
     with run_dir_lock(run):  # free again
         pass
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, capsys, exits):
+    """Lightning ends the process after Ctrl-C (SystemExit) in recent versions, and returned in older ones."""
+
+    def interrupted_fit(self, *args, **kwargs):
+        self.state.status = TrainerStatus.INTERRUPTED
+        if exits:
+            raise SystemExit(1)
+
+    monkeypatch.setattr(pl.Trainer, "fit", interrupted_fit)
+    run = tmp_path / "run"
+    hint = rf"training was interrupted; the finished blocks are kept in {run / 'checkpoints'}: .*hydra.run.dir={run}"
+    if exits:
+        with pytest.raises(SystemExit):
+            train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+        assert re.search(hint, capsys.readouterr().err)
+    else:
+        with pytest.raises(RuntimeError, match=hint):
+            train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+    assert not (run / "results.json").exists()
+
+
+def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
+    """`run_dir=` alone would leave Hydra's config and log in another, timestamped directory."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dq.eval", f"run_dir={tmp_path / 'mine'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+         "logger=none"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"run_dir={tmp_path / 'mine'} would split the run" in done.stderr
+    assert f"Pass hydra.run.dir={tmp_path / 'mine'} instead" in done.stderr
+    assert not (tmp_path / "mine").exists()

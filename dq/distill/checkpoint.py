@@ -18,7 +18,14 @@ from torch import nn
 
 from dq.utils.io import atomic_write, atomic_write_text
 
-__all__ = ["CHECKPOINT_NAME", "META_NAME", "load_block_checkpoint", "save_block_checkpoint", "state_equal"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "META_NAME",
+    "checkpoint_fingerprint",
+    "load_block_checkpoint",
+    "save_block_checkpoint",
+    "state_equal",
+]
 
 CHECKPOINT_NAME = "last.safetensors"
 META_NAME = "last.json"
@@ -72,6 +79,22 @@ def load_block_checkpoint(
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return meta
+
+
+def checkpoint_fingerprint(directory: str | Path) -> str | None:
+    """The configuration fingerprint of `<directory>/last.safetensors` (its metadata only), None without one.
+
+    Raises:
+        ValueError: the file is unreadable.
+    """
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["dq_block_checkpoint"]).get("fingerprint")
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ValueError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
 
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
