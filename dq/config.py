@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
@@ -32,6 +34,12 @@ def register_resolvers() -> None:
 
 
 CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda")}
+# counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
+COUNTS = (
+    "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
+    "calib.n_calib", "calib.batch_size", "distill.iters_per_block", "distill.iters", "distill.batch_size",
+)  # fmt: skip
+SEEDS = ("seed", "calib.seed")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -47,6 +55,23 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
             raise ValueError(f"{key}='{value}' is not one of {list(allowed)}.")
+    for key in (*COUNTS, *SEEDS):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
+            what = "a whole number >= 1" if key in COUNTS else "a whole number"
+            raise ValueError(f"{key}={value!r} is invalid: must be {what}.")
+    n, splits = OmegaConf.select(cfg, "eval.n_samples"), OmegaConf.select(cfg, "eval.is_splits")
+    if n is not None and splits is not None and n < max(2 * splits, 100):  # tests run on purpose with fewer
+        warnings.warn(
+            f"eval.n_samples={n} is too few for meaningful scores: IS splits the samples into eval.is_splits={splits}"
+            " groups and FID's covariances need more samples than feature dimensions. Use 1,000 for numbers"
+            " comparable with dq's tables.",
+            stacklevel=2,
+        )
+    if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator is not None and str(accelerator) in ("gpu", "cuda") and cfg.get("device") == "cpu":
         raise ValueError(

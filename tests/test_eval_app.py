@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,28 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
         evaluate(compose_cfg("eval", _fast() + over, tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match=rf"student_dir={run} holds no saved student"):
         evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run}"], tmp_path / "c"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.n_samples=0", "eval.n_samples=0 is invalid: must be a whole number >= 1"),
+        ("eval.batch_size=-4", "eval.batch_size=-4 is invalid: must be a whole number >= 1"),
+        ("model.num_inference_steps=0", "model.num_inference_steps=0 is invalid"),
+        ("calib.n_calib=abc", "calib.n_calib='abc' is invalid"),
+        ("calib.seed=1.5", "calib.seed=1.5 is invalid: must be a whole number"),
+        ("seed=true", "seed=True is invalid: must be a whole number"),
+        ("device=cuda", "device='cuda' but PyTorch sees no CUDA GPU here"),
+    ],
+)
+def test_bad_counts_seeds_and_a_missing_gpu_are_named_before_any_work(tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("dq.eval.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(compose_cfg("eval", _fast() + ["logger=none", override], tmp_path / "run"))
+
+
+def test_too_few_samples_for_the_scores_warn(tmp_path):
+    cfg = compose_cfg("eval", _fast() + ["logger=none", "eval.n_samples=7", "eval.batch_size=7"], tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"eval.n_samples=7 is too few for meaningful scores"):
+        evaluate(cfg)
