@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -33,6 +36,21 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+class ConfigError(ValueError):
+    """A setting or path the user can fix; the command-line tools print its message without a traceback."""
+
+
+@contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """Turn a `ConfigError` (or a missing file, whose message names it) into one line on stderr,
+    `<prog>: error: <message>`, and exit status 2."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda")}
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
@@ -47,21 +65,21 @@ def validate(cfg: DictConfig) -> None:
     if HydraConfig.initialized() and cfg.get("run_dir") is not None:
         hydra_dir = HydraConfig.get().runtime.output_dir
         if Path(str(cfg.run_dir)).resolve() != Path(hydra_dir).resolve():
-            raise ValueError(
+            raise ConfigError(
                 f"run_dir={cfg.run_dir} would split the run: Hydra writes the composed config and the log to "
                 f"{hydra_dir}. Pass hydra.run.dir={cfg.run_dir} instead (run_dir follows it)."
             )
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
-            raise ValueError(f"{key}='{value}' is not one of {list(allowed)}.")
+            raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
     for key in (*COUNTS, *SEEDS):
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
             what = "a whole number >= 1" if key in COUNTS else "a whole number"
-            raise ValueError(f"{key}={value!r} is invalid: must be {what}.")
+            raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
     n, splits = OmegaConf.select(cfg, "eval.n_samples"), OmegaConf.select(cfg, "eval.is_splits")
     if n is not None and splits is not None and n < max(2 * splits, 100):  # tests run on purpose with fewer
         warnings.warn(
@@ -71,10 +89,10 @@ def validate(cfg: DictConfig) -> None:
             stacklevel=2,
         )
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
+        raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator is not None and str(accelerator) in ("gpu", "cuda") and cfg.get("device") == "cpu":
-        raise ValueError(
+        raise ConfigError(
             f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
         )

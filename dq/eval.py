@@ -15,13 +15,13 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from dq.config import build_loggers, register_resolvers, validate
+from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, validate
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
-from dq.student import build_student
+from dq.student import build_student, check_spec
 
 register_resolvers()
 
@@ -32,17 +32,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.run_dir)
     if (run_dir / "student").exists() or (run_dir / "checkpoints").exists():
-        raise ValueError(
+        raise ConfigError(
             f"run_dir={run_dir} holds a dq-train run: dq-eval would overwrite its results.json and samples.png. "
             f"Evaluate into a new directory (hydra.run.dir=...); to score that run's student again, pass "
             f"student_dir={run_dir / 'student'}."
         )
     student_dir = Path(cfg.student_dir) if cfg.get("student_dir") else None
     if student_dir is not None and cfg.quantizer.name != "fp":
-        raise ValueError(
+        raise ConfigError(
             f"student_dir={student_dir} scores a saved student, and quantizer={cfg.quantizer.name} would build "
             "another: pass one of the two."
         )
+    if student_dir is None and cfg.quantizer.name != "fp":
+        check_spec(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):  # one writer per run directory
@@ -68,7 +70,7 @@ def load_student(student_dir: Path, teacher: Any, device: str) -> Any:
     student = load_quantized(student_dir, device=device)
     keys = ("in_channels", "out_channels", "sample_size")
     if any(student.config.get(k) != teacher.config.get(k) for k in keys):
-        raise ValueError(
+        raise ConfigError(
             f"student_dir={student_dir} was quantized from another model than model.path: "
             + ", ".join(f"{k} {student.config.get(k)} vs {teacher.config.get(k)}" for k in keys)
         )
@@ -87,7 +89,8 @@ def saved_method(student_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with cli_errors("dq-eval"):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import build_loggers, register_resolvers
+from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers
 from dq.paths import conf_dir
 from dq.utils.io import atomic_write_text
 
@@ -72,7 +72,7 @@ def check_install_dir(dest: Path, name: str) -> None:
     except (OSError, ValueError, AttributeError):
         installed = None
     if installed != name:
-        raise ValueError(
+        raise ConfigError(
             f"install_dir={dest} is not empty and holds no earlier '{name}' asset (no {card.name} naming it): "
             f"installing would delete what is there. Pass the asset's own folder, e.g. install_dir=dq/assets/{name}, "
             "or an empty or new one."
@@ -113,7 +113,8 @@ def _card_markdown(card: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    pretrain(cfg)
+    with cli_errors("dq-pretrain"):
+        pretrain(cfg)
 
 
 if __name__ == "__main__":

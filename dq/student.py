@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dq.config import ConfigError
 from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
 from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
@@ -25,6 +26,14 @@ def quant_spec_of(cfg: DictConfig) -> QuantSpec:
     bits = {k: cfg.bits[k] for k in ("weight_bits", "act_bits", "keep_8bit", "attn_prob_bits")}
     spec = OmegaConf.to_container(cfg.quantizer.get("spec") or {}, resolve=True)
     return QuantSpec.from_dict({**spec, **bits})
+
+
+def check_spec(cfg: DictConfig) -> None:
+    """Build the QuantSpec once at start-up, so a bad `bits` / `quantizer.spec` value is named before any work."""
+    try:
+        quant_spec_of(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"bits / quantizer.spec: {e}") from e
 
 
 def sampler_timesteps(scheduler: Any, num_inference_steps: int) -> torch.Tensor:

@@ -22,14 +22,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import build_loggers, register_resolvers, validate
+from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, validate
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
-from dq.student import calibration_set, quantize_student
+from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text
 
 register_resolvers()
@@ -89,7 +89,7 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
     except (OSError, ValueError):
         changed = []
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
-    raise ValueError(
+    raise ConfigError(
         f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed. Re-run with "
         f"the settings of that run to resume it, use a new run directory, or delete {checkpoint_dir} to start over."
     )
@@ -137,7 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
     validate(cfg)
     if cfg.quantizer.name == "fp":
-        raise ValueError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
+        raise ConfigError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
+    check_spec(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
@@ -205,7 +206,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    with cli_errors("dq-train"):
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -238,14 +238,34 @@ def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monke
     assert not (run / "results.json").exists()
 
 
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path)
+
+
 def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
     """`run_dir=` alone would leave Hydra's config and log in another, timestamped directory."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dq.eval", f"run_dir={tmp_path / 'mine'}", f"hydra.run.dir={tmp_path / 'hydra'}",
-         "logger=none"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode != 0
-    assert f"run_dir={tmp_path / 'mine'} would split the run" in done.stderr
-    assert f"Pass hydra.run.dir={tmp_path / 'mine'} instead" in done.stderr
-    assert not (tmp_path / "mine").exists()
+    mine = tmp_path / "mine"
+    done = _cli(tmp_path, "dq.eval", f"run_dir={mine}", f"hydra.run.dir={tmp_path / 'hydra'}", "logger=none")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"dq-eval: error: run_dir={mine} would split the run")
+    assert f"Pass hydra.run.dir={mine} instead" in done.stderr
+    assert not mine.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "first_line"),
+    [
+        (["dq.train", "bits.weight_bits=3.5"], "dq-train: error: bits / quantizer.spec: weight_bits=3.5 is not an"),
+        (["dq.train", "distill.iters_per_block=0"], "dq-train: error: distill.iters_per_block=0 is invalid"),
+        (["dq.train", "model.path=/nowhere"], "dq-train: error: Model directory '/nowhere' does not exist"),
+        (["dq.eval", "eval.n_samples=0"], "dq-eval: error: eval.n_samples=0 is invalid"),
+        (["dq.pretrain", "install_dir=."], "dq-pretrain: error: install_dir=. is not empty"),
+    ],
+)
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_line):
+    (tmp_path / "something.txt").write_text("kept")  # install_dir=. is not empty
+    done = _cli(tmp_path, *args, f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(first_line)
+    assert (tmp_path / "something.txt").read_text() == "kept"
