@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -16,6 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.paths import asset, cache_dir
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning's tip to install its cloud logger, printed by every Trainer: not dq's business, and it hides the
+    lines that are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 def wandb_offline() -> bool:

@@ -180,6 +180,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
+        # intended: the teacher is frozen and the student trains in eval mode (no dropout, fixed norm behaviour)
+        warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
         try:
             trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully

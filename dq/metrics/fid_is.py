@@ -89,7 +89,9 @@ class SampleMetrics:
                 raise ValueError("eval.classifier_path must be set for eval.features=classifier.")
             clf = MNISTClassifier.load(classifier_path)
             self.fid = FrechetInceptionDistance(feature=_ClassifierHead(clf, "features"), reset_real_features=False)
-            self.isc = InceptionScore(feature=_ClassifierHead(clf, "logits"), splits=is_splits)
+            with warnings.catch_warnings():  # "will save all extracted features": 10 logits per sample, known
+                warnings.filterwarnings("ignore", ".*will save all extracted features in buffer.*")
+                self.isc = InceptionScore(feature=_ClassifierHead(clf, "logits"), splits=is_splits)
             self.fingerprint = _file_digest(Path(classifier_path) / "model.safetensors")
         else:
             self.fid, self.isc = _inception_metrics(inception_weights_path)

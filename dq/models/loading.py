@@ -54,7 +54,9 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
         raise FileNotFoundError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its schedule.")
     cls = _unet_class(unet_dir)
     try:
-        unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
+        # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, said here so it stops
+        # printing a notice about it on every load
+        unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDIMScheduler.from_pretrained(sched_dir, local_files_only=True)
     except Exception as e:  # diffusers raises many types for bad files; name the directory instead
         raise CheckpointError(
