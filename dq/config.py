@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
@@ -59,6 +60,8 @@ def cli_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except (ConfigError, FileNotFoundError) as e:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra fails this job only and runs the sweep's others
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -67,7 +70,8 @@ CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
-    "calib.n_calib", "calib.batch_size", "distill.iters_per_block", "distill.iters", "distill.batch_size",
+    "calib.n_calib", "calib.n_traj", "calib.batch_size", "distill.iters_per_block", "distill.iters",
+    "distill.batch_size",
 )  # fmt: skip
 SEEDS = ("seed", "calib.seed")
 
@@ -79,7 +83,7 @@ def validate(cfg: DictConfig) -> None:
         if Path(str(cfg.run_dir)).resolve() != Path(hydra_dir).resolve():
             raise ConfigError(
                 f"run_dir={cfg.run_dir} would split the run: Hydra writes the composed config and the log to "
-                f"{hydra_dir}. Pass hydra.run.dir={cfg.run_dir} instead (run_dir follows it)."
+                f"{hydra_dir}. Pass hydra.run.dir={cfg.run_dir} instead (hydra.sweep.dir with -m; run_dir follows)."
             )
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)

@@ -21,7 +21,8 @@ from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
-from dq.student import build_student, check_spec
+from dq.quant.model import TIMESTEPS_BUFFER
+from dq.student import build_student, check_spec, sampler_timesteps
 
 register_resolvers()
 
@@ -55,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             method = method_of(cfg)
         else:
             student, cost = load_student(student_dir, teacher, cfg.device), {}
+            check_steps(student, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
             method = saved_method(student_dir)
         loggers = build_loggers(cfg.logger)
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
@@ -75,6 +77,16 @@ def load_student(student_dir: Path, teacher: Any, device: str) -> Any:
             + ", ".join(f"{k} {student.config.get(k)} vs {teacher.config.get(k)}" for k in keys)
         )
     return student.eval().requires_grad_(False)
+
+
+def check_steps(student: Any, student_dir: Path, timesteps: Any) -> None:
+    """The saved student's per-step quantizers hold one range per sampling step of its run: sample with those."""
+    table = getattr(student, TIMESTEPS_BUFFER, None)
+    if table is not None and (len(table) != len(timesteps) or not bool((table.cpu() == timesteps.cpu()).all())):
+        raise ConfigError(
+            f"student_dir={student_dir} was calibrated for {len(table)} sampling steps and model.num_inference_steps"
+            f" gives {len(timesteps)} other ones: pass model.num_inference_steps={len(table)}."
+        )
 
 
 def saved_method(student_dir: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ register_resolvers()
 def pretrain(cfg: DictConfig) -> dict[str, float]:
     """Train, export to `<run_dir>/<name>` with a model card, optionally install; returns the card's metrics."""
     if cfg.install_dir:
-        check_install_dir(Path(cfg.install_dir), cfg.pretrain.name)  # before training, not after
+        check_install_dir(Path(cfg.install_dir).resolve(), cfg.pretrain.name)  # before training, not after
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     module = hydra.utils.instantiate(cfg.pretrain.module)
@@ -56,7 +56,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     atomic_write_text(out / "model_card.json", json.dumps(card, indent=2))
     atomic_write_text(out / "README.md", _card_markdown(card))
     if cfg.install_dir:
-        install(out, Path(cfg.install_dir), cfg.pretrain.name)
+        install(out, Path(cfg.install_dir).resolve(), cfg.pretrain.name)  # resolved: a linked folder stays linked
         print(f"installed {out} -> {cfg.install_dir}")
     print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
     return metrics
@@ -81,7 +81,8 @@ def check_install_dir(dest: Path, name: str) -> None:
 
 def install(src: Path, dest: Path, name: str) -> None:
     """Copy the exported asset `src` to `dest`, replacing an earlier copy of the same asset only once the new one is
-    complete (copied beside it, then swapped in by renames)."""
+    complete (copied beside it, then swapped in by renames). A symbolic link is followed: its target is replaced."""
+    dest = dest.resolve()
     check_install_dir(dest, name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.installing")

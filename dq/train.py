@@ -83,6 +83,8 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
         atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         return
     if saved == fingerprint:
+        if not config_file.is_file():  # a run started before dq kept it
+            atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         return
     try:
         changed = _changed_keys(json.loads(config_file.read_text()), json.loads(json.dumps(parts, default=str)))
@@ -173,10 +175,15 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         **trainer_kwargs, callbacks=build_callbacks(cfg.get("callbacks")), logger=loggers or False,
         default_root_dir=str(run_dir), enable_checkpointing=False,
     )  # fmt: skip
-    resume = (
-        f"training was interrupted; the finished blocks are kept in {run_dir / 'checkpoints'}: re-run the same command "
-        f"with hydra.run.dir={run_dir} to resume"
-    )
+
+    def resume() -> str:  # what an interrupted run can do next (only BKD keeps per-block checkpoints)
+        if checkpoint_fingerprint(run_dir / "checkpoints") is None:
+            return "training was interrupted before any checkpoint was written: a re-run starts over"
+        return (
+            f"training was interrupted; the finished blocks are kept in {run_dir / 'checkpoints'}: re-run the same "
+            f"command with hydra.run.dir={run_dir} to resume"
+        )
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
@@ -186,10 +193,10 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
             trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully
             if trainer.interrupted:
-                print(resume, file=sys.stderr)
+                print(resume(), file=sys.stderr)
             raise
     if trainer.interrupted:
-        raise RuntimeError(resume)
+        raise RuntimeError(resume())
     train_s = time.perf_counter() - start
 
     teacher.to(cfg.device).eval()

@@ -141,6 +141,9 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
         evaluate(compose_cfg("eval", _fast() + over, tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match=rf"student_dir={run} holds no saved student"):
         evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run}"], tmp_path / "c"))
+    with pytest.raises(ValueError, match=rf"student_dir={student} was calibrated for 3 sampling steps.*steps=3"):
+        over = ["logger=none", f"student_dir={student}", "model.num_inference_steps=4"]
+        evaluate(compose_cfg("eval", _fast() + over, tmp_path / "d"))
 
 
 @pytest.mark.parametrize(

@@ -86,9 +86,10 @@ def test_all_at_once_without_jobs(tmp_path):
 
 
 def test_a_failed_run_is_counted_and_the_others_kept(tmp_path):
-    done, events = _run_list(tmp_path, ["good seed=1", "bad seed=2 fail=1", "late seed=3"], jobs="1")
+    runs = ["good seed=1", "bad seed=2 fail=1", "late seed=3", "last seed=4 fail=1"]  # reaped at start / at the end
+    done, events = _run_list(tmp_path, runs, jobs="1")
     assert done.returncode == 1
-    assert "1 run(s) or the table failed" in done.stderr
+    assert "2 run(s) or the table failed" in done.stderr
     assert _most_at_once(events) == 1
     assert sorted(p.name for p in (tmp_path / "root").glob("*.json")) == ["good.json", "late.json"]
 

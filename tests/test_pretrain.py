@@ -74,3 +74,14 @@ def test_install_replaces_an_earlier_copy_of_the_same_asset_whole(tmp_path):
     empty.mkdir()
     install(src, empty, "ddpm_mnist")  # an empty folder is fine too
     assert (empty / "weights.bin").read_text() == "new"
+
+
+def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp_path):
+    src, target, link = tmp_path / "src", tmp_path / "store" / "ddpm_mnist", tmp_path / "assets_link"
+    _asset(src, "ddpm_mnist", extra="new")
+    _asset(target, "ddpm_mnist", extra="old")
+    link.symlink_to(target, target_is_directory=True)
+    install(src, link, "ddpm_mnist")
+    assert link.is_symlink() and (link / "weights.bin").read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ddpm_mnist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets_link", "src", "store"]

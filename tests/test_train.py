@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import compose_cfg
 from pytorch_lightning.trainer.states import TrainerStatus
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dq.callbacks import TemporalParallelQuantizer, WeightDilation
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
@@ -179,7 +179,9 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"
     first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    (run / "checkpoints" / "config.json").unlink()  # as a run started before dq kept it
     again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    assert (run / "checkpoints" / "config.json").is_file()  # back-filled on the matching resume
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert any(r.get("eval/student/psnr_to_teacher") for r in rows)
@@ -218,22 +220,25 @@ def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_free
 
 @pytest.mark.parametrize("exits", [True, False])
 def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, capsys, exits):
-    """Lightning ends the process after Ctrl-C (SystemExit) in recent versions, and returned in older ones."""
+    """Lightning ends the process after Ctrl-C (SystemExit) in recent versions, and returned in older ones; the hint
+    offers a resume only where a block checkpoint was written."""
+    run = tmp_path / "run"
 
     def interrupted_fit(self, *args, **kwargs):
         self.state.status = TrainerStatus.INTERRUPTED
-        if exits:
+        if exits:  # with one finished block on disk (only its fingerprint is read)
+            meta = {"dq_block_checkpoint": json.dumps({"fingerprint": "f"})}
+            save_file({"x": torch.zeros(1)}, str(run / "checkpoints" / "last.safetensors"), metadata=meta)
             raise SystemExit(1)
 
     monkeypatch.setattr(pl.Trainer, "fit", interrupted_fit)
-    run = tmp_path / "run"
-    hint = rf"training was interrupted; the finished blocks are kept in {run / 'checkpoints'}: .*hydra.run.dir={run}"
     if exits:
         with pytest.raises(SystemExit):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+        hint = rf"the finished blocks are kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume"
         assert re.search(hint, capsys.readouterr().err)
     else:
-        with pytest.raises(RuntimeError, match=hint):
+        with pytest.raises(RuntimeError, match="interrupted before any checkpoint was written: a re-run starts over"):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
     assert not (run / "results.json").exists()
 
@@ -269,3 +274,9 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith(first_line)
     assert (tmp_path / "something.txt").read_text() == "kept"
+
+
+def test_a_config_error_fails_one_multirun_job_and_the_sweep_goes_on(tmp_path):
+    done = _cli(tmp_path, "dq.eval", "-m", "eval.n_samples=0,-1", "logger=none", f"hydra.sweep.dir={tmp_path / 'mr'}")
+    assert done.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "mr").iterdir() if p.is_dir()) == ["0-fp-w8a8", "1-fp-w8a8"]
