@@ -280,3 +280,10 @@ def test_a_config_error_fails_one_multirun_job_and_the_sweep_goes_on(tmp_path):
     done = _cli(tmp_path, "dq.eval", "-m", "eval.n_samples=0,-1", "logger=none", f"hydra.sweep.dir={tmp_path / 'mr'}")
     assert done.returncode != 0
     assert sorted(p.name for p in (tmp_path / "mr").iterdir() if p.is_dir()) == ["0-fp-w8a8", "1-fp-w8a8"]
+
+
+def test_help_says_what_each_tool_does(tmp_path):
+    for module, first in [("dq.train", "dq-train: quantize"), ("dq.eval", "dq-eval: sample"),
+                          ("dq.pretrain", "dq-pretrain: train")]:  # fmt: skip
+        done = _cli(tmp_path, module, "--help")
+        assert done.returncode == 0 and done.stdout.startswith(first), (module, done.stdout[:200])
