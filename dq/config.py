@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf glue: custom resolvers and logger construction."""
+"""Hydra/OmegaConf glue: custom resolvers, start-up validation, one-line command-line errors and loggers."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     atomic_write_text(out / "model_card.json", json.dumps(card, indent=2))
     atomic_write_text(out / "README.md", _card_markdown(card))
     if cfg.install_dir:
-        install(out, Path(cfg.install_dir).resolve(), cfg.pretrain.name)  # resolved: a linked folder stays linked
+        install(out, Path(cfg.install_dir), cfg.pretrain.name)
         print(f"installed {out} -> {cfg.install_dir}")
     print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
     return metrics
