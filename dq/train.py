@@ -78,12 +78,9 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
     that differ when the run kept its `config.json` (older runs did not). Write that file for a fresh run."""
     saved = checkpoint_fingerprint(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
-    if saved is None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
-        return
-    if saved == fingerprint:
-        if not config_file.is_file():  # a run started before dq kept it
+    if saved is None or saved == fingerprint:
+        if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         return
     try:

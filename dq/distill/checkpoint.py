@@ -65,12 +65,7 @@ def load_block_checkpoint(
     path = Path(directory) / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["dq_block_checkpoint"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise ValueError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
+    meta, state = _read(path, tensors=True)
     if meta.get("blocks") != blocks or meta.get("fingerprint") != fingerprint:
         raise ValueError(
             f"block checkpoint {path} was written by a different configuration (blocks or fingerprint differ): "
@@ -88,13 +83,18 @@ def checkpoint_fingerprint(directory: str | Path) -> str | None:
         ValueError: the file is unreadable.
     """
     path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
+    return _read(path, tensors=False)[0].get("fingerprint") if path.is_file() else None
+
+
+def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(metadata, state dict)` of a block checkpoint (the state dict empty unless `tensors`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["dq_block_checkpoint"]).get("fingerprint")
+            meta = json.loads((f.metadata() or {})["dq_block_checkpoint"])
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (not a Mapping)
     except Exception as e:  # safetensors raises several types for damaged files
         raise ValueError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
+    return meta, state
 
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
