@@ -287,3 +287,12 @@ def test_help_says_what_each_tool_does(tmp_path):
                           ("dq.pretrain", "dq-pretrain: train")]:  # fmt: skip
         done = _cli(tmp_path, module, "--help")
         assert done.returncode == 0 and done.stdout.startswith(first), (module, done.stdout[:200])
+
+
+def test_a_corrupt_block_checkpoint_is_named_before_any_work(tiny_teacher_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setattr("dq.train.quantize_student", lambda *a: pytest.fail("quantized before the refusal"))
+    with pytest.raises(ValueError, match=r"block checkpoint .*last.safetensors is unreadable .*; delete it"):
+        train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
