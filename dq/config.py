@@ -66,7 +66,7 @@ def cli_errors(prog: str) -> Iterator[None]:
         sys.exit(2)
 
 
-CHOICES = {"eval.features": ("classifier", "inception"), "device": ("cpu", "cuda")}
+CHOICES = {"eval.features": ("classifier", "inception", "none"), "device": ("cpu", "cuda")}
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",

@@ -31,6 +31,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the teacher and the student (built from the config, none for `quantizer=fp`, or a saved one from
     `student_dir`), evaluate both from one noise."""
     validate(cfg)
+    if cfg.eval.features == "none":
+        raise ConfigError("eval=none scores nothing: dq-eval needs eval=fid_is (the default) or eval=inception.")
     run_dir = Path(cfg.run_dir)
     if (run_dir / "student").exists() or (run_dir / "checkpoints").exists():
         raise ConfigError(

@@ -91,8 +91,12 @@ def evaluate_models(
     method: dict[str, Any],
     cost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score the teacher (and the student, from the same noise), write `results.json` + grid, log, print a table."""
+    """Score the teacher (and the student, from the same noise), write `results.json` + grid, log, print a table.
+
+    With `eval=none` (features `none`) nothing is sampled: results.json holds the method and the cost only."""
     ev = cfg.eval
+    if ev.features == "none":
+        return record_without_scores(run_dir, loggers, method, cost)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), cfg.seed)
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
@@ -127,6 +131,21 @@ def evaluate_models(
     log_results(loggers, results, grid)
     print(format_table(results))
     print(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
+    return results
+
+
+def record_without_scores(
+    run_dir: Path, loggers: list[Logger], method: dict[str, Any], cost: dict[str, Any] | None
+) -> dict[str, Any]:
+    """`eval=none`: write results.json with the method and the cost, and close the loggers."""
+    results = {"metric": {"features": "none"}, "method": method, "cost": cost or {}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    for logger in loggers:
+        logger.save()
+        logger.finalize("success")
+    print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with "
+          f"dq-eval student_dir={run_dir / 'student'}")  # fmt: skip
     return results
 
 

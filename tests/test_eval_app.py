@@ -165,6 +165,12 @@ def test_bad_counts_seeds_and_a_missing_gpu_are_named_before_any_work(tmp_path, 
         evaluate(compose_cfg("eval", _fast() + ["logger=none", override], tmp_path / "run"))
 
 
+def test_eval_none_is_refused_by_dq_eval(tmp_path):
+    with pytest.raises(ValueError, match=r"eval=none scores nothing: dq-eval needs eval=fid_is"):
+        evaluate(compose_cfg("eval", ["logger=none", "eval=none"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_too_few_samples_for_the_scores_warn(tmp_path):
     cfg = compose_cfg("eval", _fast() + ["logger=none", "eval.n_samples=7", "eval.batch_size=7"], tmp_path / "run")
     with pytest.warns(UserWarning, match=r"eval.n_samples=7 is too few for meaningful scores"):

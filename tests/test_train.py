@@ -75,6 +75,22 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     assert sum(bool(r.get("block/00/reverted")) for r in rows) == 1
 
 
+def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_block(tiny_teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")] + ["eval=none", "eval.progress=false"]
+    results = train(compose_cfg("train", over + ["logger=csv"], run))
+
+    saved = json.loads((run / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and "teacher" not in saved and "student" not in saved
+    assert saved["metric"] == {"features": "none"} and saved["method"]["distill"] == "bkd"
+    blocks = json.loads((run / "checkpoints" / "last.json").read_text())["blocks"]
+    assert list(saved["cost"]["block_s"]) == blocks and all(s > 0 for s in saved["cost"]["block_s"].values())
+    assert saved["cost"]["train_s"] >= sum(saved["cost"]["block_s"].values())
+    assert not (run / "samples.png").exists() and load_quantized(run / "student") is not None
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert sum(bool(r.get("block/16/seconds")) for r in rows) == 1
+
+
 @pytest.mark.parametrize(
     ("overrides", "module_cls", "callbacks"),
     [

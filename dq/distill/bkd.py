@@ -14,6 +14,7 @@ optimizer state starts fresh.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,8 @@ class BlockwiseDistillation(QuantDistillation):
         self._batches: Tensor | None = None  # [iters_per_block, batch_size] minibatch indices of block k
         self._trainable: set[int] = set()  # ids of the parameters in the optimizer
         self._untrained: list[tuple[nn.Parameter, Tensor]] = []  # block k's parameters and their values at its start
+        self.block_seconds: dict[str, float] = {}  # wall time of each block trained in this process (capture included)
+        self._block_start = 0.0
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     @property
@@ -184,6 +187,7 @@ class BlockwiseDistillation(QuantDistillation):
 
     def start_block(self, k: int) -> None:
         """Cache block `k`'s I/O, draw its minibatches from `(seed, k)`, unfreeze its parameters."""
+        self._block_start = time.perf_counter()
         self._cache, self._cache_steps = None, None
         self._cache, self._cache_steps = self.capture(self.blocks[k])
         g = torch.Generator().manual_seed(block_seed(self.seed, k))
@@ -217,9 +221,11 @@ class BlockwiseDistillation(QuantDistillation):
             print(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
                   f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
+        seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
         self.log_block(
-            {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained")}, last
-        )
+            {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained"),
+             f"block/{k:02d}/seconds": seconds}, last,
+        )  # fmt: skip
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
                              "mse_after": mse_after, "kept": kept})  # fmt: skip
         self.student.requires_grad_(False)
