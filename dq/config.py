@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
+from dq.errors import ConfigError, UserError
 from dq.paths import asset, cache_dir
 
 
@@ -49,17 +50,13 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-class ConfigError(ValueError):
-    """A setting or path the user can fix; the command-line tools print its message without a traceback."""
-
-
 @contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
-    """Turn a `ConfigError` (or a missing file, whose message names it) into one line on stderr,
-    `<prog>: error: <message>`, and exit status 2."""
+    """Turn a `UserError` (`ConfigError`, `MissingFileError`, `CheckpointError`) into one line on stderr,
+    `<prog>: error: <message>`, and exit status 2; other exceptions keep their traceback."""
     try:
         yield
-    except (ConfigError, FileNotFoundError) as e:
+    except UserError as e:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra fails this job only and runs the sweep's others
         print(f"{prog}: error: {e}", file=sys.stderr)

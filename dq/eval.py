@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, validate
+from dq.errors import MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
@@ -67,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def load_student(student_dir: Path, teacher: Any, device: str) -> Any:
     """The student saved in `student_dir`, checked to take the teacher's inputs."""
     if not (student_dir / SPEC_NAME).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"student_dir={student_dir} holds no saved student ({SPEC_NAME} missing): pass the student/ folder of a "
             "dq-train run."
         )

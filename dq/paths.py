@@ -9,6 +9,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from dq.errors import MissingFileError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
@@ -18,7 +20,7 @@ def conf_dir() -> str:
     for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
         if candidate.is_dir():
             return str(candidate)
-    raise FileNotFoundError(f"dq's Hydra configs were not found next to {PACKAGE_DIR}; reinstall dq.")
+    raise MissingFileError(f"dq's Hydra configs were not found next to {PACKAGE_DIR}; reinstall dq.")
 
 
 def asset(name: str) -> str:

@@ -23,6 +23,7 @@ from dq.distill import (
 )
 from dq.distill.base import RelativeAdam, calibrate_student, weight_bits
 from dq.distill.calibration import build_calibration_set
+from dq.errors import CheckpointError
 from dq.quant import QuantSpec, act_quantizers, quantize_model, step_context
 
 LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
@@ -276,7 +277,7 @@ def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, a
     assert step_context(resumed.student).drop_prob == 0.0  # QDrop is off once distillation ends
 
     other = bkd(teacher, calib, tmp_path / "resumed", iters=2, fingerprint="another config")
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(CheckpointError, match="different configuration"):
         fit(other, [TemporalParallelQuantizer()])
 
 

@@ -18,7 +18,9 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 
 from dq.callbacks import TemporalParallelQuantizer, WeightDilation
+from dq.config import cli_errors
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
+from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
 from dq.models import load_teacher
 from dq.paths import run_dir_lock
@@ -292,6 +294,15 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
     assert (tmp_path / "something.txt").read_text() == "kept"
 
 
+@pytest.mark.parametrize("error", [ConfigError, MissingFileError, CheckpointError])
+def test_only_errors_the_user_can_fix_lose_their_traceback(error, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_, cli_errors("dq-x"):
+        raise error("'/a/b' is missing: set `model.path`")
+    assert exit_.value.code == 2 and capsys.readouterr().err == "dq-x: error: '/a/b' is missing: set `model.path`\n"
+    with pytest.raises(FileNotFoundError), cli_errors("dq-x"):  # a missing file dq did not check for is a bug
+        (tmp_path / "not-there").read_text()
+
+
 def test_a_config_error_fails_one_multirun_job_and_the_sweep_goes_on(tmp_path):
     done = _cli(tmp_path, "dq.eval", "-m", "eval.n_samples=0,-1", "logger=none", f"hydra.sweep.dir={tmp_path / 'mr'}")
     assert done.returncode != 0
@@ -310,5 +321,5 @@ def test_a_corrupt_block_checkpoint_is_named_before_any_work(tiny_teacher_dir, t
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.safetensors").write_bytes(b"not a safetensors file")
     monkeypatch.setattr("dq.train.quantize_student", lambda *a: pytest.fail("quantized before the refusal"))
-    with pytest.raises(ValueError, match=r"block checkpoint .*last.safetensors is unreadable .*; delete it"):
+    with pytest.raises(CheckpointError, match=r"block checkpoint .*last.safetensors is unreadable .*; delete it"):
         train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dq.errors import MissingFileError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -19,10 +21,10 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3, limit: int
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"Image folder '{root}' does not exist (set `data.path` to a local folder).")
+        raise MissingFileError(f"Image folder '{root}' does not exist (set `data.path` to a local folder).")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
-        raise FileNotFoundError(f"Image folder '{root}' holds no images with suffix {sorted(IMAGE_SUFFIXES)}.")
+        raise MissingFileError(f"Image folder '{root}' holds no images with suffix {sorted(IMAGE_SUFFIXES)}.")
     mode = {1: "L", 3: "RGB"}[channels]
     arrays = []
     for f in files:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dq.errors import CheckpointError
 from dq.utils.io import atomic_write, atomic_write_text
 
 __all__ = [
@@ -60,14 +61,14 @@ def load_block_checkpoint(
     """Load the last block checkpoint into `model` (strictly); returns its metadata, None when there is none.
 
     Raises:
-        ValueError: the file is unreadable, or was written for other blocks or another configuration.
+        CheckpointError: the file is unreadable, or was written for other blocks or another configuration.
     """
     path = Path(directory) / CHECKPOINT_NAME
     if not path.is_file():
         return None
     meta, state = _read(path, tensors=True)
     if meta.get("blocks") != blocks or meta.get("fingerprint") != fingerprint:
-        raise ValueError(
+        raise CheckpointError(
             f"block checkpoint {path} was written by a different configuration (blocks or fingerprint differ): "
             "use a new run directory, or delete the checkpoints folder to start over"
         )
@@ -80,7 +81,7 @@ def checkpoint_fingerprint(directory: str | Path) -> str | None:
     """The configuration fingerprint of `<directory>/last.safetensors` (its metadata only), None without one.
 
     Raises:
-        ValueError: the file is unreadable.
+        CheckpointError: the file is unreadable.
     """
     path = Path(directory) / CHECKPOINT_NAME
     return _read(path, tensors=False)[0].get("fingerprint") if path.is_file() else None
@@ -93,7 +94,7 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Te
             meta = json.loads((f.metadata() or {})["dq_block_checkpoint"])
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (not a Mapping)
     except Exception as e:  # safetensors raises several types for damaged files
-        raise ValueError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
+        raise CheckpointError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
     return meta, state
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dq.models.loading import CheckpointError
+from dq.errors import CheckpointError, MissingFileError
 from dq.utils.io import atomic_write_text
 
 
@@ -48,7 +48,7 @@ class MNISTClassifier(nn.Module):
     def load(cls, directory: str | Path) -> MNISTClassifier:
         d = Path(directory).expanduser()
         if not (d / "model.safetensors").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No classifier at '{d}' (model.safetensors missing): set `eval.classifier_path` or run "
                 "`dq-pretrain pretrain=classifier`."
             )

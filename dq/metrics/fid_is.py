@@ -21,6 +21,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
+from dq.errors import MissingFileError
 from dq.metrics.classifier import MNISTClassifier
 from dq.utils.io import atomic_write
 
@@ -49,7 +50,7 @@ def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistan
             "`pip install 'dq[inception]'` (torch-fidelity). The MNIST default uses eval.features=classifier."
         )
     if not weights_path or not Path(weights_path).expanduser().is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"eval.inception_weights_path='{weights_path}' is not a file. Point it at a local copy of the "
             "torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth); dq never downloads them."
         )
@@ -177,5 +178,5 @@ def sqnr_db(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _file_digest(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"Feature-extractor weights '{path}' not found.")
+        raise MissingFileError(f"Feature-extractor weights '{path}' not found.")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -7,9 +7,7 @@ from pathlib import Path
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
-
-class CheckpointError(RuntimeError):
-    """A model directory exists but cannot be loaded (corrupt or incomplete files)."""
+from dq.errors import CheckpointError, MissingFileError
 
 
 def _unet_class(unet_dir: Path) -> type[ModelMixin]:
@@ -37,21 +35,21 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Model directory '{root}' does not exist. Set `{field}` to a local diffusers directory "
             "(with unet/ and scheduler/); dq never downloads models."
         )
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     sched_dir = root / "scheduler"
     if (unet_dir / "quant_spec.json").is_file():  # dq.quant.io.SPEC_NAME (not imported: models stay below quant)
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"`{field}`={root} is a quantized student saved by dq (quant_spec.json), not a teacher: keep `{field}` at "
             f"the full-precision model and pass the student as `student_dir={root}` to dq-eval."
         )
     if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"'{unet_dir}' has no config.json: `{field}` must name a diffusers model directory.")
+        raise MissingFileError(f"'{unet_dir}' has no config.json: `{field}` must name a diffusers model directory.")
     if not (sched_dir / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its schedule.")
+        raise MissingFileError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its schedule.")
     cls = _unet_class(unet_dir)
     try:
         # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, said here so it stops

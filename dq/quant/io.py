@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dq.errors import MissingFileError
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.layers import QuantLayerMixin
 from dq.quant.model import (
@@ -78,7 +79,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path.name} not found in {path.parent}: not a saved quantized model?")
+        raise MissingFileError(f"{path.name} not found in {path.parent}: not a saved quantized model?")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -103,7 +104,7 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     meta = _read_json(directory / SPEC_NAME)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_NAME} not found in {directory}: not a saved quantized model?")
+        raise MissingFileError(f"{WEIGHTS_NAME} not found in {directory}: not a saved quantized model?")
     try:
         keys = ("spec", "quantized_layers", "quantized_attention", "num_steps", "timesteps")
         missing = [k for k in keys if k not in meta]
