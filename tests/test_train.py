@@ -265,6 +265,21 @@ def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path)
 
 
+def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_dir, tmp_path):
+    """Hydra saves each command's config to <run>/.hydra before dq can refuse it; dq puts the run's own back."""
+    run = tmp_path / "run"
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")] + ["eval=none", "distill.iters_per_block=1"]
+    first = _cli(tmp_path, "dq.train", *over, "logger=none", f"hydra.run.dir={run}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = {p.name: p.read_text() for p in (run / ".hydra").iterdir()}
+    assert "distill.iters_per_block=1" in record["overrides.yaml"]
+
+    refused = _cli(tmp_path, "dq.train", *over, "logger=none", "calib.seed=7", f"hydra.run.dir={run}")
+    assert refused.returncode == 2 and "calib.seed differ" in refused.stderr
+    assert f"{run / '.hydra'} still describes that run" in refused.stderr
+    assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
+
+
 def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
     """`run_dir=` alone would leave Hydra's config and log in another, timestamped directory."""
     mine = tmp_path / "mine"
