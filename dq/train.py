@@ -217,6 +217,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
         # intended: the teacher is frozen and the student trains in eval mode (no dropout, fixed norm behaviour)
         warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
+        # raised by torch inside Lightning's own code (utilities/_pytree.py); nothing a user of dq can change
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning)
         try:
             trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully
