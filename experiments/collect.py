@@ -69,17 +69,18 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
     out, teacher, seed = [], None, None
     for path in sorted(p for root in roots for p in root.rglob("results.json")):
         r = json.loads(path.read_text())
-        m, s, cost = r.get("method", {}), r.get("student", r["teacher"]), r.get("cost", {})
-        teacher = teacher or r["teacher"]
-        seed = r["metric"]["seed"] if seed is None else seed
-        other_noise = r["metric"]["seed"] != seed  # its teacher differs from the top row's: name it
+        # a run with eval=none has neither teacher nor student scores: its row keeps the cost only
+        m, s, cost = r.get("method", {}), r.get("student", r.get("teacher", {})), r.get("cost", {})
+        teacher = teacher or r.get("teacher")
+        seed = r["metric"].get("seed") if seed is None else seed
+        other_noise = "teacher" in r and r["metric"]["seed"] != seed  # its teacher differs from the top row's: name it
         noise = [f"[eval seed {r['metric']['seed']}, teacher FID {r['teacher']['fid']:.2f}]"] if other_noise else []
         out.append({
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
             "callbacks": "+".join(m.get("callbacks", [])) or "-",
             "overrides": " ".join([given := overrides(path.parent)] + marks(m, given) + noise).strip(),
-            "fid": s["fid"], "is": s["is"], "psnr_to_teacher": s.get("psnr_to_teacher", ""),
+            "fid": s.get("fid", ""), "is": s.get("is", ""), "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),
             "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "run": str(path.parent),

@@ -57,3 +57,18 @@ def test_rows_mark_inputs_left_in_float(tmp_path):
         "[fp_network_input] [fp_output_layer_input]",
         "quantizer.spec.fp_output_layer_input=true",  # the override says it already: no mark
     ]
+
+
+def test_a_run_without_scores_keeps_its_cost(tmp_path):
+    """`dq-train eval=none` writes results.json with the method and the cost only."""
+    run = tmp_path / "b_none"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- eval=none\n")
+    results = {"metric": {"features": "none"}, "method": {"quantizer": "dilatequant"}, "cost": {"train_s": 12.5}}
+    (run / "results.json").write_text(json.dumps(results))
+    only = _collect().rows([run])
+    assert len(only) == 1 and only[0]["train_s"] == 12.5 and only[0]["fid"] == ""
+    assert only[0]["overrides"] == "eval=none"
+    _run(tmp_path / "a_scored", 0, 42.3, {}, ["bits=w4a4"])
+    both = _collect().rows([tmp_path])
+    assert [r["run"] for r in both] == ["teacher", str(tmp_path / "a_scored"), str(run)]
