@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pytorch_lightning.loggers import Logger
 
 from dq.errors import ConfigError, UserError
 from dq.paths import asset, cache_dir
+from dq.utils.io import atomic_write
 
 
 class _DropAdverts(logging.Filter):
@@ -61,6 +63,47 @@ def cli_errors(prog: str) -> Iterator[None]:
             raise  # Hydra fails this job only and runs the sweep's others
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _hydra_record_dir() -> Path | None:
+    """`<run>/.hydra`, where Hydra saved this command's config; None outside a Hydra app or without one."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+
+
+def _kept_record(record: Path) -> Path:
+    return record.parent / "checkpoints" / "hydra"
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """Copy the files directly in `src` into `dst` (created), each atomically."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            atomic_write(dst / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+
+
+def keep_hydra_record() -> None:
+    """Copy this command's Hydra record (`<run>/.hydra`) to `<run>/checkpoints/hydra`: dq-train calls it once the
+    run directory's checkpoints accepted the command, so the copy always describes the run."""
+    record = _hydra_record_dir()
+    if record is not None and record.is_dir():
+        _copy_files(record, _kept_record(record))
+
+
+@contextmanager
+def restoring_hydra_record() -> Iterator[None]:
+    """Hydra writes each command's config to `<run>/.hydra` before dq can check it: when the command fails (a refused
+    resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record`."""
+    try:
+        yield
+    except BaseException:
+        record = _hydra_record_dir()
+        if record is not None and _kept_record(record).is_dir():
+            _copy_files(_kept_record(record), record)
+        raise
 
 
 CHOICES = {"eval.features": ("classifier", "inception", "none"), "device": ("cpu", "cuda")}

@@ -17,5 +17,6 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the config names is not there."""
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A model directory or checkpoint exists but cannot be loaded (corrupt or incomplete files)."""
+class CheckpointError(UserError, RuntimeError, ValueError):
+    """A model directory or checkpoint exists but cannot be loaded (corrupt, incomplete, or written for something
+    else). A `ValueError` too, as the block-checkpoint and saved-student errors it replaced were."""

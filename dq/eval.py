@@ -15,7 +15,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, validate
+from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, restoring_hydra_record, validate
 from dq.errors import MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
@@ -104,7 +104,7 @@ def saved_method(student_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("dq-eval"):
+    with cli_errors("dq-eval"), restoring_hydra_record():
         evaluate(cfg)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from dq.errors import MissingFileError
+from dq.errors import ConfigError, MissingFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -38,13 +38,13 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold `<run_dir>/.dq.lock` for the duration of a run, so two processes never write one run directory.
 
     Raises:
-        RuntimeError: another process holds the lock (names the directory and what to do).
+        ConfigError: another process holds the lock (names the directory and what to do).
     """
     lock = FileLock(Path(run_dir) / ".dq.lock", timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise RuntimeError(
+        raise ConfigError(
             f"run_dir={run_dir} is in use by another running dq process (lock {lock.lock_file}); wait for it "
             "to finish, or pass another hydra.run.dir=... (resuming a finished or killed run into it is fine)"
         ) from None

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -21,10 +20,17 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, validate
+from dq.config import (
+    ConfigError,
+    build_loggers,
+    cli_errors,
+    keep_hydra_record,
+    register_resolvers,
+    restoring_hydra_record,
+    validate,
+)  # fmt: skip
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.evaluation import evaluate_models, method_of
@@ -32,7 +38,7 @@ from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, check_spec, quantize_student
-from dq.utils.io import atomic_write, atomic_write_text
+from dq.utils.io import atomic_write_text
 
 register_resolvers()
 
@@ -75,54 +81,27 @@ def fingerprint_parts(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any)
     return parts
 
 
-def check_resumable(
-    checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str, hydra_dir: Path | None = None
-) -> None:
+def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str) -> None:
     """Refuse, before anything in the run changes, block checkpoints written by another configuration; name the keys
-    that differ when the run kept its `config.json` (older runs did not). Write that file for a fresh run.
-
-    Hydra writes the command's config to `hydra_dir` (`<run>/.hydra`) before dq sees it: an accepted start keeps a
-    copy in `checkpoints/hydra`, and a refused one puts that copy back, so `.hydra` keeps describing the run."""
+    that differ when the run kept its `config.json` (older runs did not). Write that file for a fresh run, and keep
+    the accepted command's Hydra record (`keep_hydra_record`)."""
     saved = checkpoint_fingerprint(checkpoint_dir)
-    config_file, kept = checkpoint_dir / "config.json", checkpoint_dir / "hydra"
+    config_file = checkpoint_dir / "config.json"
     if saved is None or saved == fingerprint:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
-        if hydra_dir is not None and hydra_dir.is_dir():
-            _copy_files(hydra_dir, kept)
+        keep_hydra_record()
         return
-    if hydra_dir is not None and kept.is_dir():
-        _copy_files(kept, hydra_dir)
-        record = f"{hydra_dir} still describes that run"
-    else:  # a run started before dq kept the copy
-        record = f"except {hydra_dir}: Hydra wrote this command's config there" if hydra_dir else ""
     try:
         changed = _changed_keys(json.loads(config_file.read_text()), json.loads(json.dumps(parts, default=str)))
     except (OSError, ValueError):
         changed = []
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
     raise ConfigError(
-        f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed"
-        f"{f' ({record})' if record else ''}. Re-run with the settings of that run to resume it, use a new run "
-        f"directory, or delete {checkpoint_dir} to start over."
+        f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed. Re-run with "
+        f"the settings of that run to resume it, use a new run directory, or delete {checkpoint_dir} to start over."
     )
-
-
-def _copy_files(src: Path, dst: Path) -> None:
-    """Copy the files directly in `src` into `dst` (created), each atomically."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file():
-            atomic_write(dst / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
-
-
-def hydra_record_dir() -> Path | None:
-    """`<run>/.hydra`, where Hydra saved this command's config; None outside a Hydra app or without one."""
-    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
-        return None
-    hydra_cfg = HydraConfig.get()
-    return Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -172,10 +151,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
+    if cfg.eval.features == "none" and "student" in _read_json(run_dir / "results.json"):
+        raise ConfigError(
+            f"eval=none would replace the scores in {run_dir / 'results.json'} with the cost alone: re-run that run "
+            "with its own eval settings, or use a new run directory."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -184,7 +177,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     teacher.to(cfg.device)
     parts = fingerprint_parts(cfg, teacher, scheduler)
     fingerprint = _digest(parts)
-    check_resumable(run_dir / "checkpoints", parts, fingerprint, hydra_record_dir())  # before anything else writes
+    check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
 
     start = time.perf_counter()
     student = quantize_student(cfg, teacher, scheduler)
@@ -246,7 +239,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("dq-train"):
+    with cli_errors("dq-train"), restoring_hydra_record():
         train(cfg)
 
 

@@ -46,6 +46,8 @@ def write_standin(path: Path, seed: int = 0) -> int:
 
 def main(root: Path, overrides: list[str]) -> None:
     model, run = root / "model", root / "run"
+    if run.exists():  # dq-train would resume it and time only what is left
+        sys.exit(f"{run} exists: give bench_scale.py a new ROOT (the stand-in in ROOT/model is reused if there)")
     if not (model / "unet" / "config.json").is_file():
         print(f"stand-in for google/ddpm-cifar10-32: {write_standin(model) / 1e6:.1f}M parameters -> {model}")
     cmd = [sys.executable, "-m", "dq.train", "model=ddpm_cifar10", f"model.path={model}", "eval=none",

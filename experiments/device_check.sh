@@ -10,6 +10,7 @@
 #       mlxtend==0.25.0 importlib-metadata zipp
 # then run `bash experiments/device_check.sh` there with carry [".whl"]. W&B is not installed there: logger=csv.
 cd "$(dirname "$0")/.." || exit 1
+rm -rf /tmp/sd /tmp/sp  # bench_scale.py refuses a ROOT that holds a run
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -24,9 +25,13 @@ timeout 170 python3 experiments/bench_scale.py /tmp/sd trainer=gpu eval.progress
 echo "rc $?"; grep -v "kept the block" "$OUT/scale_default.log" | tail -3
 left=$((545 - SECONDS))
 echo "== bench_scale, paper budget, at ${SECONDS}s, ${left}s left"
-timeout $left python3 experiments/bench_scale.py /tmp/sp trainer=gpu experiment=paper_budget eval.progress=false \
-    > "$OUT/scale_paper.log" 2>&1
-echo "rc $?"; grep -v "kept the block" "$OUT/scale_paper.log" | tail -3
+if [ "$left" -ge 60 ]; then
+    timeout $left python3 experiments/bench_scale.py /tmp/sp trainer=gpu experiment=paper_budget eval.progress=false \
+        > "$OUT/scale_paper.log" 2>&1
+    echo "rc $?"; grep -v "kept the block" "$OUT/scale_paper.log" | tail -3
+else
+    echo "skipped: too little time left"
+fi
 for r in sd sp; do
     mkdir -p "$OUT/$r"
     cp /tmp/$r/run/results.json /tmp/$r/run/checkpoints/last.json /tmp/$r/run/csv/metrics.csv "$OUT/$r/" 2>/dev/null

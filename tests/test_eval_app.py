@@ -6,6 +6,7 @@ import pytest
 from conftest import TEACHER, compose_cfg
 from hydra.errors import ConfigCompositionException
 
+from dq.errors import ConfigError
 from dq.eval import evaluate
 from dq.models import load_teacher
 from dq.paths import PACKAGE_DIR, conf_dir
@@ -134,7 +135,7 @@ def test_student_dir_scores_a_saved_student_and_a_train_run_dir_is_never_overwri
 def test_student_dir_mistakes_name_the_field(tmp_path):
     run, _ = _saved_ptq_run(tmp_path)
     student = run / "student"
-    with pytest.raises(FileNotFoundError, match=rf"model.path`={student} is a quantized student.*student_dir="):
+    with pytest.raises(ValueError, match=rf"model.path`={student} is a quantized student.*student_dir="):
         evaluate(compose_cfg("eval", _fast() + ["logger=none", f"model.path={student}"], tmp_path / "a"))
     with pytest.raises(ValueError, match="scores a saved student, and quantizer=ptq_minmax would build another"):
         over = ["logger=none", f"student_dir={student}", "quantizer=ptq_minmax", "bits=w4a8"]
@@ -166,7 +167,7 @@ def test_bad_counts_seeds_and_a_missing_gpu_are_named_before_any_work(tmp_path, 
 
 
 def test_eval_none_is_refused_by_dq_eval(tmp_path):
-    with pytest.raises(ValueError, match=r"eval=none scores nothing: dq-eval needs eval=fid_is"):
+    with pytest.raises(ConfigError, match=r"eval=none scores nothing: dq-eval needs eval=fid_is"):
         evaluate(compose_cfg("eval", ["logger=none", "eval=none"], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 

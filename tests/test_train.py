@@ -92,6 +92,13 @@ def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_blo
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert sum(bool(r.get("block/16/seconds")) for r in rows) == 1
 
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    (scored / "results.json").write_text(json.dumps({"student": {"fid": 50.0}}))
+    with pytest.raises(ConfigError, match=r"eval=none would replace the scores in .*results.json"):
+        train(compose_cfg("train", over + ["logger=csv"], scored))
+    assert json.loads((scored / "results.json").read_text()) == {"student": {"fid": 50.0}}
+
 
 @pytest.mark.parametrize(
     ("overrides", "module_cls", "callbacks"),
@@ -226,7 +233,7 @@ def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_free
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RuntimeError, match=r"run_dir=.*run is in use by another running dq process"):
+        with pytest.raises(ConfigError, match=r"run_dir=.*run is in use by another running dq process"):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
         assert sorted(p.name for p in run.iterdir()) == [".dq.lock"]  # nothing was written
     finally:
@@ -276,7 +283,9 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_di
 
     refused = _cli(tmp_path, "dq.train", *over, "logger=none", "calib.seed=7", f"hydra.run.dir={run}")
     assert refused.returncode == 2 and "calib.seed differ" in refused.stderr
-    assert f"{run / '.hydra'} still describes that run" in refused.stderr
+    assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
+    refused = _cli(tmp_path, "dq.eval", "logger=none", f"hydra.run.dir={run}")  # any refusal, not only a resume's
+    assert refused.returncode == 2 and "holds a dq-train run" in refused.stderr
     assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
 
 

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from dq.data.folder import load_image_folder
 from dq.data.mnist import load_mnist_split
+from dq.errors import ConfigError
 
 DATASETS = ("mnist", "image_folder")
 
@@ -17,9 +18,9 @@ def reference_images(data: DictConfig) -> torch.Tensor:
         return load_mnist_split(data.get("seed", 0))["train"][0]
     if data.name == "image_folder":
         if not data.get("path"):
-            raise ValueError("model.data.path must name a local image folder for FID reference statistics.")
+            raise ConfigError("model.data.path must name a local image folder for FID reference statistics.")
         return load_image_folder(data.path, data.size, data.channels, data.get("limit"))
-    raise ValueError(f"model.data.name='{data.name}' is not one of {list(DATASETS)}.")
+    raise ConfigError(f"model.data.name='{data.name}' is not one of {list(DATASETS)}.")
 
 
 def reference_name(data: DictConfig) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
-from dq.errors import CheckpointError, MissingFileError
+from dq.errors import CheckpointError, ConfigError, MissingFileError
 
 
 def _unet_class(unet_dir: Path) -> type[ModelMixin]:
@@ -30,7 +30,8 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     Nothing is downloaded: `path` must exist locally.
 
     Raises:
-        FileNotFoundError: `path` does not exist (the message names the config field to fix).
+        MissingFileError: `path` or a file in it does not exist (the message names the config field to fix).
+        ConfigError: `path` is a student saved by dq, not a teacher.
         CheckpointError: the files are there but corrupt or incomplete.
     """
     root = Path(path).expanduser()
@@ -42,7 +43,7 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     sched_dir = root / "scheduler"
     if (unet_dir / "quant_spec.json").is_file():  # dq.quant.io.SPEC_NAME (not imported: models stay below quant)
-        raise MissingFileError(
+        raise ConfigError(
             f"`{field}`={root} is a quantized student saved by dq (quant_spec.json), not a teacher: keep `{field}` at "
             f"the full-precision model and pass the student as `student_dir={root}` to dq-eval."
         )

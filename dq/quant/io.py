@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dq.errors import MissingFileError
+from dq.errors import CheckpointError, MissingFileError
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.layers import QuantLayerMixin
 from dq.quant.model import (
@@ -83,9 +83,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt: not valid JSON ({e})") from e
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is corrupt: expected a JSON object")
+        raise CheckpointError(f"{path} is corrupt: expected a JSON object")
     return data
 
 
@@ -112,12 +112,12 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
             raise KeyError(", ".join(missing))
         spec = QuantSpec.from_dict(meta["spec"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{directory / SPEC_NAME} is invalid: {e}") from e
+        raise CheckpointError(f"{directory / SPEC_NAME} is invalid: {e}") from e
 
     class_name = config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(f"{directory / CONFIG_NAME}: _class_name={class_name!r} is not a diffusers model class")
+        raise CheckpointError(f"{directory / CONFIG_NAME}: _class_name={class_name!r} is not a diffusers model class")
     model = cls.from_config(config)
     spec.check_keep_8bit(quantizable_layers(model), f"{directory / SPEC_NAME}, spec.keep_8bit")
 
@@ -132,13 +132,13 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     quantize_model(model, spec, timesteps=timesteps, filter_fn=saved, init_weights=False)
     for name, q in act_quantizers(model):
         if name not in meta["num_steps"]:
-            raise ValueError(f"{directory / SPEC_NAME} lists no num_steps for activation quantizer {name!r}")
+            raise CheckpointError(f"{directory / SPEC_NAME} lists no num_steps for activation quantizer {name!r}")
         q.expand_steps(int(meta["num_steps"][name]))
 
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} is corrupt: {e}") from e
+        raise CheckpointError(f"{weights} is corrupt: {e}") from e
     model.load_state_dict(state, strict=True)
     if device is not None:
         model.to(device)
