@@ -144,8 +144,8 @@ def record_without_scores(
     for logger in loggers:
         logger.save()
         logger.finalize("success")
-    print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with "
-          f"dq-eval student_dir={run_dir / 'student'}")  # fmt: skip
+    print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with dq-eval "
+          f"student_dir={run_dir / 'student'} and this run's model settings (model=, model.path=, steps)")  # fmt: skip
     return results
 
 
