@@ -129,6 +129,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
+    if OmegaConf.select(cfg, "eval.features") == "none" and OmegaConf.select(cfg, "eval.name") != "none":
+        raise ConfigError("eval.features=none skips the evaluation: pass eval=none (the config group) instead.")
     for key in (*COUNTS, *SEEDS):
         value = OmegaConf.select(cfg, key)
         if value is None:

@@ -157,6 +157,7 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
         ("calib.seed=1.5", "calib.seed=1.5 is invalid: must be a whole number"),
         ("seed=true", "seed=True is invalid: must be a whole number"),
         ("device=cuda", "device='cuda' but PyTorch sees no CUDA GPU here"),
+        ("eval.features=none", "eval.features=none skips the evaluation: pass eval=none"),
     ],
 )
 def test_bad_counts_seeds_and_a_missing_gpu_are_named_before_any_work(tmp_path, monkeypatch, override, message):
