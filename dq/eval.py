@@ -6,7 +6,6 @@ from a dq-train run (`student_dir=<run>/student`, as saved by `save_quantized`) 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers, restoring_hydra_record, validate
-from dq.errors import MissingFileError
+from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record, validate
+from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
@@ -24,6 +23,7 @@ from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
 from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_spec, sampler_timesteps
+from dq.utils.io import read_json_object
 
 register_resolvers()
 
@@ -95,9 +95,8 @@ def check_steps(student: Any, student_dir: Path, timesteps: Any) -> None:
 def saved_method(student_dir: Path) -> dict[str, Any]:
     """results.json's `method` of the run that saved `student_dir` (its own results.json beside it), plus where the
     student came from; only `student_dir` when that file is missing or unreadable."""
-    try:
-        method = json.loads((student_dir.parent / "results.json").read_text())["method"]
-    except (OSError, ValueError, KeyError, TypeError):
+    method = read_json_object(student_dir.parent / "results.json").get("method")
+    if not isinstance(method, dict):
         method = {"quantizer": "saved", "bits": "?"}
     return {**method, "student_dir": str(student_dir)}
 

@@ -141,21 +141,20 @@ def record_without_scores(
     results = {"metric": {"features": "none"}, "method": method, "cost": cost or {}}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-    for logger in loggers:
-        logger.save()
-        logger.finalize("success")
+    log_results(loggers, results, None)
     print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with dq-eval "
           f"student_dir={run_dir / 'student'} and this run's model settings (model=, model.path=, steps)")  # fmt: skip
     return results
 
 
-def log_results(loggers: list[Logger], results: dict[str, Any], grid: Any) -> None:
+def log_results(loggers: list[Logger], results: dict[str, Any], grid: Any | None) -> None:
+    """Log the scores (and the teacher | student grid, to W&B) to every logger, then close it."""
     flat = {
         f"eval/{who}/{k}": v for who in ("teacher", "student") for k, v in results.get(who, {}).items()
     }  # e.g. eval/student/fid
     for logger in loggers:
         logger.log_metrics(flat, step=0)
-        if isinstance(logger, WandbLogger):
+        if grid is not None and isinstance(logger, WandbLogger):
             logger.log_image(key="eval/samples", images=[grid], caption=["teacher | student"])
         logger.save()
         logger.finalize("success")

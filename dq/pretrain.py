@@ -17,9 +17,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import ConfigError, build_loggers, cli_errors, register_resolvers
+from dq.config import build_loggers, cli_errors, register_resolvers
+from dq.errors import ConfigError
 from dq.paths import conf_dir
-from dq.utils.io import atomic_write_text
+from dq.utils.io import atomic_write_text, read_json_object
 
 register_resolvers()
 
@@ -67,11 +68,7 @@ def check_install_dir(dest: Path, name: str) -> None:
     if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
         return
     card = dest / "model_card.json"
-    try:
-        installed = json.loads(card.read_text()).get("name") if card.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        installed = None
-    if installed != name:
+    if read_json_object(card).get("name") != name:
         raise ConfigError(
             f"install_dir={dest} is not empty and holds no earlier '{name}' asset (no {card.name} naming it): "
             f"installing would delete what is there. Pass the asset's own folder, e.g. install_dir=dq/assets/{name}, "

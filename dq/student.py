@@ -15,9 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dq.config import ConfigError
 from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
+from dq.errors import ConfigError
 from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
 
 

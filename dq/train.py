@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dq.config import (
-    ConfigError,
     build_loggers,
     cli_errors,
     keep_hydra_record,
@@ -33,12 +32,13 @@ from dq.config import (
 )  # fmt: skip
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
+from dq.errors import ConfigError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, check_spec, quantize_student
-from dq.utils.io import atomic_write_text
+from dq.utils.io import atomic_write_text, read_json_object
 
 register_resolvers()
 
@@ -93,10 +93,8 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         keep_hydra_record()
         return
-    try:
-        changed = _changed_keys(json.loads(config_file.read_text()), json.loads(json.dumps(parts, default=str)))
-    except (OSError, ValueError):
-        changed = []
+    old = read_json_object(config_file)  # {}: a run started before dq kept the file, or a damaged one
+    changed = _changed_keys(old, json.loads(json.dumps(parts, default=str))) if old else []
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
     raise ConfigError(
         f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed. Re-run with "
@@ -151,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
-    if cfg.eval.features == "none" and "student" in _read_json(run_dir / "results.json"):
+    if cfg.eval.features == "none" and "student" in read_json_object(run_dir / "results.json"):
         raise ConfigError(
             f"eval=none would replace the scores in {run_dir / 'results.json'} with the cost alone: re-run that run "
             "with its own eval settings, or use a new run directory."
@@ -160,15 +158,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; {} when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

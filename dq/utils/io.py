@@ -1,11 +1,14 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file under the final name."""
+"""Atomic file writes (a crash mid-write never leaves a half-written file under the final name), and a tolerant
+JSON reader for the files dq writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -27,3 +30,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when the file is missing, unreadable, or holds something else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,30 @@
+"""dq.utils.io: atomic writes and the tolerant JSON reader."""
+
+from pathlib import Path
+
+import pytest
+
+from dq.utils.io import atomic_write, atomic_write_text, read_json_object
+
+
+def test_read_json_object_gives_the_object_or_nothing(tmp_path: Path) -> None:
+    (tmp_path / "ok.json").write_text('{"method": {"bits": "w4a8"}}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "torn.json").write_text('{"method": ')
+    assert read_json_object(tmp_path / "ok.json") == {"method": {"bits": "w4a8"}}
+    for name in ("list.json", "torn.json", "missing.json"):
+        assert read_json_object(tmp_path / name) == {}
+    assert read_json_object(tmp_path) == {}  # a directory: unreadable as a file
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    atomic_write_text(path, "old")
+
+    def crash(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(path, crash)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
