@@ -221,7 +221,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         "resumed_at_step": int(module.start_step),
         "blocks": len(getattr(module, "blocks", [])),
         "reverted_blocks": [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"],
-        "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block trained in this process
+        "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block, across resumes
     }
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 

@@ -274,6 +274,7 @@ def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, a
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(q.num_steps == 3 for _, q in act_quantizers(resumed.student))
     assert resumed.history == straight.history
+    assert list(resumed.block_seconds) == list(straight.block_seconds) == resumed.block_names  # blocks 0-4 too
     assert step_context(resumed.student).drop_prob == 0.0  # QDrop is off once distillation ends
 
     other = bkd(teacher, calib, tmp_path / "resumed", iters=2, fingerprint="another config")

@@ -121,7 +121,7 @@ class BlockwiseDistillation(QuantDistillation):
         self._batches: Tensor | None = None  # [iters_per_block, batch_size] minibatch indices of block k
         self._trainable: set[int] = set()  # ids of the parameters in the optimizer
         self._untrained: list[tuple[nn.Parameter, Tensor]] = []  # block k's parameters and their values at its start
-        self.block_seconds: dict[str, float] = {}  # wall time of each block trained in this process (capture included)
+        self.block_seconds: dict[str, float] = {}  # wall time of each finished block (capture included), kept on resume
         self._block_start = 0.0
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -151,6 +151,7 @@ class BlockwiseDistillation(QuantDistillation):
         if meta is not None:
             finished = int(meta["finished_blocks"])
             self.history = list(meta.get("history", []))
+            self.block_seconds = dict(meta.get("block_seconds", {}))  # absent in checkpoints of older versions
             self.start_step = finished * self.iters_per_block
             print(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
 
@@ -233,9 +234,8 @@ class BlockwiseDistillation(QuantDistillation):
         ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it
         self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
         if self.checkpoint_dir is not None:
-            save_block_checkpoint(
-                self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, self.history
-            )
+            meta = {"history": self.history, "block_seconds": self.block_seconds}
+            save_block_checkpoint(self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, **meta)
 
     def log_block(self, metrics: dict[str, float], step: int) -> None:
         """Write block metrics to every logger once, at global step `step` (`k * iters_per_block + i`).

@@ -39,14 +39,20 @@ def save_block_checkpoint(
     blocks: list[str],
     fingerprint: str,
     history: list[dict[str, Any]] | None = None,
+    block_seconds: dict[str, float] | None = None,
 ) -> Path:
-    """Atomically write `model`'s state dict after `finished_blocks` blocks; returns the safetensors path."""
+    """Atomically write `model`'s state dict after `finished_blocks` blocks; returns the safetensors path.
+
+    `history` (per finished block: its MSEs and whether it was kept) and `block_seconds` (its wall time) travel in the
+    metadata, so a resumed run reports every block, not only those it trained itself.
+    """
     directory = Path(directory)
     meta = {
         "finished_blocks": finished_blocks,
         "blocks": blocks,
         "fingerprint": fingerprint,
         "history": history or [],
+        "block_seconds": block_seconds or {},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = directory / CHECKPOINT_NAME
