@@ -108,6 +108,10 @@ def test_quant_layer_forward_matches_reference(kind):
     xs = x * layer.in_scale.view(shape)
     x_ref = aq.scale * (torch.clamp(torch.round(xs / aq.scale) + aq.zero_point.round(), 0, 63) - aq.zero_point.round())
     assert_close(layer(x), op(x_ref, w_ref, float_layer.bias), atol=0, rtol=0)
+    before = x.clone()
+    with torch.no_grad():  # the sampling path: cached weight, in-place quantization of the scaled input
+        assert_close(layer(x), op(x_ref, w_ref, float_layer.bias), atol=0, rtol=0)
+    assert torch.equal(x, before)  # the caller's input is never overwritten
 
     set_quant_state(layer, weights=False, acts=False)
     assert_close(layer(x), op(xs, weight, float_layer.bias), atol=0, rtol=0)
@@ -257,13 +261,15 @@ def test_temporal_model_uses_each_samples_own_step():
     model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
     q = model.get_submodule("down_blocks.0.resnets.0.conv1").act_quantizer
     assert q.num_steps == 3 and len(set(q.scale.tolist())) == 3  # one calibrated Δ per step
-    records = []
-    for _, aq in act_quantizers(model):
-        aq.register_forward_hook(lambda m, a, o: records.append((m, a[0], o)))
+    records, inputs_seen = [], {}
+    for _, aq in act_quantizers(model):  # a copy of the input: when sampling, a quantizer overwrites it
+        aq.register_forward_pre_hook(lambda m, a: inputs_seen.__setitem__(m, a[0].clone()))
+        aq.register_forward_hook(lambda m, a, o: records.append((m, inputs_seen[m], o)))
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(x, torch.tensor([0, 666, 333]))
     assert len(records) == len(list(act_quantizers(model)))
+    assert any(not torch.equal(inp, out) for _, inp, out in records)
     for m, inp, out in records:  # every quantizer of the network: sample b used step index[b]
         for b, i in enumerate([2, 0, 1]):
             ref = m.scale[i] * (
@@ -271,6 +277,22 @@ def test_temporal_model_uses_each_samples_own_step():
                 - m.zero_point[i].round()
             )
             assert_close(out[b], ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+def test_sampling_path_equals_the_autograd_path_bit_for_bit(make):
+    """Without autograd the quantizers overwrite tensors they own (scaled inputs, q / k / v, probabilities) and split
+    layers skip the concatenation; the model's output must be exactly that of the training (autograd) path."""
+    model = calibrated(make(), QuantSpec(weight_bits=4, act_bits=4, split_concat=True))
+    assert any(getattr(m, "split", 0) for m in model.modules())
+    kw = {**inputs(model), "timestep": torch.tensor([0, 666, 333])}
+    before = {k: v.clone() for k, v in kw.items()}
+    with_grad = model(**kw).sample
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        sampled = model(**kw).sample
+    assert torch.equal(sampled, with_grad.detach())
+    assert all(torch.equal(kw[k], v) for k, v in before.items())  # the inputs are left as they were
 
 
 def test_calibration_and_uninitialised_errors():
@@ -441,6 +463,10 @@ def test_split_layer_quantizes_each_part_with_its_own_range():
     x_ref = torch.cat([minmax_fake_quant(x[:, :4]), minmax_fake_quant(x[:, 4:])], dim=1)
     assert_close(layer(x), F.conv2d(x_ref, float_layer.weight, float_layer.bias), atol=1e-5, rtol=1e-5)
     assert layer.act_quantizer_skip.scale.item() < layer.act_quantizer.scale.item() / 10  # each part its own range
+    before, with_grad = x.clone(), layer(x.clone().requires_grad_()).detach()  # the autograd path: fake_quant, cat
+    with torch.no_grad():  # sampling: each part quantized in place in one scaled copy, no concatenation
+        assert torch.equal(layer(x), with_grad)
+    assert torch.equal(x, before)
 
 
 def test_split_concat_model_reports_and_round_trips(tmp_path):

@@ -44,6 +44,10 @@ def test_inplace_fake_quant_is_bit_identical_and_leaves_its_input():
     out = fake_quant_(x, scale, zp, 0, 15)
     assert torch.equal(out.view(torch.int32), fake_quant(x, scale, zp, 0, 15, 1.0).view(torch.int32))  # bits, ±0
     assert torch.equal(x, before)
+    view = x[:, 1:4]  # inplace: the result is written into the caller's tensor (here a strided view) and returned
+    assert fake_quant_(view, scale, zp, 0, 15, inplace=True) is view
+    assert torch.equal(x[:, 1:4].view(torch.int32), out[:, 1:4].view(torch.int32))
+    assert torch.equal(x[:, [0, 4]], before[:, [0, 4]])  # the channels outside the view are untouched
 
 
 def ref_mse_search(values, qmin, qmax):
@@ -226,7 +230,11 @@ def test_inference_path_is_bit_identical_to_autograd_path(num_steps):
     with_grad = q(x.requires_grad_())  # fake_quant with STE / LSQ
     with torch.no_grad():
         fast = q(x.detach())  # the in-place sampling chain
+        own = x.detach().clone()
+        assert q(own, inplace=True) is own  # written into the caller's tensor
     assert_close(fast, with_grad.detach(), atol=0, rtol=0)
+    assert_close(own, fast, atol=0, rtol=0)
+    assert_close(q(x.detach().clone().requires_grad_(), inplace=True), with_grad, atol=0, rtol=0)  # ignored: autograd
     z = q.zero_point.detach().round()[ctx.index]
     for b, i in enumerate(ctx.index.tolist()):
         assert_close(fast[b], ref_quant(x[b].detach(), q.scale[i].detach(), z[b], 0, 63), atol=0, rtol=0)

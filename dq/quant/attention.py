@@ -93,14 +93,16 @@ class QuantAttnProcessor(nn.Module):
         query = self._head_norm(query, getattr(attn, "norm_q", None), attn.heads)
         key = self._head_norm(key, getattr(attn, "norm_k", None), attn.heads)
 
-        # [B, L, C] quantized before the head split: dim 0 is the sample
-        query = attn.head_to_batch_dim(self.q_quantizer(query))
-        key = attn.head_to_batch_dim(self.k_quantizer(key))
-        value = attn.head_to_batch_dim(self.v_quantizer(value))
+        # [B, L, C] quantized before the head split: dim 0 is the sample. When sampling, each quantizer overwrites
+        # its input, a new tensor of this forward (`key` and `value` are distinct outputs of to_k and to_v).
+        inplace = not torch.is_grad_enabled()
+        query = attn.head_to_batch_dim(self.q_quantizer(query, inplace=inplace))
+        key = attn.head_to_batch_dim(self.k_quantizer(key, inplace=inplace))
+        value = attn.head_to_batch_dim(self.v_quantizer(value, inplace=inplace))
 
         probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, Lq, Lk]
         bh, lq, lk = probs.shape
-        probs = self.prob_quantizer(probs.view(bh // attn.heads, attn.heads, lq, lk)).view(bh, lq, lk)
+        probs = self.prob_quantizer(probs.view(bh // attn.heads, attn.heads, lq, lk), inplace=inplace).view(bh, lq, lk)
 
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)

@@ -86,10 +86,15 @@ class QuantLayerMixin:
     def _quant_input(self, x: Tensor, channel_dim: int) -> Tensor:
         shape = [1] * x.ndim
         shape[channel_dim] = -1  # broadcast in_scale over the channel dim
-        x = x * self.in_scale.reshape(shape)
+        x = x * self.in_scale.reshape(shape)  # a new tensor, so the quantizers may overwrite it when sampling
+        inplace = not torch.is_grad_enabled()
         if not self.split:
-            return self.act_quantizer(x)
+            return self.act_quantizer(x, inplace=inplace)
         hidden, skip = x.split([self.split, x.shape[channel_dim] - self.split], dim=channel_dim)
+        if inplace:  # each quantizer writes its own channels of `x`: no concatenation
+            self.act_quantizer(hidden, inplace=True)
+            self.act_quantizer_skip(skip, inplace=True)
+            return x
         return torch.cat([self.act_quantizer(hidden), self.act_quantizer_skip(skip)], dim=channel_dim)
 
 
