@@ -106,7 +106,11 @@ def restoring_hydra_record() -> Iterator[None]:
         raise
 
 
-CHOICES = {"eval.features": ("classifier", "inception", "none"), "device": ("cpu", "cuda")}
+CHOICES = {
+    "eval.features": ("classifier", "inception", "none"),
+    "device": ("cpu", "cuda"),
+    "callbacks.tpq.init": ("per_step", "shared"),
+}
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",

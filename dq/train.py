@@ -45,7 +45,12 @@ register_resolvers()
 FINGERPRINT_KEYS = ("model", "quantizer", "bits", "distill", "callbacks", "calib", "seed")  # what shapes the student
 # options added after runs existed, at the value that changes nothing: left out of the fingerprint there, so a run
 # started before the option existed still resumes its block checkpoints
-NEUTRAL_OPTIONS: dict[str, object] = {"distill.act_drop_prob": 0.0, "quantizer.spec.fp_output_layer_input": False}
+NEUTRAL_OPTIONS: dict[str, object] = {
+    "distill.act_drop_prob": 0.0,
+    "quantizer.spec.fp_output_layer_input": False,
+    "distill.lr_lora": 0,
+    "callbacks.tpq.init": "per_step",
+}
 
 
 def config_fingerprint(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any) -> str:

@@ -317,6 +317,23 @@ def test_temporal_observation_per_step_minmax():
     assert_close(q.zero_point.detach(), zp, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["minmax", "mse"])
+def test_pooled_observation_starts_every_step_from_all_steps_together(init):
+    """TPQ's `init: shared` (EfficientDM's TALSQ start): every step gets the pair of all observed values."""
+    q, ctx = _temporal(3, init=init)
+    q.start_observation()
+    x = torch.tensor([[-1.0, 2.0, 0.3], [-3.0, 0.5, 0.1], [0.0, 1.0, 4.0]])
+    ctx.index = torch.tensor([0, 1, 0])  # step 2 is never observed
+    q(x)
+    everything = torch.cat([x[0], x[2], x[1]])  # the values of step 0, then of step 1
+    assert q.finish_observation(pooled=True)
+    if init == "minmax":
+        scale, zp = ref_minmax(torch.tensor(-3.0), torch.tensor(4.0), 4)
+    else:
+        scale, zp = (v[0] for v in mse_search(everything[None], 0, 15, False))
+    assert torch.equal(q.scale.detach(), scale.expand(3)) and torch.equal(q.zero_point.detach(), zp.expand(3))
+
+
 def test_temporal_mse_observation_keeps_each_steps_values_in_batch_order():
     q, ctx = _temporal(3, init="mse")
     q.start_observation()

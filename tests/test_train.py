@@ -17,7 +17,7 @@ from conftest import compose_cfg
 from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 
-from dq.callbacks import TemporalParallelQuantizer, WeightDilation
+from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
 from dq.config import cli_errors
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
@@ -109,6 +109,7 @@ def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_blo
         (["distill=model_kd"], ModelDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["distill=none"], NoDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["experiment=qat_lsq"], ModelDistillation, []),
+        (["experiment=efficientdm"], ModelDistillation, [QALoRA, TemporalParallelQuantizer]),
         (["experiment=ptq_recon"], BlockwiseDistillation, []),
         (["experiment=paper_budget"], BlockwiseDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["quantizer=ptq_recon", "callbacks=none", "distill.lr_weight=0"], BlockwiseDistillation, []),
@@ -138,6 +139,10 @@ def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_
     assert config_fingerprint(older, teacher, scheduler) == base  # a nested option added later: also neutral
     fp_out = compose_cfg("train", [*fast(tiny_teacher_dir), "quantizer.spec.fp_output_layer_input=true"], tmp_path)
     assert config_fingerprint(fp_out, teacher, scheduler) != base
+    older = compose_cfg("train", [*fast(tiny_teacher_dir), "~distill.lr_lora", "~callbacks.tpq.init"], tmp_path)
+    assert config_fingerprint(older, teacher, scheduler) == base  # before QALoRA and TPQ's shared start existed
+    shared = compose_cfg("train", [*fast(tiny_teacher_dir), "callbacks.tpq.init=shared"], tmp_path)
+    assert config_fingerprint(shared, teacher, scheduler) != base
     scheduler.register_to_config(beta_end=0.03)  # another noise schedule draws other calibration trajectories
     assert config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler) != base
 
@@ -347,3 +352,9 @@ def test_a_corrupt_block_checkpoint_is_named_before_any_work(tiny_teacher_dir, t
     monkeypatch.setattr("dq.train.quantize_student", lambda *a: pytest.fail("quantized before the refusal"))
     with pytest.raises(CheckpointError, match=r"block checkpoint .*last.safetensors is unreadable .*; delete it"):
         train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+
+
+def test_a_bad_tpq_init_is_named_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("dq.train.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
+    with pytest.raises(ConfigError, match=re.escape("callbacks.tpq.init='per_layer' is not one of")):
+        train(compose_cfg("train", ["callbacks.tpq.init=per_layer", "logger=none"], tmp_path / "run"))

@@ -39,13 +39,19 @@ class TemporalParallelQuantizer(pl.Callback):
     Args:
         batch_size: Calibration batch size (default: the module's `calib_batch_size`).
         num_steps: T (default: the length of the student's timestep table).
+        init: "per_step" (DilateQuant: each step's pair from that step's activations) or "shared" (every step
+            starts from the pair of all steps' activations together and only training tells them apart, as
+            EfficientDM's TALSQ).
     """
 
     order = 10  # after WeightDilation (see train.py)
 
-    def __init__(self, batch_size: int | None = None, num_steps: int | None = None) -> None:
+    def __init__(self, batch_size: int | None = None, num_steps: int | None = None, init: str = "per_step") -> None:
+        if init not in ("per_step", "shared"):
+            raise ValueError(f"callbacks.tpq.init={init!r} is invalid: allowed values are 'per_step', 'shared'")
         self.batch_size = batch_size
         self.num_steps = num_steps
+        self.init = init
         self.stats: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -53,7 +59,8 @@ class TemporalParallelQuantizer(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bs = self.batch_size or pl_module.calib_batch_size
-        calibrate_student(pl_module.student, pl_module.calib, bs, force=True, progress=pl_module.progress)
+        calibrate_student(pl_module.student, pl_module.calib, bs, force=True, progress=pl_module.progress,
+                          pooled=self.init == "shared")  # fmt: skip
         self.stats = tpq_stats(pl_module.student)
         print(
             f"TPQ: {int(self.stats['quantizers'])} activation quantizers x {int(self.stats['steps'])} steps; "

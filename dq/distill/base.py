@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
-from dq.quant import QuantLayerMixin, TemporalQuantizer, UniformQuantizer, act_quantizers, calibrate_activations
+from dq.quant import (
+    LowRankDelta,
+    QuantLayerMixin,
+    TemporalQuantizer,
+    UniformQuantizer,
+    act_quantizers,
+    calibrate_activations,
+)
 
 __all__ = [
     "NoDistillation",
@@ -33,8 +40,9 @@ __all__ = [
     "param_groups",
 ]
 
-# optimizer groups; biases and norm affines go with weights; "@rel": activation step sizes at a relative rate
-GROUPS = ("weights", "weight_qparams", "act_qparams", "act_qparams@rel")
+# optimizer groups; biases and norm affines go with weights; "lora": adapters (QALoRA); "@rel": activation step
+# sizes at a relative rate
+GROUPS = ("weights", "lora", "weight_qparams", "act_qparams", "act_qparams@rel")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,16 +59,22 @@ def calib_inputs(calib: CalibrationSet, idx: Tensor, device: torch.device) -> tu
 
 @torch.no_grad()
 def calibrate_student(
-    student: nn.Module, calib: CalibrationSet, batch_size: int, force: bool = False, progress: bool = True
+    student: nn.Module,
+    calib: CalibrationSet,
+    batch_size: int,
+    force: bool = False,
+    progress: bool = True,
+    pooled: bool = False,
 ) -> list[str]:
-    """Initialise activation ranges (per step where quantizers are temporal) on the calibration set.
+    """Initialise activation ranges (per step where quantizers are temporal; `pooled`: every step from all steps'
+    activations together) on the calibration set.
 
     Returns the names of the quantizers initialised (none, without a forward pass, when all already were).
     """
     if not force and all(q.initialized for _, q in act_quantizers(student)):
         return []
     device = next(student.parameters()).device
-    with calibrate_activations(student, force=force) as names:
+    with calibrate_activations(student, force=force, pooled=pooled) as names:
         for idx in tqdm(torch.arange(len(calib)).split(batch_size), desc="calibrating", disable=not progress):
             x, t, kwargs = calib_inputs(calib, idx, device)
             student(x, t, **kwargs)
@@ -86,12 +100,12 @@ def weight_bits(module: nn.Module) -> int | None:
 def param_groups(
     module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None, act_step_rel: float | None = None
 ) -> list[dict[str, Any]]:
-    """Adam parameter groups of `module`: latent weights (+ biases, norm affines), weight Δ/z, activation Δ/z.
+    """Adam parameter groups of `module`: latent weights (+ biases, norm affines), adapters, weight Δ/z, activation Δ/z.
 
     Args:
         module: The quantized model (or a part of it).
-        lrs: Learning rate of "weights", "weight_qparams" and "act_qparams"; a group with lr 0 is left out (its
-            parameters stay frozen).
+        lrs: Learning rate of "weights", "weight_qparams" and "act_qparams", and of "lora" (the `LowRankDelta`
+            adapters of `dq.quant.lora`; 0 when absent); a group with lr 0 is left out (its parameters stay frozen).
         lr_bits: The weight bit-width `lrs` are for. When the student's `weight_bits` is another `b`, the weights,
             biases and weight step sizes of its quantized layers go to groups `"<name>@w<b>"` with the rate times
             `lr_factor(b, lr_bits)`; zero-points (grid units), norm affines and activation parameters keep the plain
@@ -108,9 +122,11 @@ def param_groups(
         group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
         if isinstance(m, UniformQuantizer | TemporalQuantizer):
             kind.update({id(p): group for p in m.parameters(recurse=False)})
+        if isinstance(m, LowRankDelta):
+            kind.update({id(p): "lora" for p in m.parameters(recurse=False)})
         if isinstance(m, TemporalQuantizer) and act_step_rel is not None and isinstance(m.scale, nn.Parameter):
             kind[id(m.scale)] = "act_qparams@rel"
-    lrs = {**lrs, "act_qparams@rel": act_step_rel or 0.0}
+    lrs = {"lora": 0.0, **lrs, "act_qparams@rel": act_step_rel or 0.0}
     bits = weight_bits(module)
     scaled: set[int] = set()  # ids of the bit-scaled parameters
     if lr_bits is not None and bits is not None and bits != lr_bits:
@@ -118,6 +134,7 @@ def param_groups(
             if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled:
                 step = m.weight_quantizer.scale
                 scaled.update(id(p) for p in (m.weight, m.bias, step) if isinstance(p, nn.Parameter))
+                scaled.update(id(p) for p in m.parameters() if kind.get(id(p)) == "lora")  # its adapter
     params: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in module.parameters():
         params.setdefault((kind.get(id(p), "weights"), id(p) in scaled), []).append(p)
@@ -245,13 +262,15 @@ class QuantDistillation(pl.LightningModule):
         lr_schedule: str,
         lr_bits: int | None = None,
         lr_act_step_rel: float | None = None,
+        lr_lora: float = 0.0,
     ) -> None:
         """Validate and keep the minibatch size, the groups' learning rates / schedule, the weight bit-width the
         rates are for and the relative rate of activation step sizes (`param_groups`; BKD, model KD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
-        named = {"lr_weight": lr_weight, "lr_weight_qparams": lr_weight_qparams, "lr_act_qparams": lr_act_qparams}
+        named = {"lr_weight": lr_weight, "lr_lora": lr_lora, "lr_weight_qparams": lr_weight_qparams,
+                 "lr_act_qparams": lr_act_qparams}  # fmt: skip
         if lr_act_step_rel is not None:
             named["lr_act_step_rel"] = lr_act_step_rel
         if bad := [f"distill.{k}={v}" for k, v in named.items() if v < 0]:
@@ -274,7 +293,8 @@ class QuantDistillation(pl.LightningModule):
             )
         self.batch_size = batch_size
         self.lr_bits = lr_bits
-        self.lrs = {"weights": lr_weight, "weight_qparams": lr_weight_qparams, "act_qparams": lr_act_qparams}
+        self.lrs = {"weights": lr_weight, "lora": lr_lora, "weight_qparams": lr_weight_qparams,
+                    "act_qparams": lr_act_qparams}  # fmt: skip
         self.lr_act_step_rel = lr_act_step_rel
         self.lr_schedule = lr_schedule
 

@@ -72,6 +72,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
             `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
             None: no scaling.
+        lr_lora: Learning rate of the adapters of the `lora` callback (QALoRA; EfficientDM); 0 without it.
         lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
@@ -94,6 +95,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_schedule: str = "cosine",
         lr_bits: int | None = 4,
         lr_act_step_rel: float | None = None,
+        lr_lora: float = 0.0,
         revert_worse: bool = True,
         act_drop_prob: float = 0.0,
         **kwargs: Any,
@@ -103,7 +105,7 @@ class BlockwiseDistillation(QuantDistillation):
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
-                              lr_act_step_rel=lr_act_step_rel)  # fmt: skip
+                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora)  # fmt: skip
         if not 0 <= act_drop_prob < 1:  # also refuses NaN
             raise ValueError(
                 f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "

@@ -34,6 +34,7 @@ class ModelDistillation(QuantDistillation):
         lr_bits: Weight bit-width the rates are for; a student with other weight bits (`weight_bits`) scales
             `lr_weight` and `lr_weight_qparams` of its quantized layers by the step-size ratio (`param_groups`).
             None: no scaling.
+        lr_lora: Learning rate of the adapters of the `lora` callback (QALoRA; EfficientDM); 0 without it.
         lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         **kwargs: `QuantDistillation` arguments.
@@ -52,6 +53,7 @@ class ModelDistillation(QuantDistillation):
         lr_schedule: str = "cosine",
         lr_bits: int | None = 4,
         lr_act_step_rel: float | None = None,
+        lr_lora: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -59,7 +61,7 @@ class ModelDistillation(QuantDistillation):
             raise ValueError(f"iters={iters} must be >= 1")
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
-                              lr_act_step_rel=lr_act_step_rel)  # fmt: skip
+                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora)  # fmt: skip
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices

@@ -7,6 +7,7 @@ Layers follow torchao: a validated spec (`QuantSpec`) → quantizer modules (`Un
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.io import load_quantized, save_quantized
 from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from dq.quant.lora import LowRankDelta, add_lora, lora_layers, merge_lora, stored_weight
 from dq.quant.model import (
     QuantReport,
     QuantRow,
@@ -35,6 +36,7 @@ from dq.quant.quantizer import (
 from dq.quant.spec import QuantizerSpec, QuantSpec
 
 __all__ = [
+    "LowRankDelta",
     "NonFiniteActivationError",
     "QuantAttnProcessor",
     "QuantConv2d",
@@ -48,11 +50,14 @@ __all__ = [
     "TemporalQuantizer",
     "UniformQuantizer",
     "act_quantizers",
+    "add_lora",
     "calibrate_activations",
     "expand_act_quantizers",
     "fake_quant",
     "is_quantized",
     "load_quantized",
+    "lora_layers",
+    "merge_lora",
     "quant_modules",
     "quant_report",
     "quant_spec",
@@ -62,6 +67,7 @@ __all__ = [
     "set_quant_state",
     "set_timesteps",
     "step_context",
+    "stored_weight",
     "timestep_to_index",
     "weight_quantizers",
 ]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dq.quant.lora import stored_weight
+
 __all__ = ["dilate_", "dilation_factors", "fold_report", "layer_names", "shared_input_groups"]
 
 _MAX_NUDGES = 8  # rounds of one-ulp lowering of s; one is almost always enough
@@ -138,7 +140,7 @@ def dilate_(layers: Sequence[nn.Module], s_max: float = 1e4) -> Tensor:
     inv = 1.0 / s.to(torch.float64)  # [C_in]
     with torch.no_grad():
         for layer in layers:
-            w = layer.weight.data
+            w = stored_weight(layer).data  # under an adapter (QALoRA, B = 0 here) the adapted W
             w.mul_(_expand(s.to(w.device, w.dtype), w))
             in_scale = getattr(layer, "in_scale", None)
             if in_scale is not None:

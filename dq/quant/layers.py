@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from dq.quant.quantizer import StepContext, TemporalQuantizer, UniformQuantizer
 from dq.quant.spec import QuantizerSpec
@@ -71,9 +72,10 @@ class QuantLayerMixin:
         """The fake-quantized weight `Q_w(W)`; cached in eval mode when no gradient is recorded.
 
         The cache key holds the version counters, ids and storage of the weight, Δ_w and z_w plus the quantizer
-        flags, so optimizer steps, `load_state_dict`, in-place edits and `.to()` all invalidate it.
+        flags, so optimizer steps, `load_state_dict`, in-place edits and `.to()` all invalidate it. A weight computed
+        on every access (an adapter, `dq.quant.lora`) is never cached: a new tensor can reuse a freed one's id.
         """
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or parametrize.is_parametrized(self, "weight"):
             self._wq_cache = None
             return self.weight_quantizer(self.weight)
         key = self._cache_key()

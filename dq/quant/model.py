@@ -224,12 +224,13 @@ def expand_act_quantizers(model: nn.Module, num_steps: int | None = None) -> Non
 
 
 @contextmanager
-def calibrate_activations(model: nn.Module, force: bool = False) -> Iterator[list[str]]:
+def calibrate_activations(model: nn.Module, force: bool = False, pooled: bool = False) -> Iterator[list[str]]:
     """Observe activations of the forward passes run inside the block, then initialise the quantizers.
 
     Uninitialised activation quantizers (all of them with `force=True`) record per-step statistics and pass
-    their inputs through; on exit each one's (Δ, z) is set from its statistics. Yields the list of observed
-    quantizer names; on normal exit, names that saw no input are removed from it (they stay uninitialised).
+    their inputs through; on exit each one's (Δ, z) is set from its statistics (`pooled`: every step from those of
+    all steps together). Yields the list of observed quantizer names; on normal exit, names that saw no input are
+    removed from it (they stay uninitialised).
     """
     chosen = [(n, q) for n, q in act_quantizers(model) if force or not q.initialized]
     names = [n for n, _ in chosen]
@@ -245,7 +246,7 @@ def calibrate_activations(model: nn.Module, force: bool = False) -> Iterator[lis
             name = next(n for n, q in chosen if q is err.quantizer)
             raise NonFiniteActivationError(f"activation quantizer {name}: {err}") from err
         raise
-    unseen = {n for n, q in chosen if not q.finish_observation()}
+    unseen = {n for n, q in chosen if not q.finish_observation(pooled)}
     names[:] = [n for n in names if n not in unseen]
 
 

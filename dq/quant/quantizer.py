@@ -402,41 +402,39 @@ class TemporalQuantizer(_QuantizerBase):
                 self._obs_samples[i] = flat
 
     @torch.no_grad()
-    def finish_observation(self) -> bool:
+    def finish_observation(self, pooled: bool = False) -> bool:
         """Leave observing mode and initialise every step's (Δ, z) from its statistics.
 
-        Steps never observed use the statistics of all steps together.
+        Steps never observed use the statistics of all steps together; with `pooled` every step does, so all start
+        from one shared range that training then moves per step (EfficientDM's TALSQ starts so).
 
         Returns:
             True if initialised, False if no input was observed at all (the quantizer stays as it was).
         """
         self.observing = False
-        seen = torch.isfinite(self._obs_min)
-        if not seen.any():
+        observed = torch.isfinite(self._obs_min)
+        if not observed.any():
             self._reset_stats()
             return False
-        steps = range(self.num_steps)
+        own = observed & (not pooled)  # [T] steps initialised from their own statistics
         if self.spec.init == "mse":
             device = self.scale.device  # the search runs where the model does (samples are kept on the host)
-            if any(s is None for s in self._obs_samples):  # the pooled pair is only for steps never observed
-                pooled = torch.cat([s for s in self._obs_samples if s is not None])
-                if pooled.numel() > OBSERVE_SAMPLES:
-                    pooled = pooled[torch.randperm(pooled.numel(), generator=self._generator())[:OBSERVE_SAMPLES]]
-                all_scale, all_zp = mse_search(pooled[None].to(device), self.qmin, self.qmax, self.spec.symmetric)
+            search = lambda v: mse_search(v[None].to(device), self.qmin, self.qmax, self.spec.symmetric)
+            if not own.all():  # the pair of all steps together, for the others
+                pooled_values = torch.cat([s for s in self._obs_samples if s is not None])
+                if pooled_values.numel() > OBSERVE_SAMPLES:
+                    keep = torch.randperm(pooled_values.numel(), generator=self._generator())[:OBSERVE_SAMPLES]
+                    pooled_values = pooled_values[keep]
+                all_scale, all_zp = search(pooled_values)
             scales, zps = [], []
-            for i in steps:
-                s = self._obs_samples[i]
-                if s is None:
-                    scales.append(all_scale[0])
-                    zps.append(all_zp[0])
-                else:
-                    sc, zp = mse_search(s[None].to(device), self.qmin, self.qmax, self.spec.symmetric)
-                    scales.append(sc[0])
-                    zps.append(zp[0])
+            for i in range(self.num_steps):
+                sc, zp = search(self._obs_samples[i]) if own[i] else (all_scale, all_zp)
+                scales.append(sc[0])
+                zps.append(zp[0])
             scale, zp = torch.stack(scales), torch.stack(zps)
         else:
-            lo = torch.where(seen, self._obs_min, self._obs_min[seen].min())
-            hi = torch.where(seen, self._obs_max, self._obs_max[seen].max())
+            lo = torch.where(own, self._obs_min, self._obs_min[observed].min())
+            hi = torch.where(own, self._obs_max, self._obs_max[observed].max())
             scale, zp = affine_params(lo, hi, self.qmin, self.qmax, self.spec.symmetric)
         self._assign(scale, zp)
         self._reset_stats()
