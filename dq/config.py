@@ -150,6 +150,7 @@ def validate(cfg: DictConfig) -> None:
             " comparable with dq's tables.",
             stacklevel=2,
         )
+    check_adapters(cfg)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -157,6 +158,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
+        )
+
+
+def check_adapters(cfg: DictConfig) -> None:
+    """The `lora` callback and `distill.lr_lora` only make sense together: refuse either one alone."""
+    with_lora = OmegaConf.select(cfg, "callbacks.lora") is not None
+    lr = OmegaConf.select(cfg, "distill.lr_lora", default=None)
+    if with_lora and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(
+            f"callbacks.lora adds low-rank adapters that distill.lr_lora={lr} leaves untrained "
+            f"(distill={OmegaConf.select(cfg, 'distill.name')}): set distill.lr_lora > 0 with distill=model_kd or bkd "
+            "(experiment=efficientdm does), or leave the callback out"
+        )
+    if not with_lora and isinstance(lr, int | float) and lr > 0:
+        raise ConfigError(
+            f"distill.lr_lora={lr} trains low-rank adapters, but no callbacks.lora adds them: add it "
+            "(callbacks=efficientdm, or experiment=efficientdm), or set distill.lr_lora=0"
         )
 
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import conftest
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_cfg
+from diffusers import DDIMScheduler
 from test_train import fast
 from torch import nn
 from torch.testing import assert_close
 
-from dq.callbacks import QALoRA
+from dq.callbacks import QALoRA, TemporalParallelQuantizer
 from dq.distill.base import param_groups
+from dq.distill.calibration import build_calibration_set
 from dq.errors import ConfigError
 from dq.models import load_teacher
 from dq.quant import (
@@ -29,6 +32,7 @@ from dq.quant import (
     lora_layers,
     merge_lora,
     quantize_model,
+    save_quantized,
     set_quant_state,
     stored_weight,
 )
@@ -92,7 +96,8 @@ def test_an_adapted_weight_is_never_served_from_the_sampling_cache():
     x = torch.randn(1, 6, 5, 5)
     with torch.no_grad():
         first = layer(x)
-        layer.parametrizations.weight[0].B.add_(0.2)  # W + B A changes; the tensor handed out is new each time
+        assert layer._wq_cache is None  # a new tensor each access may reuse a freed one's id: no cache at all
+        layer.parametrizations.weight[0].B.add_(0.2)
         assert not torch.equal(layer(x), first)
 
 
@@ -107,20 +112,52 @@ def test_adapters_have_their_own_optimizer_group_and_the_adapted_weight_can_be_f
     assert {id(p) for p in by_name["lora@w8"]["params"]} == adapters
     assert by_name["lora@w8"]["lr"] == pytest.approx(1e-5 * 15 / 255)
     trained = {id(p) for g in groups for p in g["params"]}
-    assert not trained & {id(stored_weight(m)) for _, m in lora_layers(model)}  # lr_weight 0: W stays frozen
+    stored = {id(stored_weight(m)) for _, m in lora_layers(model)}
+    assert not trained & stored  # lr_weight 0: W stays frozen
+    groups = param_groups(model, {"weights": 1e-3, "lora": 1e-5, "weight_qparams": 1e-6, "act_qparams": 5e-4}, 4)
+    scaled = {id(p) for g in groups if g["name"] == "weights@w8" for p in g["params"]}
+    assert stored <= scaled  # a trained adapted W takes the 8-bit rate like any latent weight
 
 
 def test_weight_dilation_dilates_the_adapted_weight():
     layer = conv_layer()
-    set_quant_state(layer, weights=False, acts=False)
-    x = torch.randn(2, 6, 5, 5)
-    before = layer(x).detach()
     add_lora(layer, rank=2)
-    original = stored_weight(layer).detach().clone()
+    set_quant_state(layer, weights=False, acts=False)
+    with torch.no_grad():
+        layer.parametrizations.weight[0].B.normal_(std=0.1)  # a trained adapter: W + B A is what must dilate
+    x = torch.randn(2, 6, 5, 5)
+    before, adapted = layer(x).detach(), layer.weight.detach().clone()
     s = dilate_([layer], s_max=1e4)
     assert (s > 1).any()
-    assert_close(stored_weight(layer).detach(), original * s.view(1, -1, 1, 1))
+    assert_close(layer.weight.detach(), adapted * s.view(1, -1, 1, 1))  # (W + B A) s
     assert_close(layer(x).detach(), before, atol=1e-5, rtol=1e-5)  # float model: unchanged by dilation
+
+
+def test_an_unmerged_model_is_not_saved(tmp_path):
+    model = copy.deepcopy(conftest.tiny_unet())
+    quantize_model(model, QuantSpec(weight_bits=4, act_bits=8), timesteps=TIMESTEPS)
+    add_lora(model, rank=2)
+    with pytest.raises(ValueError, match="still hold low-rank adapters: merge them"):
+        save_quantized(model, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+    merge_lora(model)
+    save_quantized(model, tmp_path / "student")
+    assert_close(load_quantized(tmp_path / "student").state_dict(), model.state_dict(), atol=0, rtol=0)
+
+
+def test_tpq_shared_init_starts_every_step_from_one_range(teacher):
+    calib = build_calibration_set(teacher, DDIMScheduler(num_train_timesteps=1000), 12, 3, (1, 8, 8), 0, progress=False)
+    student = copy.deepcopy(teacher)
+    quantize_model(student, QuantSpec(weight_bits=4, act_bits=8), timesteps=calib.table)
+    module = SimpleNamespace(student=student, calib=calib, calib_batch_size=8, progress=False)
+    tpq = TemporalParallelQuantizer(init="shared")
+    tpq.setup(None, module, "fit")
+    tpq.on_fit_start(SimpleNamespace(loggers=[]), module)
+    quantizers = [q for _, q in act_quantizers(student) if q.enabled]
+    assert quantizers and all(q.num_steps == 3 for q in quantizers)
+    assert all(torch.equal(q.scale, q.scale[:1].expand(3)) for q in quantizers)  # one range for every step
+    TemporalParallelQuantizer().on_fit_start(SimpleNamespace(loggers=[]), module)  # per_step: the steps differ
+    assert any(not torch.equal(q.scale, q.scale[:1].expand(3)) for q in quantizers)
 
 
 def test_the_lora_callback_refuses_what_would_leave_the_adapters_untrained():

@@ -358,3 +358,17 @@ def test_a_bad_tpq_init_is_named_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr("dq.train.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
     with pytest.raises(ConfigError, match=re.escape("callbacks.tpq.init='per_layer' is not one of")):
         train(compose_cfg("train", ["callbacks.tpq.init=per_layer", "logger=none"], tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["callbacks=efficientdm"], "callbacks.lora adds low-rank adapters that distill.lr_lora=0 leaves untrained"),
+        (["callbacks=efficientdm", "distill=none"], "distill.lr_lora=None leaves untrained (distill=none)"),
+        (["distill.lr_lora=1e-5"], "distill.lr_lora=1e-05 trains low-rank adapters, but no callbacks.lora adds them"),
+    ],
+)
+def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr("dq.train.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(compose_cfg("train", [*overrides, "logger=none"], tmp_path / "run"))

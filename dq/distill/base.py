@@ -28,6 +28,7 @@ from dq.quant import (
     UniformQuantizer,
     act_quantizers,
     calibrate_activations,
+    stored_weight,
 )
 
 __all__ = [
@@ -133,7 +134,7 @@ def param_groups(
         for m in module.modules():
             if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled:
                 step = m.weight_quantizer.scale
-                scaled.update(id(p) for p in (m.weight, m.bias, step) if isinstance(p, nn.Parameter))
+                scaled.update(id(p) for p in (stored_weight(m), m.bias, step) if isinstance(p, nn.Parameter))
                 scaled.update(id(p) for p in m.parameters() if kind.get(id(p)) == "lora")  # its adapter
     params: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in module.parameters():

@@ -7,7 +7,7 @@ Layers follow torchao: a validated spec (`QuantSpec`) → quantizer modules (`Un
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.io import load_quantized, save_quantized
 from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
-from dq.quant.lora import LowRankDelta, add_lora, lora_layers, merge_lora, stored_weight
+from dq.quant.lora import LowRankDelta, adapter, add_lora, lora_layers, merge_lora, stored_weight
 from dq.quant.model import (
     QuantReport,
     QuantRow,
@@ -50,6 +50,7 @@ __all__ = [
     "TemporalQuantizer",
     "UniformQuantizer",
     "act_quantizers",
+    "adapter",
     "add_lora",
     "calibrate_activations",
     "expand_act_quantizers",

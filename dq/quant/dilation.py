@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dq.quant.lora import stored_weight
+from dq.quant.lora import adapter, stored_weight
 
 __all__ = ["dilate_", "dilation_factors", "fold_report", "layer_names", "shared_input_groups"]
 
@@ -140,8 +140,10 @@ def dilate_(layers: Sequence[nn.Module], s_max: float = 1e4) -> Tensor:
     inv = 1.0 / s.to(torch.float64)  # [C_in]
     with torch.no_grad():
         for layer in layers:
-            w = stored_weight(layer).data  # under an adapter (QALoRA, B = 0 here) the adapted W
+            w = stored_weight(layer).data  # under an adapter (QALoRA) the adapted W ...
             w.mul_(_expand(s.to(w.device, w.dtype), w))
+            if (delta := adapter(layer)) is not None:  # ... and A's input columns: W s + B (A s) = (W + B A) s
+                delta.A.data.view(-1, *w.shape[1:]).mul_(_expand(s.to(w.device, w.dtype), w))
             in_scale = getattr(layer, "in_scale", None)
             if in_scale is not None:
                 if in_scale.numel() != s.numel():

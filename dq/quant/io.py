@@ -47,6 +47,12 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     Returns:
         The directory.
     """
+    adapted = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin) and hasattr(m, "parametrizations")]
+    if adapted:  # its state dict would hold parametrizations.* keys that load_quantized cannot read
+        raise ValueError(
+            f"{len(adapted)} layers (first: {adapted[0]}) still hold low-rank adapters: merge them into the weights "
+            "first (dq.quant.merge_lora; the lora callback does so when training ends)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spec = quant_spec(model)

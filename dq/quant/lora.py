@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from dq.quant.layers import QuantLayerMixin
 
-__all__ = ["LowRankDelta", "add_lora", "lora_layers", "merge_lora", "stored_weight"]
+__all__ = ["LowRankDelta", "adapter", "add_lora", "lora_layers", "merge_lora", "stored_weight"]
 
 
 class LowRankDelta(nn.Module):
@@ -70,6 +70,13 @@ def merge_lora(model: nn.Module) -> int:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
             merged += 1
     return merged
+
+
+def adapter(layer: nn.Module) -> LowRankDelta | None:
+    """`layer`'s adapter (`add_lora`), None without one."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    return next((p for p in layer.parametrizations.weight if isinstance(p, LowRankDelta)), None)
 
 
 def stored_weight(layer: nn.Module) -> Tensor:

@@ -104,11 +104,12 @@ def fake_quant_(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: i
     Bit-identical to `fake_quant(x, scale, zero_point, qmin, qmax, g)` where `x / scale` is finite and `scale`,
     `zero_point` have one shape (an inf input gives NaN there, the clamped grid end here), and several times faster
     on CPU (one temporary instead of ten); `x` itself is left unchanged unless `inplace`, which writes the result
-    into `x` (a tensor or a view the caller owns) and allocates nothing. Used where nothing needs gradients:
-    sampling and the MSE search of initial ranges.
+    into `x` (a tensor or a view the caller owns) and allocates nothing, where `x` has the result's dtype. Used where
+    nothing needs gradients: sampling and the MSE search of initial ranges.
     """
     scale = scale.clamp_min(SCALE_MIN)
     zp = zero_point.round()
+    inplace = inplace and torch.result_type(x, scale) == x.dtype  # else the result is promoted: a new tensor
     q = x.div_(scale) if inplace else x.div(scale)
     return q.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
 
