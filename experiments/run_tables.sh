@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-run every benchmark table under experiments/tables (2-core CPU: about an hour).
+# Re-run the ablation / baseline and min-max PTQ tables under experiments/tables (2-core CPU: over an hour).
 # Two streams side by side, one thread each, so train_s compares the runs of these tables with each other;
 # the single-run timing of the default dq-train in the top-level README comes from running it alone.
 #   bash experiments/run_tables.sh [SWEEP_ROOT]   (default: multirun/tables_<date-time>; must not exist yet)
@@ -16,6 +16,7 @@ stream_b() {
   dq-train -m bits=w4a8,w4a4 distill=model_kd $common hydra.sweep.dir=$root/ablation/model_kd
   dq-eval -m quantizer=ptq_minmax bits=w8a8,w4a8,w4a6,w4a4 quantizer.temporal=false,true $common \
     hydra.sweep.dir=$root/ptq_minmax
+  dq-train -m bits=w4a8,w4a4 experiment=efficientdm $common hydra.sweep.dir=$root/ablation/efficientdm
 }
 stream_a > "$root.a.log" 2>&1 &
 a=$!
