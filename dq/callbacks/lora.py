@@ -22,7 +22,7 @@ class QALoRA(pl.Callback):
         rank: Adapter rank r (EfficientDM: 32), cut per layer to its smallest dimension.
     """
 
-    order = 5  # acts in setup and on_fit_end only; Weight Dilation dilates the adapted W (B = 0 then)
+    order = 5  # acts in setup and on_fit_end only; Weight Dilation dilates W + B A itself (dq.quant.dilation)
 
     def __init__(self, rank: int = 32) -> None:
         if type(rank) is not int or rank < 1:

@@ -27,6 +27,7 @@ from dq.quant import (
     TemporalQuantizer,
     UniformQuantizer,
     act_quantizers,
+    adapter,
     calibrate_activations,
     stored_weight,
 )
@@ -135,7 +136,8 @@ def param_groups(
             if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled:
                 step = m.weight_quantizer.scale
                 scaled.update(id(p) for p in (stored_weight(m), m.bias, step) if isinstance(p, nn.Parameter))
-                scaled.update(id(p) for p in m.parameters() if kind.get(id(p)) == "lora")  # its adapter
+                if (delta := adapter(m)) is not None:  # its adapter
+                    scaled.update(map(id, delta.parameters()))
     params: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in module.parameters():
         params.setdefault((kind.get(id(p), "weights"), id(p) in scaled), []).append(p)

@@ -20,6 +20,7 @@ from torch import nn
 from dq.errors import CheckpointError, MissingFileError
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.layers import QuantLayerMixin
+from dq.quant.lora import adapter
 from dq.quant.model import (
     TIMESTEPS_BUFFER,
     act_quantizers,
@@ -47,7 +48,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     Returns:
         The directory.
     """
-    adapted = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin) and hasattr(m, "parametrizations")]
+    adapted = [n for n, m in model.named_modules() if adapter(m) is not None]
     if adapted:  # its state dict would hold parametrizations.* keys that load_quantized cannot read
         raise ValueError(
             f"{len(adapted)} layers (first: {adapted[0]}) still hold low-rank adapters: merge them into the weights "
