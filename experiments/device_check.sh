@@ -1,5 +1,7 @@
 #!/bin/bash
-# The GPU measurements still open, as one prepared call for a session that is lent a GPU machine (about 9 minutes):
+# The GPU measurements, as one prepared call for a session that is lent a GPU machine (about 9 minutes). First run at
+# dcf1e1a (BENCHMARKS.md "At the size of the paper's DDPM CIFAR-10 model"); run again to measure the TPQ calibration
+# pass since it keeps and subsamples its values on the GPU:
 #   1. the TPQ calibration pass on the GPU (experiments/bench_calibration.py trainer=gpu), default and paper budget;
 #   2. dq-train at the size of the paper's DDPM CIFAR-10 model (experiments/bench_scale.py), dq's default budget and
 #      the paper's (experiment=paper_budget; cut off at about 545 s from the start, the per-block seconds up to there
@@ -19,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, pytorch_lightning as pl, diffusers; print('torch', torch.__version__, 'pl', pl.__version__, 'diffusers', diffusers.__version__)"
 echo "== bench_calibration (MNIST default, then paper budget) at ${SECONDS}s"
 timeout 70 python3 experiments/bench_calibration.py trainer=gpu 2>&1 | tail -1
-timeout 90 python3 experiments/bench_calibration.py trainer=gpu experiment=paper_budget 2>&1 | tail -1
+timeout 120 python3 experiments/bench_calibration.py trainer=gpu experiment=paper_budget 2>&1 | tail -1
 echo "== bench_scale, default budget, at ${SECONDS}s"
 timeout 170 python3 experiments/bench_scale.py /tmp/sd trainer=gpu eval.progress=false > "$OUT/scale_default.log" 2>&1
 echo "rc $?"; grep -v "kept the block" "$OUT/scale_default.log" | tail -3

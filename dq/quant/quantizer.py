@@ -355,9 +355,10 @@ class TemporalQuantizer(_QuantizerBase):
         self._reset_stats()
         self.observing = True
 
-    def _generator(self) -> torch.Generator:
-        if self._obs_gen is None:
-            self._obs_gen = torch.Generator().manual_seed(0)
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The subsampling generator, seeded on first use, on `device` (a CPU run draws what it always drew)."""
+        if self._obs_gen is None or self._obs_gen.device != device:
+            self._obs_gen = torch.Generator(device=device).manual_seed(0)
         return self._obs_gen
 
     @torch.no_grad()
@@ -377,10 +378,12 @@ class TemporalQuantizer(_QuantizerBase):
         safe = index.clamp(0, t - 1)  # an index out of range is reported below, not as a device-side assert
         lo.scatter_reduce_(0, safe, rows.amin(1), "amin")  # [T] min per step; steps not in the batch stay inf
         hi.scatter_reduce_(0, safe, rows.amax(1), "amax")
-        first, last = index.aminmax()
-        lo, hi, span = torch.cat([lo, hi, torch.stack([first, last]).to(rows.dtype)]).cpu().split([t, t, 2])
-        if span[0] < 0 or span[1] >= t:
-            raise IndexError(f"step indices span {span.int().tolist()}, out of range for a quantizer with {t} steps")
+        # the step indices come along (exact in float: T is far below 2^24), for the range check and the sampling
+        lo, hi, steps = torch.cat([lo, hi, index.to(rows.dtype)]).cpu().split([t, t, index.numel()])
+        steps = steps.long()  # [B] on the host
+        if steps.min() < 0 or steps.max() >= t:
+            span = [int(steps.min()), int(steps.max())]
+            raise IndexError(f"step indices span {span}, out of range for a quantizer with {t} steps")
         # a step not in the batch keeps (inf, -inf); NaN, a -inf minimum or an inf maximum mean non-finite values
         bad = lo.isnan() | hi.isnan() | (lo == float("-inf")) | (hi == float("inf"))
         if bad.any():
@@ -392,13 +395,16 @@ class TemporalQuantizer(_QuantizerBase):
         self._obs_min = torch.minimum(self._obs_min, lo)
         self._obs_max = torch.maximum(self._obs_max, hi)
         if self.spec.init == "mse":
-            rows, index = rows.cpu(), index.cpu()
-            for i in torch.unique(index).tolist():
-                flat = rows[index == i].reshape(-1)  # the step's values, samples in batch order
+            # The kept values stay on the model's device and are subsampled there: moving every batch's activations
+            # to the host and permuting them there would make a GPU wait on the host for each calibration batch.
+            for i in torch.unique(steps).tolist():
+                ids = (steps == i).nonzero().flatten().to(rows.device)
+                flat = rows.index_select(0, ids).reshape(-1)  # the step's values, samples in batch order
                 prev = self._obs_samples[i]
                 flat = flat if prev is None else torch.cat([prev, flat])
                 if flat.numel() > OBSERVE_SAMPLES:
-                    keep = torch.randperm(flat.numel(), generator=self._generator())[:OBSERVE_SAMPLES]
+                    gen = self._generator(flat.device)
+                    keep = torch.randperm(flat.numel(), generator=gen, device=flat.device)[:OBSERVE_SAMPLES]
                     flat = flat[keep]
                 self._obs_samples[i] = flat
 
@@ -419,12 +425,13 @@ class TemporalQuantizer(_QuantizerBase):
             return False
         own = observed & (not pooled)  # [T] steps initialised from their own statistics
         if self.spec.init == "mse":
-            device = self.scale.device  # the search runs where the model does (samples are kept on the host)
+            device = self.scale.device  # the search runs where the model does, as do the kept samples
             search = lambda v: mse_search(v[None].to(device), self.qmin, self.qmax, self.spec.symmetric)
             if not own.all():  # the pair of all steps together, for the others
                 pooled_values = torch.cat([s for s in self._obs_samples if s is not None])
                 if pooled_values.numel() > OBSERVE_SAMPLES:
-                    keep = torch.randperm(pooled_values.numel(), generator=self._generator())[:OBSERVE_SAMPLES]
+                    gen = self._generator(pooled_values.device)
+                    keep = torch.randperm(pooled_values.numel(), generator=gen, device=gen.device)[:OBSERVE_SAMPLES]
                     pooled_values = pooled_values[keep]
                 all_scale, all_zp = search(pooled_values)
             scales, zps = [], []
