@@ -36,3 +36,25 @@ def test_sampling_is_a_function_of_the_noise(tiny_teacher_dir):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     c = ddim_sample(unet, scheduler, make_noise(6, (1, 8, 8), seed=2), 4, progress=False)
     assert not torch.allclose(a, c)
+
+
+def test_pickle_only_checkpoint_names_the_conversion(tiny_teacher_dir):
+    """A UNet saved as `diffusion_pytorch_model.bin` alone (older hub snapshots) is refused with the command that
+    converts it, and that command, run as printed, makes the directory load."""
+    import re
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DModel
+
+    unet_dir = tiny_teacher_dir / "unet"
+    want = UNet2DModel.from_pretrained(unet_dir)
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    want.save_pretrained(unet_dir, safe_serialization=False)
+    with pytest.raises(CheckpointError, match=r"only as a PyTorch pickle") as e:
+        load_teacher(tiny_teacher_dir)
+    code = re.search(r'python -c "(.+)"', str(e.value)).group(1)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    got, _ = load_teacher(tiny_teacher_dir)
+    for (name, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -23,6 +23,20 @@ def _unet_class(unet_dir: Path) -> type[ModelMixin]:
     return classes[cls_name]
 
 
+def _require_safetensors(unet_dir: Path, cls: type[ModelMixin]) -> None:
+    """Refuse a UNet saved only as a pickle (`*.bin`), with the command that converts it (a pickle can run code)."""
+    if any(unet_dir.glob("*.safetensors")) or not any(unet_dir.glob("*.bin")):
+        return  # safetensors present, or no weights at all (diffusers names the missing file)
+    convert = (
+        f'python -c "from diffusers import {cls.__name__} as M; '
+        f"M.from_pretrained('{unet_dir}', use_safetensors=False).save_pretrained('{unet_dir}')\""
+    )
+    raise CheckpointError(
+        f"'{unet_dir}' holds its weights only as a PyTorch pickle (*.bin). dq loads safetensors only, since loading a "
+        f"pickle can run code: if you trust the file, convert it once with\n    {convert}"
+    )
+
+
 def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixin, DDIMScheduler]:
     """Load `(unet, ddim_scheduler)` from a diffusers pipeline directory with `unet/` and `scheduler/`.
 
@@ -52,6 +66,7 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     if not (sched_dir / "scheduler_config.json").is_file():
         raise MissingFileError(f"'{sched_dir}/scheduler_config.json' is missing: the teacher needs its schedule.")
     cls = _unet_class(unet_dir)
+    _require_safetensors(unet_dir, cls)
     try:
         # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, said here so it stops
         # printing a notice about it on every load
