@@ -101,3 +101,34 @@ def test_invalid_jobs_is_refused_before_any_run(tmp_path, jobs):
     assert f"JOBS={jobs} is invalid" in done.stderr
     assert not events.exists()
     assert not (tmp_path / "root").exists()
+
+
+RUN_LISTS = sorted((REPO / "experiments" / "runs").glob("*.txt"))
+
+
+def run_list_lines(path: Path) -> list[tuple[str, list[str]]]:
+    """`(name, overrides)` per run of a run list, read as parallel_runs.sh reads it (`#` starts a comment)."""
+    runs = []
+    for line in path.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            runs.append((words[0], words[1:]))
+    return runs
+
+
+@pytest.mark.parametrize("path", RUN_LISTS, ids=[p.stem for p in RUN_LISTS])
+def test_every_committed_run_list_composes(path, tmp_path):
+    """The run lists behind BENCHMARKS.md's tables still compose and pass dq-train's start-up checks, so a renamed
+    option or config group breaks a test here rather than a reader's hour-long re-run."""
+    from conftest import compose_cfg
+
+    from dq.config import validate
+    from dq.train import build_callbacks
+
+    runs = run_list_lines(path)
+    assert runs, f"{path.name} holds no runs"
+    assert len({name for name, _ in runs}) == len(runs), f"{path.name} repeats a run name"
+    for name, overrides in runs:
+        cfg = compose_cfg("train", overrides, tmp_path / name)
+        validate(cfg)
+        build_callbacks(cfg.get("callbacks"))
