@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.errors import ConfigError, UserError
+from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
 from dq.paths import asset, cache_dir
 from dq.utils.io import atomic_write
 
@@ -110,7 +112,10 @@ CHOICES = {
     "eval.features": ("classifier", "inception", "none"),
     "device": ("cpu", "cuda"),
     "callbacks.tpq.init": ("per_step", "shared"),
+    "distill.lr_schedule": ("cosine", "constant"),
 }
+# learning rates that must be numbers >= 0 (0 freezes a group)
+RATES = ("distill.lr_weight", "distill.lr_weight_qparams", "distill.lr_act_qparams", "distill.lr_lora")
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
@@ -142,6 +147,17 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
             what = "a whole number >= 1" if key in COUNTS else "a whole number"
             raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
+    for key in RATES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise ConfigError(f"{key}={value!r} is invalid: a learning rate must be a number >= 0 (0 freezes it).")
+    batch, n_calib = OmegaConf.select(cfg, "distill.batch_size"), OmegaConf.select(cfg, "calib.n_calib")
+    if isinstance(batch, int) and isinstance(n_calib, int) and batch > n_calib:
+        raise ConfigError(
+            f"distill.batch_size={batch} is larger than the calibration set (calib.n_calib={n_calib}): every batch "
+            f"would repeat pairs. Lower distill.batch_size or raise calib.n_calib."
+        )
+    check_eval(cfg)
     n, splits = OmegaConf.select(cfg, "eval.n_samples"), OmegaConf.select(cfg, "eval.is_splits")
     if n is not None and splits is not None and n < max(2 * splits, 100):  # tests run on purpose with fewer
         warnings.warn(
@@ -159,6 +175,41 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
         )
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """Refuse at start-up an evaluation that could only fail after training: FID reference images not named, the
+    shipped MNIST classifier asked to score images of another shape, Inception without its packages or weights."""
+    features = OmegaConf.select(cfg, "eval.features")
+    if features in (None, "none") or OmegaConf.select(cfg, "model") is None:
+        return
+    score_later = "or pass eval=none to train without scoring (dq-eval student_dir=<run>/student scores it later)"
+    data = cfg.model.get("data")
+    folder = data is not None and data.get("name") == "image_folder"
+    if folder and (OmegaConf.is_missing(data, "path") or not data.path):
+        raise ConfigError(
+            f"model.data.path is not set: eval={cfg.eval.get('name', features)} computes FID against real images. "
+            f"Set model.data.path to a local folder of the model's training images, {score_later}."
+        )
+    shape = OmegaConf.select(cfg, "model.sample_shape")
+    if features == "classifier" and shape is not None and list(shape) != list(CLASSIFIER_SHAPE):
+        raise ConfigError(
+            f"eval.features=classifier scores with the shipped MNIST classifier, which takes {list(CLASSIFIER_SHAPE)} "
+            f"images, and model.sample_shape is {list(shape)}: pass eval=inception with "
+            f"eval.inception_weights_path=<local weights file> (pip install 'dq[inception]'), {score_later}."
+        )
+    if features == "inception":
+        if OmegaConf.is_missing(cfg.eval, "inception_weights_path") or not cfg.eval.inception_weights_path:
+            raise ConfigError(
+                "eval.inception_weights_path is not set: eval=inception needs a local Inception weights file "
+                f"(dq never downloads; torch-fidelity's pt_inception-2015-12-05 weights), {score_later}."
+            )
+        missing = [m for m in ("torch_fidelity", "torchvision") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"eval=inception needs {' and '.join(missing)}, not installed here: pip install 'dq[inception]' "
+                f"(torch-fidelity and a torchvision that matches your torch), {score_later}."
+            )
 
 
 def check_adapters(cfg: DictConfig) -> None:

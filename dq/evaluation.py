@@ -143,7 +143,8 @@ def record_without_scores(
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     log_results(loggers, results, None)
     print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with dq-eval "
-          f"student_dir={run_dir / 'student'} and this run's model settings (model=, model.path=, steps)")  # fmt: skip
+          f"student_dir={run_dir / 'student'} and this run's model settings (model=, model.path=, model.sample_shape=, "
+          "model.num_inference_steps=)")  # fmt: skip
     return results
 
 

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 from conftest import TEACHER
 
-from dq.models import ddim_sample, load_teacher, make_noise
+from dq.errors import ConfigError
+from dq.models import check_sample_shape, ddim_sample, load_teacher, make_noise
 from dq.models.loading import CheckpointError
 
 
@@ -58,3 +61,28 @@ def test_pickle_only_checkpoint_names_the_conversion(tiny_teacher_dir):
     got, _ = load_teacher(tiny_teacher_dir)
     for (name, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([3, 8, 8], r"has 3 channels and the UNet takes 1"),
+        ([1, 8], r"is invalid: give \[channels, height, width\]"),
+        ([1, 9, 10], r"halves height and width 1 times, so both must be multiples of 2"),
+    ],
+)
+def test_a_sample_shape_the_unet_cannot_take_is_refused(tiny_teacher_dir, shape, message):
+    unet, _ = load_teacher(tiny_teacher_dir)
+    with pytest.raises(ConfigError, match=rf"model.sample_shape={re.escape(str(shape))}.*{message}"):
+        check_sample_shape(unet, shape)
+
+
+def test_another_resolution_than_the_unets_is_only_a_warning(tiny_teacher_dir):
+    unet, _ = load_teacher(tiny_teacher_dir)  # sample_size 8
+    with pytest.warns(UserWarning, match=r"samples at 16x16, and the UNet was built for 8x8"):
+        check_sample_shape(unet, [1, 16, 16])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_sample_shape(unet, [1, 8, 8])

@@ -18,7 +18,7 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import cli_errors
+from dq.config import cli_errors, validate
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -182,6 +182,38 @@ def test_an_fp_output_layer_input_student_keeps_it_off_through_training_saving_a
         train(cfg)
 
 
+CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (CIFAR, r"model.data.path is not set: eval=fid_is computes FID against real images"),
+        ([*CIFAR, "model.data.path=/png"], r"shipped MNIST classifier, which takes \[1, 28, 28\] images, and "
+         r"model.sample_shape is \[3, 32, 32\]: pass eval=inception"),
+        ([*CIFAR, "model.data.path=/png", "eval=inception"], r"eval.inception_weights_path is not set"),
+        ([*CIFAR, "model.data.path=/png", "eval=inception", "eval.inception_weights_path=/w.pth"],
+         r"eval=inception needs torch_fidelity and torchvision, not installed here: pip install 'dq\[inception\]'"),
+        (["distill.lr_weight=-1"], r"distill.lr_weight=-1 is invalid: a learning rate must be a number >= 0"),
+        (["distill.lr_act_qparams=fast"], r"distill.lr_act_qparams='fast' is invalid"),
+        (["distill.lr_schedule=linear"], r"distill.lr_schedule='linear' is not one of \['cosine', 'constant'\]"),
+        (["calib.n_calib=64", "distill.batch_size=100"], r"distill.batch_size=100 is larger than the calibration set"),
+    ],
+)  # fmt: skip
+def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrides, message, tmp_path, monkeypatch):
+    """Each of these used to fail with a traceback, some only once training had finished (evaluation comes last)."""
+    find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda n, *a: None if n in ("torch_fidelity", "torchvision")
+                        else find_spec(n, *a))  # fmt: skip
+    cfg = compose_cfg("train", overrides, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_a_real_model_without_scoring_passes_the_start_up_checks(tmp_path):
+    validate(compose_cfg("train", [*CIFAR, "eval=none"], tmp_path))
+
+
 def test_fp_quantizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="quantizer=fp"):
         train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))
@@ -215,6 +247,7 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert any(r.get("eval/student/psnr_to_teacher") for r in rows)
+    assert any(r.get("block/00/loss") for r in rows)  # the first attempt's training curves are kept
 
     # other student settings: refused before anything in the run is touched (dilation.json was rewritten before)
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "csv" not in p.parts}

@@ -14,11 +14,13 @@ from torch import nn
 from dq.errors import CheckpointError, MissingFileError
 from dq.utils.io import atomic_write_text
 
+INPUT_SHAPE = (1, 28, 28)  # the images it scores: MNIST's, [C, H, W]
+
 
 class MNISTClassifier(nn.Module):
     """Four 3x3 convs and an MLP head; `features` is the penultimate [N, feat_dim] layer, `forward` the logits.
 
-    Inputs are images in [-1, 1] of shape [N, 1, 28, 28].
+    Inputs are images in [-1, 1] of shape [N, *INPUT_SHAPE] = [N, 1, 28, 28].
     """
 
     def __init__(self, width: int = 32, feat_dim: int = 128, n_classes: int = 10) -> None:

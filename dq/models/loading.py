@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -78,3 +80,28 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
             "The checkpoint is corrupt or incomplete: re-create it (dq-pretrain) or copy it again."
         ) from e
     return unet.eval().requires_grad_(False), scheduler
+
+
+def check_sample_shape(unet: ModelMixin, shape: Sequence[int], field: str = "model.sample_shape") -> None:
+    """Refuse a sample shape the UNet cannot denoise (channels, rank, sides its down-sampling cannot halve) before
+    anything is computed; warn where it differs from the size the UNet was trained at (convolutions accept it)."""
+    shape = list(shape)
+    channels = unet.config.get("in_channels")
+    levels = len(unet.config.get("down_block_types", ())) - 1  # each down block but the last halves the sides
+    if len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
+        raise ConfigError(f"{field}={shape} is invalid: give [channels, height, width], e.g. [{channels}, 32, 32].")
+    if shape[0] != channels:
+        raise ConfigError(f"{field}={shape} has {shape[0]} channels and the UNet takes {channels}: set {field}.")
+    if any(n % 2**levels for n in shape[1:]):
+        raise ConfigError(
+            f"{field}={shape}: the UNet halves height and width {levels} times, so both must be multiples of "
+            f"{2**levels}."
+        )
+    size = unet.config.get("sample_size")
+    size = list(size) if isinstance(size, list | tuple) else [size, size]
+    if size[0] is not None and shape[1:] != size:
+        warnings.warn(
+            f"{field}={shape} samples at {shape[1]}x{shape[2]}, and the UNet was built for {size[0]}x{size[1]} "
+            f"(its config's sample_size): make sure this is the resolution you mean.",
+            stacklevel=2,
+        )
