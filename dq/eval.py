@@ -17,17 +17,19 @@ from omegaconf import DictConfig
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record, validate
 from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
-from dq.models import load_teacher
+from dq.models import check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
 from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
+from dq.utils.loggers import ending_wandb_run
 
 register_resolvers()
 
 
+@ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the teacher and the student (built from the config, none for `quantizer=fp`, or a saved one from
     `student_dir`), evaluate both from one noise."""
@@ -53,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
+        check_sample_shape(teacher, cfg.model.sample_shape)
         teacher.to(cfg.device)
         if student_dir is None:
             student, cost = build_student(cfg, teacher, scheduler)

@@ -34,11 +34,12 @@ from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.errors import ConfigError
 from dq.evaluation import evaluate_models, method_of
-from dq.models import load_teacher
+from dq.models import check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
+from dq.utils.loggers import ending_wandb_run
 
 register_resolvers()
 
@@ -145,6 +146,7 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+@ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
     validate(cfg)
@@ -168,6 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`train` inside the run-directory lock."""
     teacher, scheduler = load_teacher(cfg.model.path)
+    check_sample_shape(teacher, cfg.model.sample_shape)
     teacher.to(cfg.device)
     parts = fingerprint_parts(cfg, teacher, scheduler)
     fingerprint = _digest(parts)

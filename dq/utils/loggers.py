@@ -1,0 +1,56 @@
+"""Loggers for runs that resume: a CSV logger that keeps the rows of an earlier attempt, and the end of a W&B run."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger`, except that a resumed run appends to `metrics.csv` instead of deleting it.
+
+    Lightning's writer removes an existing metrics file when it starts; this one puts the file back and carries on
+    with its columns, so the loss curves of the blocks trained before an interruption stay in the run.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        kept = path.read_bytes() if path.is_file() else None
+        with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not here
+            warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
+            writer = super().experiment
+        if kept:
+            path.write_bytes(kept)
+            with path.open(newline="") as f:
+                writer.metrics_keys = next(csv.reader(f), [])  # the header; later rows append under it
+        return writer
+
+
+@contextmanager
+def ending_wandb_run() -> Iterator[None]:
+    """End the W&B run a job started, also when it fails: Lightning's `finalize` leaves it open, and the next job of
+    a Hydra multirun (same process) would otherwise log into it. A context manager or a decorator."""
+    try:
+        yield
+    except BaseException:
+        _finish_wandb(exit_code=1)
+        raise
+    _finish_wandb(exit_code=0)
+
+
+def _finish_wandb(exit_code: int) -> None:
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)

@@ -1,0 +1,87 @@
+"""dq.utils.loggers: a resumed run's CSV log keeps the earlier attempt's rows; each job ends its own W&B run."""
+
+import csv
+
+import pytest
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from dq.utils.loggers import ResumableCSVLogger, ending_wandb_run
+
+
+def _attempt(cls, run, metrics: dict, step: int) -> None:
+    logger = cls(save_dir=str(run), name="csv", version="")
+    logger.log_metrics(metrics, step=step)
+    logger.finalize("success")
+
+
+def test_a_resumed_csv_log_appends_under_a_merged_header(tmp_path):
+    _attempt(ResumableCSVLogger, tmp_path, {"block/00/loss": 0.5}, step=0)
+    _attempt(ResumableCSVLogger, tmp_path, {"block/01/loss": 0.25, "eval/fid": 50.0}, step=1)
+    _attempt(ResumableCSVLogger, tmp_path, {"block/01/loss": 0.125}, step=2)  # no new column
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["block/00/loss"], r["block/01/loss"], r["eval/fid"]) for r in rows] == [
+        ("0", "0.5", "", ""),
+        ("1", "", "0.25", "50.0"),
+        ("2", "", "0.125", ""),
+    ]
+
+
+def test_lightnings_own_csv_logger_would_drop_the_earlier_rows(tmp_path):
+    """Why dq has its own: the stock logger deletes metrics.csv when a second attempt starts."""
+    _attempt(CSVLogger, tmp_path, {"block/00/loss": 0.5}, step=0)
+    with pytest.warns(UserWarning, match="will be deleted"):
+        _attempt(CSVLogger, tmp_path, {"block/01/loss": 0.25}, step=1)
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+
+
+def test_each_job_ends_its_wandb_run_so_the_next_gets_its_own(tmp_path, monkeypatch):
+    """Hydra runs a multirun's jobs in one process; without ending the run, the second job's WandbLogger would
+    log into the first job's run (and directory)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with ending_wandb_run():  # start clean, whatever ran before in this process
+        pass
+    runs = []
+    for job in ("a", "b"):
+        with ending_wandb_run():
+            logger = WandbLogger(project="dq-test", save_dir=str(tmp_path / job), offline=True)
+            logger.log_metrics({"x": 1.0}, step=0)
+            logger.finalize("success")
+            runs.append((logger.experiment.id, logger.experiment.dir))
+    assert runs[0][0] != runs[1][0]
+    assert str(tmp_path / "a") in runs[0][1] and str(tmp_path / "b") in runs[1][1]
+    import wandb
+
+    assert wandb.run is None
+
+
+def test_a_failed_job_ends_its_wandb_run_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(RuntimeError, match="boom"), ending_wandb_run():
+        WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True).log_metrics({"x": 1.0}, step=0)
+        raise RuntimeError("boom")
+    import wandb
+
+    assert wandb.run is None
+
+
+@pytest.mark.parametrize(("entry", "overrides"), [("train", ["quantizer=fp"]), ("eval", ["eval=none"])])
+def test_train_and_evaluate_end_the_wandb_run_also_when_called_directly(entry, overrides, tmp_path, monkeypatch):
+    """Not only the command lines: code (and tests) calling `train` / `evaluate` get the same clean-up, here on a
+    setting they refuse at once."""
+    import wandb
+    from conftest import compose_cfg
+
+    from dq.errors import ConfigError
+    from dq.eval import evaluate
+    from dq.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True).log_metrics({"x": 1.0}, step=0)
+    assert wandb.run is not None
+    with pytest.raises(ConfigError):
+        {"train": train, "eval": evaluate}[entry](compose_cfg(entry, [*overrides, "logger=none"], tmp_path / "run"))
+    assert wandb.run is None
