@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import conftest
 import pytest
@@ -360,6 +361,18 @@ def test_ddim_pipeline_runs_quantized_shipped_teacher():
     assert out.images.shape == (2, 28, 28, 1) and 0 <= out.images.min() <= out.images.max() <= 1
     with pytest.raises(ValueError, match="not in the timestep table"):
         pipe(batch_size=1, num_inference_steps=4, output_type="np")  # a TPQ model is tied to its schedule
+
+
+def test_saving_the_pipeline_refuses_instead_of_dropping_the_quantizers(tmp_path):
+    """diffusers' save_pretrained would write plain weights that load back as a float UNet without a word; the
+    quantized model (and so a pipeline holding it) refuses and names save_quantized / load_quantized."""
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    with pytest.raises(TypeError, match=r"save it with dq.quant.save_quantized\(unet, directory\)"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    copy.deepcopy(model)  # still copies (sampling caches, sweeps) and pickles
+    pickle.loads(pickle.dumps(model))
 
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])

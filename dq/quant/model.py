@@ -282,6 +282,15 @@ def quantizable_layers(unet: nn.Module) -> list[str]:
     return [name for name, m in unet.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | Attention)]
 
 
+def _save_pretrained_refused(*args: object, **kwargs: object) -> None:
+    """A quantized model's `save_pretrained` (also the one a pipeline's `save_pretrained` calls): refused with the
+    way that works. diffusers' own would write plain weights that load back as a float UNet, without a word."""
+    raise TypeError(
+        "this UNet is quantized by dq: save it with dq.quant.save_quantized(unet, directory) and load it with "
+        "dq.quant.load_quantized(directory); diffusers' save_pretrained would drop the quantizers"
+    )
+
+
 def quantize_model(
     unet: nn.Module,
     spec: QuantSpec,
@@ -322,6 +331,7 @@ def quantize_model(
     ctx = StepContext()
     unet._dq_step_context = ctx
     unet._dq_spec = spec
+    unet.save_pretrained = _save_pretrained_refused  # diffusers' would write a float UNet without the quantizers
 
     splits = concat_splits(unet) if spec.split_concat else {}  # traced on the float model, before the swap
     for name, m in modules:
