@@ -237,12 +237,14 @@ def test_peak_memory_is_per_run_window() -> None:
     assert before - after > 150, (before, after)
 
 
-def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"
     first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
     (run / "checkpoints" / "config.json").unlink()  # as a run started before dq kept it
+    capsys.readouterr()
     again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    assert re.search(r"all \d+ blocks were already trained in this run: nothing left to train", capsys.readouterr().out)
     assert (run / "checkpoints" / "config.json").is_file()  # back-filled on the matching resume
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))

@@ -155,7 +155,10 @@ class BlockwiseDistillation(QuantDistillation):
             self.history = list(meta.get("history", []))
             self.block_seconds = dict(meta.get("block_seconds", {}))  # absent in checkpoints of older versions
             self.start_step = finished * self.iters_per_block
-            print(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
+            if finished == len(self.blocks):  # a re-run of a finished run: Lightning then reports no training batches
+                print(f"all {finished} blocks were already trained in this run: nothing left to train")
+            else:
+                print(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
 
     # ---- block I/O ----------------------------------------------------------------------------------------
     @torch.no_grad()
