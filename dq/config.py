@@ -183,7 +183,10 @@ def check_eval(cfg: DictConfig) -> None:
     features = OmegaConf.select(cfg, "eval.features")
     if features in (None, "none") or OmegaConf.select(cfg, "model") is None:
         return
-    score_later = "or pass eval=none to train without scoring (dq-eval student_dir=<run>/student scores it later)"
+    score_later = (  # dq-eval (its config has student_dir) only scores, so eval=none is no way out there
+        "or score another model" if "student_dir" in cfg
+        else "or pass eval=none to train without scoring (dq-eval student_dir=<run>/student scores it later)"
+    )  # fmt: skip
     data = cfg.model.get("data")
     folder = data is not None and data.get("name") == "image_folder"
     if folder and (OmegaConf.is_missing(data, "path") or not data.path):

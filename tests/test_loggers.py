@@ -3,8 +3,13 @@
 import csv
 
 import pytest
+import wandb
+from conftest import compose_cfg
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from dq.errors import ConfigError
+from dq.eval import evaluate
+from dq.train import train
 from dq.utils.loggers import ResumableCSVLogger, ending_wandb_run
 
 
@@ -52,8 +57,6 @@ def test_each_job_ends_its_wandb_run_so_the_next_gets_its_own(tmp_path, monkeypa
             runs.append((logger.experiment.id, logger.experiment.dir))
     assert runs[0][0] != runs[1][0]
     assert str(tmp_path / "a") in runs[0][1] and str(tmp_path / "b") in runs[1][1]
-    import wandb
-
     assert wandb.run is None
 
 
@@ -63,8 +66,6 @@ def test_a_failed_job_ends_its_wandb_run_too(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"), ending_wandb_run():
         WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True).log_metrics({"x": 1.0}, step=0)
         raise RuntimeError("boom")
-    import wandb
-
     assert wandb.run is None
 
 
@@ -72,13 +73,6 @@ def test_a_failed_job_ends_its_wandb_run_too(tmp_path, monkeypatch):
 def test_train_and_evaluate_end_the_wandb_run_also_when_called_directly(entry, overrides, tmp_path, monkeypatch):
     """Not only the command lines: code (and tests) calling `train` / `evaluate` get the same clean-up, here on a
     setting they refuse at once."""
-    import wandb
-    from conftest import compose_cfg
-
-    from dq.errors import ConfigError
-    from dq.eval import evaluate
-    from dq.train import train
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True).log_metrics({"x": 1.0}, step=0)
     assert wandb.run is not None

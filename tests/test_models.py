@@ -1,8 +1,12 @@
 import re
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 from conftest import TEACHER
+from diffusers import UNet2DModel
 
 from dq.errors import ConfigError
 from dq.models import check_sample_shape, ddim_sample, load_teacher, make_noise
@@ -44,12 +48,6 @@ def test_sampling_is_a_function_of_the_noise(tiny_teacher_dir):
 def test_pickle_only_checkpoint_names_the_conversion(tiny_teacher_dir):
     """A UNet saved as `diffusion_pytorch_model.bin` alone (older hub snapshots) is refused with the command that
     converts it, and that command, run as printed, makes the directory load."""
-    import re
-    import subprocess
-    import sys
-
-    from diffusers import UNet2DModel
-
     unet_dir = tiny_teacher_dir / "unet"
     want = UNet2DModel.from_pretrained(unet_dir)
     (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
@@ -81,8 +79,6 @@ def test_another_resolution_than_the_unets_is_only_a_warning(tiny_teacher_dir):
     unet, _ = load_teacher(tiny_teacher_dir)  # sample_size 8
     with pytest.warns(UserWarning, match=r"samples at 16x16, and the UNet was built for 8x8"):
         check_sample_shape(unet, [1, 16, 16])
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_sample_shape(unet, [1, 8, 8])

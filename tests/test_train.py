@@ -210,6 +210,13 @@ def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrid
         validate(cfg)
 
 
+def test_dq_eval_is_not_told_to_pass_eval_none(tmp_path):
+    """dq-eval only scores (it refuses eval=none), so its refusal offers no eval=none way out."""
+    with pytest.raises(ConfigError, match=r"model.data.path is not set") as e:
+        validate(compose_cfg("eval", CIFAR, tmp_path))
+    assert "eval=none" not in str(e.value)
+
+
 def test_a_real_model_without_scoring_passes_the_start_up_checks(tmp_path):
     validate(compose_cfg("train", [*CIFAR, "eval=none"], tmp_path))
 
