@@ -36,6 +36,13 @@ class _DropAdverts(logging.Filter):
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
+class BelowWarning(logging.Filter):
+    """Passes debug and info records only: conf/hydra/job_logging/dq.yaml sends them to stdout, the rest to stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def wandb_offline() -> bool:
     """W&B runs offline unless an API key is configured (or WANDB_MODE=online is set explicitly)."""
     if os.environ.get("WANDB_MODE") == "online":
@@ -57,14 +64,24 @@ def register_resolvers() -> None:
 @contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
     """Turn a `UserError` (`ConfigError`, `MissingFileError`, `CheckpointError`) into one line on stderr,
-    `<prog>: error: <message>`, and exit status 2; other exceptions keep their traceback."""
+    `<prog>: error: <message>`, and exit status 2; other exceptions keep their traceback. In a Hydra app the line and
+    Python's warnings also go to the run's log file (conf/hydra/job_logging/dq.yaml)."""
+    in_hydra = HydraConfig.initialized()
+    if in_hydra:
+        logging.captureWarnings(True)
     try:
         yield
     except UserError as e:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if in_hydra and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra fails this job only and runs the sweep's others
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if in_hydra:
+            logging.getLogger(prog).error(f"{prog}: error: {e}")  # the console_errors handler writes it to stderr
+        else:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if in_hydra:
+            logging.captureWarnings(False)
 
 
 def _hydra_record_dir() -> Path | None:

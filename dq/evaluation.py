@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ from dq.metrics import SampleMetrics, psnr
 from dq.models import ddim_sample, make_noise
 from dq.utils.grid import grid_array, save_png, side_by_side
 from dq.utils.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
@@ -129,8 +132,8 @@ def evaluate_models(
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     save_png(grid, run_dir / "samples.png")
     log_results(loggers, results, grid)
-    print(format_table(results))
-    print(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
+    log.info("\n" + format_table(results))  # on its own lines in the log file too
+    log.info(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
     return results
 
 
@@ -142,7 +145,7 @@ def record_without_scores(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     log_results(loggers, results, None)
-    print(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with dq-eval "
+    log.info(f"eval=none: nothing sampled. results: {run_dir / 'results.json'}; score the student with dq-eval "
           f"student_dir={run_dir / 'student'} and this run's model settings (model=, model.path=, model.sample_shape=, "
           "model.num_inference_steps=)")  # fmt: skip
     return results

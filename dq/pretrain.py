@@ -7,6 +7,7 @@ the shipped assets were made; their model cards record the exact command).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -21,6 +22,8 @@ from dq.config import build_loggers, cli_errors, register_resolvers
 from dq.errors import ConfigError
 from dq.paths import conf_dir
 from dq.utils.io import atomic_write_text, read_json_object
+
+log = logging.getLogger("dq.pretrain")  # not __name__, which is __main__ under python -m
 
 register_resolvers()
 
@@ -58,8 +61,8 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     atomic_write_text(out / "README.md", _card_markdown(card))
     if cfg.install_dir:
         install(out, Path(cfg.install_dir), cfg.pretrain.name)
-        print(f"installed {out} -> {cfg.install_dir}")
-    print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
+        log.info(f"installed {out} -> {cfg.install_dir}")
+    log.info(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "metrics")}, indent=2))
     return metrics
 
 

@@ -8,6 +8,7 @@ shared over all steps, or per step when `quantizer.temporal` is true.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
 from dq.errors import ConfigError
 from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
+
+log = logging.getLogger(__name__)
 
 
 def quant_spec_of(cfg: DictConfig) -> QuantSpec:
@@ -55,7 +58,7 @@ def quantize_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> nn.
     """A quantized deep copy of the teacher (activation quantizers not yet calibrated)."""
     student = copy.deepcopy(teacher)
     report = quantize_model(student, quant_spec_of(cfg), sampler_timesteps(scheduler, cfg.model.num_inference_steps))
-    print(f"quantized {report.summary()}")
+    log.info(f"quantized {report.summary()}")
     return student
 
 
@@ -70,5 +73,5 @@ def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[
     calib = calibration_set(cfg, teacher, scheduler)
     calibrate_student(student, calib, cfg.calib.batch_size, progress=cfg.eval.progress)
     if cfg.eval.get("print_report", False):
-        print(quant_report(student))
+        log.info(quant_report(student))
     return student.eval(), {"calib_s": time.perf_counter() - start}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import resource
 import sys
 import time
@@ -40,6 +41,8 @@ from dq.quant import save_quantized
 from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
+
+log = logging.getLogger("dq.train")  # not __name__, which is __main__ under python -m
 
 register_resolvers()
 
@@ -162,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "with its own eval settings, or use a new run directory."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory: {run_dir}")
+    log.info(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
 
@@ -213,7 +216,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
             trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully
             if trainer.interrupted:
-                print(resume(), file=sys.stderr)
+                log.warning(resume())
             raise
     if trainer.interrupted:
         raise RuntimeError(resume())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -244,14 +245,15 @@ def test_peak_memory_is_per_run_window() -> None:
     assert before - after > 150, (before, after)
 
 
-def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"
     first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
     (run / "checkpoints" / "config.json").unlink()  # as a run started before dq kept it
-    capsys.readouterr()
-    again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
-    assert re.search(r"all \d+ blocks were already trained in this run: nothing left to train", capsys.readouterr().out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dq"):
+        again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
+    assert re.search(r"all \d+ blocks were already trained in this run: nothing left to train", caplog.text)
     assert (run / "checkpoints" / "config.json").is_file()  # back-filled on the matching resume
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
@@ -291,7 +293,7 @@ def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_free
 
 
 @pytest.mark.parametrize("exits", [True, False])
-def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, capsys, exits):
+def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, caplog, exits):
     """Lightning ends the process after Ctrl-C (SystemExit) in recent versions, and returned in older ones; the hint
     offers a resume only where a block checkpoint was written."""
     run = tmp_path / "run"
@@ -308,7 +310,7 @@ def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monke
         with pytest.raises(SystemExit):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
         hint = rf"the finished blocks are kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume"
-        assert re.search(hint, capsys.readouterr().err)
+        assert re.search(hint, caplog.text) and caplog.records[-1].levelno == logging.WARNING
     else:
         with pytest.raises(RuntimeError, match="interrupted before any checkpoint was written: a re-run starts over"):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
@@ -320,16 +322,24 @@ def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_dir, tmp_path):
-    """Hydra saves each command's config to <run>/.hydra before dq can refuse it; dq puts the run's own back."""
+    """Hydra saves each command's config to <run>/.hydra before dq can refuse it; dq puts the run's own back. Both
+    commands' messages reach <run>/train.log with their times, and the terminal as plain lines."""
     run = tmp_path / "run"
     over = [o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")] + ["eval=none", "distill.iters_per_block=1"]
     first = _cli(tmp_path, "dq.train", *over, "logger=none", f"hydra.run.dir={run}")
     assert first.returncode == 0, first.stderr[-2000:]
+    assert f"\nrun directory: {run}\n" in "\n" + first.stdout and "\nweight dilation: " in first.stdout
+    assert re.search(
+        rf"^\[[-\d :,]+\]\[dq\.train\]\[INFO\] - run directory: {re.escape(str(run))}$",
+        (run / "train.log").read_text(),
+        re.M,
+    )
     record = {p.name: p.read_text() for p in (run / ".hydra").iterdir()}
     assert "distill.iters_per_block=1" in record["overrides.yaml"]
 
     refused = _cli(tmp_path, "dq.train", *over, "logger=none", "calib.seed=7", f"hydra.run.dir={run}")
-    assert refused.returncode == 2 and "calib.seed differ" in refused.stderr
+    assert refused.returncode == 2 and "calib.seed differ" in refused.stderr and "differ" not in refused.stdout
+    assert re.search(r"\[ERROR\] - dq-train: error: .*calib\.seed differ", (run / "train.log").read_text())
     assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
     refused = _cli(tmp_path, "dq.eval", "logger=none", f"hydra.run.dir={run}")  # any refusal, not only a resume's
     assert refused.returncode == 2 and "holds a dq-train run" in refused.stderr

@@ -7,10 +7,14 @@ parameters, so it runs before the optimizer is built, where they form the group 
 
 from __future__ import annotations
 
+import logging
+
 import pytorch_lightning as pl
 
 from dq.errors import ConfigError
 from dq.quant.lora import add_lora, lora_layers, merge_lora, stored_weight
+
+log = logging.getLogger(__name__)
 
 __all__ = ["QALoRA"]
 
@@ -40,7 +44,7 @@ class QALoRA(pl.Callback):
         layers = lora_layers(pl_module.student)
         base = sum(stored_weight(layer).numel() for _, layer in layers)
         self.stats = {"layers": float(len(layers)), "adapter_params": float(added), "share": added / max(base, 1)}
-        print(f"QALoRA: rank-{self.rank} adapters on {len(layers)} layers, {added:,} parameters "
+        log.info(f"QALoRA: rank-{self.rank} adapters on {len(layers)} layers, {added:,} parameters "
               f"({100 * self.stats['share']:.0f}% of their weights)")  # fmt: skip
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

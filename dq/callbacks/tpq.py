@@ -8,6 +8,7 @@ the quantizer spec), after Weight Dilation has changed what the quantizers see.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,6 +17,8 @@ from torch import nn
 
 from dq.distill.base import calibrate_student
 from dq.quant import act_quantizers, expand_act_quantizers
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TemporalParallelQuantizer", "tpq_stats"]
 
@@ -62,7 +65,7 @@ class TemporalParallelQuantizer(pl.Callback):
         calibrate_student(pl_module.student, pl_module.calib, bs, force=True, progress=pl_module.progress,
                           pooled=self.init == "shared")  # fmt: skip
         self.stats = tpq_stats(pl_module.student)
-        print(
+        log.info(
             f"TPQ: {int(self.stats['quantizers'])} activation quantizers x {int(self.stats['steps'])} steps; "
             f"step sizes differ across steps by x{self.stats['scale_spread_mean']:.2f} on average"
         )

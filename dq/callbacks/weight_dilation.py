@@ -9,6 +9,7 @@ side (`in_scale`), leaving every weight row's range (Δ_w, z_w) unchanged. It lo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from dq.quant.dilation import dilate_, fold_report, shared_input_groups
 from dq.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["WeightDilation", "dilate_student"]
 
@@ -92,7 +95,7 @@ class WeightDilation(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.report = dilate_student(pl_module.student, self.s_max)
         s = self.report["summary"]
-        print(
+        log.info(
             f"weight dilation: {s['layers']} layers, mean s {s['s_mean']:.3f}, max s {s['s_max']:.2f}, "
             f"{100 * s['dilated_share']:.1f}% of channels dilated, {s['foldable_layers']} layers can fold 1/s"
         )

@@ -14,6 +14,7 @@ optimizer state starts fresh.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, part
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
 from dq.quant import step_context
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlockwiseDistillation", "block_seed", "contiguous_io"]
 
@@ -156,9 +159,9 @@ class BlockwiseDistillation(QuantDistillation):
             self.block_seconds = dict(meta.get("block_seconds", {}))  # absent in checkpoints of older versions
             self.start_step = finished * self.iters_per_block
             if finished == len(self.blocks):  # a re-run of a finished run: Lightning then reports no training batches
-                print(f"all {finished} blocks were already trained in this run: nothing left to train")
+                log.info(f"all {finished} blocks were already trained in this run: nothing left to train")
             else:
-                print(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
+                log.info(f"resuming block-wise distillation after {finished}/{len(self.blocks)} finished blocks")
 
     # ---- block I/O ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -224,7 +227,7 @@ class BlockwiseDistillation(QuantDistillation):
                 for p, value in self._untrained:
                     p.copy_(value)
             mse_after, kept = self._mse_before, "untrained"
-            print(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
+            log.info(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
                   f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
         seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
