@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -184,6 +185,7 @@ def validate(cfg: DictConfig) -> None:
             stacklevel=2,
         )
     check_adapters(cfg)
+    check_settings(cfg)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -229,6 +231,47 @@ def check_eval(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"eval=inception needs {' and '.join(missing)}, not installed here: pip install 'dq[inception]' "
                 f"(torch-fidelity and a torchvision that matches your torch), {score_later}."
+            )
+
+
+def accepted_settings(target: type) -> set[str] | None:
+    """The keyword arguments a dq class takes, following `**kwargs` up to the dq base classes it is passed to; None
+    where `**kwargs` leaves dq (then any name may be valid)."""
+    names: set[str] = set()
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+        if not cls.__module__.startswith("dq."):
+            return None
+    return None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse at start-up a setting that dq's class for `distill`, a callback or a logger does not take (a typo, or
+    `+distill.foo=...`), instead of failing after the student was built."""
+    nodes = {"distill": OmegaConf.select(cfg, "distill")}
+    for group in ("callbacks", "logger"):
+        for name, node in (OmegaConf.select(cfg, group) or {}).items():
+            nodes[f"{group}.{name}"] = node
+    for path, node in nodes.items():
+        if not isinstance(node, DictConfig) or not str(node.get("_target_", "")).startswith("dq."):
+            continue
+        try:
+            target = hydra.utils.get_class(node._target_)
+        except ImportError as e:  # get_class raises ImportError for a path that names no class
+            raise ConfigError(f"{path}._target_={node._target_} names no class of dq: {e}") from None
+        accepted = accepted_settings(target)
+        if accepted is None:
+            continue
+        if unknown := [k for k in node if not str(k).startswith("_") and k not in accepted]:
+            settings = sorted(accepted - {"teacher", "student", "calib", "run_dir", "fingerprint", "seed"})
+            raise ConfigError(
+                f"{', '.join(f'{path}.{k}' for k in unknown)}: not a setting of {target.__name__} ({path}). "
+                f"Its settings are {settings}; check the spelling, or drop the '+' override."
             )
 
 

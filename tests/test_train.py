@@ -19,7 +19,7 @@ from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import cli_errors, validate
+from dq.config import accepted_settings, cli_errors, validate
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -424,3 +424,34 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
     monkeypatch.setattr("dq.train.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(compose_cfg("train", [*overrides, "logger=none"], tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+distill.foo=1"], "distill.foo: not a setting of BlockwiseDistillation (distill)"),
+        (["distill=model_kd", "+distill.iters_per_block=3"], "distill.iters_per_block: not a setting of ModelDistill"),
+        (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: not a setting of TemporalParallelQuantizer"),
+        (["logger=csv", "+logger.csv.flush=1"], "logger.csv.flush: not a setting of ResumableCSVLogger"),
+    ],
+)
+def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr("dq.train.load_teacher", lambda *a: pytest.fail("loaded the teacher before the check"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(compose_cfg("train", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_accepted_settings_follow_kwargs_through_dq_and_stop_where_they_leave_it():
+    class Outside:  # not dq's: its **kwargs could go anywhere
+        def __init__(self, **kwargs):
+            pass
+
+    class Ours(Outside):
+        def __init__(self, a: int = 0, **kwargs):
+            super().__init__(**kwargs)
+
+    Ours.__module__ = "dq.fake"
+    assert accepted_settings(Ours) is None
+    assert {"iters_per_block", "revert_worse", "calib_batch_size", "name"} <= accepted_settings(BlockwiseDistillation)
+    assert "iters_per_block" not in accepted_settings(ModelDistillation)
