@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_cfg
+from omegaconf import OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 
@@ -111,6 +112,7 @@ def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_blo
         (["distill=none"], NoDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["experiment=qat_lsq"], ModelDistillation, []),
         (["experiment=efficientdm"], ModelDistillation, [QALoRA, TemporalParallelQuantizer]),
+        (["experiment=efficientdm_tuned"], ModelDistillation, [QALoRA, TemporalParallelQuantizer]),
         (["experiment=ptq_recon"], BlockwiseDistillation, []),
         (["experiment=paper_budget"], BlockwiseDistillation, [WeightDilation, TemporalParallelQuantizer]),
         (["quantizer=ptq_recon", "callbacks=none", "distill.lr_weight=0"], BlockwiseDistillation, []),
@@ -122,6 +124,15 @@ def test_ablation_and_baseline_configs_compose(overrides, module_cls, callbacks,
     assert [type(c) for c in build_callbacks(cfg.get("callbacks"))] == callbacks
     method = method_of(cfg)
     assert method["distill"] == cfg.distill.name and method["callbacks"] == list(cfg.get("callbacks") or {})
+
+
+def test_the_tuned_efficientdm_is_efficientdm_with_the_two_rates_its_runs_used(tmp_path):
+    tuned = OmegaConf.to_container(compose_cfg("train", ["experiment=efficientdm_tuned"], tmp_path))
+    ran = ["experiment=efficientdm", "distill.lr_act_qparams=1e-4", "distill.lr_lora=1e-4"]  # its run list
+    same = OmegaConf.to_container(compose_cfg("train", ran, tmp_path))
+    assert tuned.pop("tags") == [*same.pop("tags"), "tuned"]
+    assert tuned == same
+    assert OmegaConf.to_container(compose_cfg("train", ["experiment=efficientdm"], tmp_path)) != same
 
 
 def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_teacher_dir, tmp_path):
