@@ -262,7 +262,7 @@ def check_settings(cfg: DictConfig) -> None:
             continue
         try:
             target = hydra.utils.get_class(node._target_)
-        except ImportError as e:  # get_class raises ImportError for a path that names no class
+        except (ImportError, ValueError) as e:  # nothing at that path / something that is not a class
             raise ConfigError(f"{path}._target_={node._target_} names no class of dq: {e}") from None
         accepted = accepted_settings(target)
         if accepted is None:

@@ -444,6 +444,7 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
         (["distill=model_kd", "+distill.iters_per_block=3"], "distill.iters_per_block: not a setting of ModelDistill"),
         (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: not a setting of TemporalParallelQuantizer"),
         (["logger=csv", "+logger.csv.flush=1"], "logger.csv.flush: not a setting of ResumableCSVLogger"),
+        (["distill._target_=dq.distill.Blockwise"], "distill._target_=dq.distill.Blockwise names no class of dq"),
     ],
 )
 def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, monkeypatch, overrides, message):
