@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -65,21 +66,26 @@ def register_resolvers() -> None:
 @contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
     """Turn a `UserError` (`ConfigError`, `MissingFileError`, `CheckpointError`) into one line on stderr,
-    `<prog>: error: <message>`, and exit status 2; other exceptions keep their traceback. In a Hydra app the line and
-    Python's warnings also go to the run's log file (conf/hydra/job_logging/dq.yaml)."""
+    `<prog>: error: <message>`, and exit status 2 (a multirun's job fails alone); other exceptions keep their
+    traceback. In a Hydra app the line, any other traceback and Python's warnings also go to the run's log file
+    (conf/hydra/job_logging/dq.yaml)."""
     in_hydra = HydraConfig.initialized()
     if in_hydra:
         logging.captureWarnings(True)
     try:
         yield
     except UserError as e:
-        if in_hydra and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra fails this job only and runs the sweep's others
-        if in_hydra:
-            logging.getLogger(prog).error(f"{prog}: error: {e}")  # the console_errors handler writes it to stderr
-        else:
+        if not in_hydra:
             print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        logging.getLogger(prog).error(f"{prog}: error: {e}")  # to stderr and the job's log file
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra fails this job only and runs the sweep's others
         sys.exit(2)
+    except Exception:
+        if in_hydra:  # Hydra prints the traceback on stderr; the run's log file keeps it too
+            logging.getLogger("dq.crash").exception(f"{prog}: crashed (a bug in dq or a library, not a setting)")
+        raise
     finally:
         if in_hydra:
             logging.captureWarnings(False)
@@ -186,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
         )
     check_adapters(cfg)
     check_settings(cfg)
+    check_trainer(cfg)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -273,6 +280,30 @@ def check_settings(cfg: DictConfig) -> None:
                 f"{', '.join(f'{path}.{k}' for k in unknown)}: not a setting of {target.__name__} ({path}). "
                 f"Its settings are {settings}; check the spelling, or drop the '+' override."
             )
+
+
+# pl.Trainer arguments that dq-train sets itself: from the distillation (steps), the callbacks and logger groups, the
+# run directory, and dq's own per-block checkpoints
+TRAINER_SET_BY_DQ = ("max_steps", "max_epochs", "callbacks", "logger", "default_root_dir", "enable_checkpointing")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse at start-up a `trainer.<key>` that `pl.Trainer` does not take, or one that dq-train sets itself."""
+    trainer = OmegaConf.select(cfg, "trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    accepted = accepted_settings(pl.Trainer) or set()
+    if unknown := [k for k in trainer if k not in accepted]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in unknown)}: not an argument of pytorch_lightning.Trainer "
+            f"{pl.__version__}; check the spelling, or drop the '+' override."
+        )
+    if ours := [k for k in trainer if k in TRAINER_SET_BY_DQ]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in ours)}: set by dq-train itself (steps from distill.iters_per_block "
+            "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
+            "drop the override."
+        )
 
 
 def check_adapters(cfg: DictConfig) -> None:

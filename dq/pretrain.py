@@ -22,6 +22,7 @@ from dq.config import build_loggers, cli_errors, register_resolvers
 from dq.errors import ConfigError
 from dq.paths import conf_dir
 from dq.utils.io import atomic_write_text, read_json_object
+from dq.utils.progress import progress_bar
 
 log = logging.getLogger("dq.pretrain")  # not __name__, which is __main__ under python -m
 
@@ -36,9 +37,10 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     module = hydra.utils.instantiate(cfg.pretrain.module)
     datamodule = hydra.utils.instantiate(cfg.pretrain.data)
+    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), **OmegaConf.to_container(cfg.pretrain.trainer)}
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer), **OmegaConf.to_container(cfg.pretrain.trainer),
-        logger=build_loggers(cfg.logger), default_root_dir=str(run_dir), enable_checkpointing=False,
+        **trainer_kwargs, logger=build_loggers(cfg.logger), default_root_dir=str(run_dir), enable_checkpointing=False,
+        callbacks=progress_bar(trainer_kwargs.get("enable_progress_bar", True)),
     )  # fmt: skip
     start = time.time()
     trainer.fit(module, datamodule=datamodule)

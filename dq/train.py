@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -41,6 +42,7 @@ from dq.quant import save_quantized
 from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
+from dq.utils.progress import progress_bar
 
 log = logging.getLogger("dq.train")  # not __name__, which is __main__ under python -m
 
@@ -193,7 +195,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     # eval.progress=false silences every bar of the run (sweeps log to files), the trainer's included
     trainer_kwargs["enable_progress_bar"] = bool(trainer_kwargs.get("enable_progress_bar", True) and cfg.eval.progress)
     trainer = pl.Trainer(
-        **trainer_kwargs, callbacks=build_callbacks(cfg.get("callbacks")), logger=loggers or False,
+        **trainer_kwargs, logger=loggers or False,
+        callbacks=build_callbacks(cfg.get("callbacks")) + progress_bar(trainer_kwargs["enable_progress_bar"]),
         default_root_dir=str(run_dir), enable_checkpointing=False,
     )  # fmt: skip
 
@@ -214,9 +217,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning)
         try:
             trainer.fit(module)
-        except SystemExit:  # Lightning ends the process after Ctrl-C, once it has shut down gracefully
+        except SystemExit as e:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
             if trainer.interrupted:
                 log.warning(resume())
+            if trainer.received_sigterm and not e.code:  # Lightning's SIGTERMException is SystemExit(), status 0
+                raise SystemExit(128 + signal.SIGTERM) from None  # the shell's status for a process ended by TERM
             raise
     if trainer.interrupted:
         raise RuntimeError(resume())

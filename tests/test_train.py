@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ from conftest import compose_cfg
 from omegaconf import OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
 from dq.config import accepted_settings, cli_errors, validate
@@ -28,6 +32,7 @@ from dq.models import load_teacher
 from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
+from dq.utils.progress import ConsoleHandler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -328,6 +333,26 @@ def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monke
     assert not (run / "results.json").exists()
 
 
+def test_a_run_ended_by_sigterm_exits_143_and_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
+    """A job scheduler's SIGTERM (Slurm, Kubernetes, `kill`) ends training after Lightning's graceful shutdown with
+    the status of a terminated process: Lightning's own exit is status 0, which a scheduler takes for success."""
+    run = tmp_path / "run"
+
+    class Terminate(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:  # block 1 (2 steps) is checkpointed, block 2 has started
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real = build_callbacks
+    monkeypatch.setattr("dq.train.build_callbacks", lambda cfg: [*real(cfg), Terminate()])
+    with pytest.raises(SystemExit) as exit_:
+        train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert re.search(rf"kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume", caplog.text)
+    assert (run / "checkpoints" / "last.safetensors").is_file() and not (run / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Lightning put the default handler back
+
+
 def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path)
 
@@ -355,6 +380,35 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_di
     refused = _cli(tmp_path, "dq.eval", "logger=none", f"hydra.run.dir={run}")  # any refusal, not only a resume's
     assert refused.returncode == 2 and "holds a dq-train run" in refused.stderr
     assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
+
+
+def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_dir, tmp_path):
+    """`dq-train ... > out.txt` (or `| tee`) keeps dq's messages as lines; the bars (dq's and Lightning's) are on
+    stderr, and a message printed while a bar runs is not glued onto the bar's line."""
+    run = tmp_path / "run"
+    over = [o for o in fast(tiny_teacher_dir) if "progress" not in o and not o.startswith("eval.")]
+    done = _cli(tmp_path, "dq.train", *over, "eval=none", "logger=none", f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stdout and re.search(r"^block 1 \(conv_in\): ", done.stdout, re.M)
+    bars = done.stderr
+    assert re.search(r"calibration: 100%", bars) and re.search(r"Epoch 0: 100%.*it/s", bars)  # dq's, Lightning's
+    assert "block 1 (conv_in)" not in bars
+
+
+def test_a_log_line_printed_while_a_bar_runs_gets_a_line_of_its_own():
+    out = io.StringIO()
+    handler = ConsoleHandler(out)
+    log = logging.getLogger("dq.test.console")
+    log.addHandler(handler)
+    try:
+        with tqdm(total=3, file=out, ascii=True) as bar:
+            bar.update()
+            log.warning("block 1 done")
+            bar.update()
+    finally:
+        log.removeHandler(handler)
+    # tqdm.write clears the bar (\r, spaces, \r), writes the line, and redraws the bar after it
+    assert re.search(r"\r +\rblock 1 done\n\r.*1/3", out.getvalue())
 
 
 def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
@@ -396,9 +450,28 @@ def test_only_errors_the_user_can_fix_lose_their_traceback(error, tmp_path, caps
 
 
 def test_a_config_error_fails_one_multirun_job_and_the_sweep_goes_on(tmp_path):
+    """Each failed job says why on the terminal, as it fails, and in its own log file."""
     done = _cli(tmp_path, "dq.eval", "-m", "eval.n_samples=0,-1", "logger=none", f"hydra.sweep.dir={tmp_path / 'mr'}")
     assert done.returncode != 0
     assert sorted(p.name for p in (tmp_path / "mr").iterdir() if p.is_dir()) == ["0-fp-w8a8", "1-fp-w8a8"]
+    for job, n in [("0-fp-w8a8", "0"), ("1-fp-w8a8", "-1")]:
+        line = f"dq-eval: error: eval.n_samples={n} is invalid"
+        assert f"\n{line}" in "\n" + done.stderr
+        assert re.search(rf"\[ERROR\] - {line}", (tmp_path / "mr" / job / "eval.log").read_text())
+
+
+def test_an_unexpected_error_keeps_its_traceback_on_the_terminal_and_in_the_log_file(tmp_path):
+    run = tmp_path / "run"
+    code = (
+        "import sys, dq.eval\n"
+        "dq.eval.evaluate = lambda cfg: {}['no such key']\n"  # a bug: not an error the user can fix
+        f"sys.argv = ['dq-eval', 'logger=none', 'hydra.run.dir={run}']\n"
+        "dq.eval.main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "KeyError: 'no such key'" in done.stderr and done.stdout == ""
+    kept = (run / "eval.log").read_text()
+    assert "[dq.crash][ERROR] - dq-eval: crashed" in kept and "Traceback" in kept and "KeyError: 'no such key'" in kept
 
 
 def test_help_says_what_each_tool_does(tmp_path):
@@ -445,6 +518,8 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
         (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: not a setting of TemporalParallelQuantizer"),
         (["logger=csv", "+logger.csv.flush=1"], "logger.csv.flush: not a setting of ResumableCSVLogger"),
         (["distill._target_=dq.distill.Blockwise"], "distill._target_=dq.distill.Blockwise names no class of dq"),
+        (["+trainer.gradient_clip=1"], "trainer.gradient_clip: not an argument of pytorch_lightning.Trainer"),
+        (["+trainer.max_steps=5"], "trainer.max_steps: set by dq-train itself"),
     ],
 )
 def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, monkeypatch, overrides, message):

@@ -1,0 +1,48 @@
+"""Progress bars and log lines on one terminal: bars on stderr (stdout keeps whole lines, for `| tee` or a file), and
+log messages written through `tqdm.write`, so a message printed while a bar runs gets a line of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+from tqdm.auto import tqdm
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """`logging.StreamHandler` that clears the running progress bars, writes the line and redraws them
+    (conf/hydra/job_logging/dq.yaml)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's bars on stderr, beside dq's other bars (Lightning writes them to stdout). Lightning passes
+    `file=sys.stdout`, read when a bar is made: each bar is made with stdout pointing at stderr."""
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+
+def progress_bar(enabled: bool) -> list[TQDMProgressBar]:
+    """The callbacks to pass a `pl.Trainer` built with `enable_progress_bar=enabled`."""
+    return [StderrProgressBar()] if enabled else []
