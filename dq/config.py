@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -52,12 +53,25 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def student_name(quantizer: str, bits: str, student_dir: str | None) -> str:
+    """What dq-eval scores, for its run directory's name: `<quantizer>-<bits>` for a student it builds (`fp-...`
+    for the teacher alone), `saved-<run>` for a saved one, `<run>` being the folder of the dq-train run that saved
+    it (its time stamp, or a multirun job's `<n>-<quantizer>-<bits>-<distill>`)."""
+    if not student_dir:
+        return f"{quantizer}-{bits}"
+    folder = Path(student_dir)
+    folder = folder.parent if folder.name == "student" else folder
+    return f"saved-{folder.name or 'student'}"
+
+
 def register_resolvers() -> None:
-    """`${dq.asset:name}`, `${dq.cache:}` and `${dq.wandb_offline:}` for the yaml files (idempotent)."""
+    """`${dq.asset:name}`, `${dq.cache:}`, `${dq.wandb_offline:}` and `${dq.student_name:q,b,dir}` for the yaml
+    files (idempotent)."""
     for name, fn in {
         "dq.asset": asset,
         "dq.cache": lambda: str(cache_dir()),
         "dq.wandb_offline": wandb_offline,
+        "dq.student_name": student_name,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -72,6 +86,7 @@ def cli_errors(prog: str) -> Iterator[None]:
     in_hydra = HydraConfig.initialized()
     if in_hydra:
         logging.captureWarnings(True)
+        log_command(prog)
     try:
         yield
     except UserError as e:
@@ -89,6 +104,14 @@ def cli_errors(prog: str) -> Iterator[None]:
     finally:
         if in_hydra:
             logging.captureWarnings(False)
+
+
+def log_command(prog: str) -> None:
+    """Write this command, as typed after the program's name, to the run's log file only (logger `dq.command`): a
+    run directory's log then tells its attempts (a resumed run, a refused command) apart. A multirun job gets its
+    own overrides."""
+    overrides = HydraConfig.get().overrides.task
+    logging.getLogger("dq.command").info(shlex.join([prog, *overrides]))
 
 
 def _hydra_record_dir() -> Path | None:

@@ -6,6 +6,7 @@ from a dq-train run (`student_dir=<run>/student`, as saved by `save_quantized`) 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
 from dq.utils.loggers import ending_wandb_run
+
+log = logging.getLogger("dq.eval")  # not __name__, which is __main__ under python -m
 
 register_resolvers()
 
@@ -53,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_spec(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
+    log.info(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
         check_sample_shape(teacher, cfg.model.sample_shape)
@@ -64,6 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             student, cost = load_student(student_dir, teacher, cfg.device), {}
             check_steps(student, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
             method = saved_method(student_dir)
+            log.info(f"student: {student_dir} ({method.get('quantizer')} {method.get('bits')}, as saved)")
         loggers = build_loggers(cfg.logger)
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
 

@@ -1,9 +1,12 @@
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 from conftest import TEACHER, compose_cfg
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
 from dq.errors import ConfigError
@@ -118,9 +121,14 @@ def _saved_ptq_run(tmp_path):
     return run, evaluate(cfg)["student"]
 
 
-def test_student_dir_scores_a_saved_student_and_a_train_run_dir_is_never_overwritten(tmp_path):
+def test_student_dir_scores_a_saved_student_and_a_train_run_dir_is_never_overwritten(tmp_path, caplog):
     run, built = _saved_ptq_run(tmp_path)
-    results = evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run / 'student'}"], tmp_path / "e"))
+    with caplog.at_level(logging.INFO, logger="dq.eval"):
+        results = evaluate(
+            compose_cfg("eval", _fast() + ["logger=none", f"student_dir={run / 'student'}"], tmp_path / "e")
+        )
+    said = [r.getMessage() for r in caplog.records if r.name == "dq.eval"]
+    assert said == [f"run directory: {tmp_path / 'e'}", f"student: {run / 'student'} (ptq_minmax w4a8, as saved)"]
     assert {k: results["student"][k] for k in (*SCORES, "psnr_to_teacher")} == {
         k: built[k] for k in (*SCORES, "psnr_to_teacher")
     }  # the saved student samples exactly like the one built in memory, from the same noise
@@ -130,6 +138,31 @@ def test_student_dir_scores_a_saved_student_and_a_train_run_dir_is_never_overwri
     with pytest.raises(ValueError, match=rf"run_dir={run} holds a dq-train run.*student_dir={run / 'student'}"):
         evaluate(compose_cfg("eval", _fast() + ["logger=none"], run))
     assert (run / "results.json").read_text() == saved and not (run / "samples.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "folder"),
+    [
+        ([], "fp-w8a8"),
+        (["quantizer=ptq_minmax", "bits=w4a4"], "ptq_minmax-w4a4"),
+        (["student_dir=/r/outputs/train/ddpm_mnist/dilatequant-w4a8/2026-11-28_10-00-00/student"],
+         "saved-2026-11-28_10-00-00"),
+        (["student_dir=multirun/train/2026-11-28/3-dilatequant-w4a4-bkd/student/"], "saved-3-dilatequant-w4a4-bkd"),
+    ],
+)  # fmt: skip
+def test_the_eval_run_directory_is_named_after_what_is_scored(overrides, folder):
+    """A saved student's scores are not filed under the teacher's `fp-w8a8` (the defaults of quantizer and bits)."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.job.num = 3  # a multirun's job number, set by Hydra's launcher
+    HydraConfig.instance().set_config(cfg)  # what ${hydra:...} resolves against
+    try:
+        run_dir = Path(cfg.hydra.run.dir)
+        subdir = cfg.hydra.sweep.subdir
+    finally:
+        HydraConfig.instance().cfg = None  # later tests run outside a Hydra app
+    assert run_dir.parent == Path("outputs/eval/ddpm_mnist") / folder and re.fullmatch(r"[\d_-]+", run_dir.name)
+    assert subdir == f"3-{folder}"
 
 
 def test_student_dir_mistakes_name_the_field(tmp_path):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -380,6 +381,14 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_di
     refused = _cli(tmp_path, "dq.eval", "logger=none", f"hydra.run.dir={run}")  # any refusal, not only a resume's
     assert refused.returncode == 2 and "holds a dq-train run" in refused.stderr
     assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
+    # each attempt's command, as typed, heads its lines in the log file (and only there)
+    commands = re.findall(r"\]\[dq\.command\]\[INFO\] - (.*)$", (run / "train.log").read_text(), re.M)
+    assert commands == [
+        shlex.join(["dq-train", *over, "logger=none"]),
+        shlex.join(["dq-train", *over, "logger=none", "calib.seed=7"]),
+    ]
+    assert "dq-train model.path=" not in first.stdout + first.stderr + refused.stdout + refused.stderr
+    assert re.search(r"\]\[dq\.command\]\[INFO\] - dq-eval logger=none$", (run / "eval.log").read_text(), re.M)
 
 
 def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_dir, tmp_path):
