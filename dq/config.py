@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import logging
@@ -10,7 +11,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,13 +19,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.errors import ConfigError, UserError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
-from dq.paths import asset, cache_dir
+from dq.paths import asset, cache_dir, conf_dir
 from dq.utils.io import atomic_write
 
 
@@ -216,6 +218,8 @@ def validate(cfg: DictConfig) -> None:
     check_adapters(cfg)
     check_settings(cfg)
     check_trainer(cfg)
+    if HydraConfig.initialized():
+        check_appended(cfg, HydraConfig.get().overrides.task)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -327,6 +331,41 @@ def check_trainer(cfg: DictConfig) -> None:
             "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
             "drop the override."
         )
+
+
+# groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the
+# group's yaml files
+READ_BY_NAME = ("model", "quantizer", "bits", "calib", "eval")
+
+
+def check_appended(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a `+<group>.<key>=...` (or `++`) that adds a setting dq never reads to model, quantizer, bits, calib
+    or eval: Hydra suggests the `+` after a typo (`eval.nsamples`), and the value would then be ignored."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        group, _, key = override.key_or_group.partition(".")
+        if not (override.is_add() or override.is_force_add()) or group not in READ_BY_NAME or not key:
+            continue
+        # eval=none samples nothing: of the eval settings it reads only its own (progress, cache_dir)
+        option = "none" if group == "eval" and OmegaConf.select(cfg, "eval.features") == "none" else "*"
+        known = set()
+        for file in Path(conf_dir(), group).glob(f"{option}.yaml"):
+            known |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+        if key in known:
+            continue
+        what = "eval=none samples nothing, so " if option == "none" else ""
+        close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+        hint = f"Did you mean {' or '.join(f'{group}.{k}' for k in close)}? " if close else ""
+        raise ConfigError(
+            f"{override.input_line}: {what}dq reads no {group}.{key}, and the value would change nothing. "
+            f"{hint}Check the spelling, or drop the override."
+        )
+
+
+def _dotted_keys(node: object, prefix: str = "") -> set[str]:
+    """Every key of a nested dict as a dotted path (`spec`, `spec.act_init`, ...)."""
+    if not isinstance(node, dict):
+        return set()
+    return {p for k, v in node.items() for p in (f"{prefix}{k}", *_dotted_keys(v, f"{prefix}{k}."))}
 
 
 def check_adapters(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import accepted_settings, cli_errors, validate
+from dq.config import accepted_settings, check_appended, cli_errors, validate
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -436,7 +436,7 @@ def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
         (["dq.train", "bits.weight_bits=3.5"], "dq-train: error: bits / quantizer.spec: weight_bits=3.5 is not an"),
         (["dq.train", "distill.iters_per_block=0"], "dq-train: error: distill.iters_per_block=0 is invalid"),
         (["dq.train", "model.path=/nowhere"], "dq-train: error: Model directory '/nowhere' does not exist"),
-        (["dq.eval", "eval.n_samples=0"], "dq-eval: error: eval.n_samples=0 is invalid"),
+        (["dq.eval", "+eval.nsamples=3"], "dq-eval: error: +eval.nsamples=3: dq reads no eval.nsamples"),
         (["dq.pretrain", "install_dir=."], "dq-pretrain: error: install_dir=/"),  # resolved; "... is not empty"
     ],
 )
@@ -536,6 +536,30 @@ def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, mo
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(compose_cfg("train", overrides, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+eval.nsamples=3"], "+eval.nsamples=3: dq reads no eval.nsamples, and the value would change nothing. "
+                               "Did you mean eval.n_samples"),
+        (["eval=none", "+eval.n_samples=8"], "+eval.n_samples=8: eval=none samples nothing, so dq reads no eval.n_s"),
+        (["++calib.ncalib=64"], "++calib.ncalib=64: dq reads no calib.ncalib"),
+        (["+quantizer.spec.fp_input=true"], "Did you mean quantizer.spec.fp_network_input"),
+        (["+model.sample_size=16"], "+model.sample_size=16: dq reads no model.sample_size"),
+        (["+bits.keep8bit=[conv_in]"], "Did you mean bits.keep_8bit"),
+        (["++eval.n_samples=8", "+quantizer.temporal=true", "++calib.n_traj=4", "+model.data.limit=5"], None),
+    ],
+)  # fmt: skip
+def test_an_appended_setting_dq_never_reads_is_refused(tmp_path, overrides, message):
+    """Hydra answers a typo (`eval.nsamples=3`) with "use +eval.nsamples=3"; dq then refuses the added key instead of
+    ignoring it. A key that some option of the group has (`quantizer=ptq_minmax`'s `temporal`) is read."""
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    if message is None:
+        check_appended(cfg, overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_appended(cfg, overrides)
 
 
 def test_accepted_settings_follow_kwargs_through_dq_and_stop_where_they_leave_it():
