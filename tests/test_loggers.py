@@ -1,4 +1,5 @@
-"""dq.utils.loggers: a resumed run's CSV log keeps the earlier attempt's rows; each job ends its own W&B run."""
+"""dq.utils.loggers: a resumed run's CSV log keeps the earlier attempt's rows; W&B gets no deprecated setting; each job
+ends its own W&B run."""
 
 import csv
 
@@ -10,6 +11,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from dq.errors import ConfigError
 from dq.eval import evaluate
 from dq.train import train
+from dq.utils import loggers
 from dq.utils.loggers import ResumableCSVLogger, ending_wandb_run
 
 
@@ -79,3 +81,20 @@ def test_train_and_evaluate_end_the_wandb_run_also_when_called_directly(entry, o
     with pytest.raises(ConfigError):
         {"train": train, "eval": evaluate}[entry](compose_cfg(entry, [*overrides, "logger=none"], tmp_path / "run"))
     assert wandb.run is None
+
+
+@pytest.mark.parametrize(("anonymous", "passed"), [(None, {}), (True, {"anonymous": "allow"})])
+def test_wandb_init_gets_no_anonymous_setting_unless_asked(tmp_path, monkeypatch, anonymous, passed):
+    """wandb warns on any `anonymous` passed to init ("has no effect"), and Lightning's logger always passes one."""
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wandb, "init", init)
+    extra = {} if anonymous is None else {"anonymous": anonymous}
+    with pytest.raises(RuntimeError, match="stop here"):
+        _ = loggers.WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True, **extra).experiment
+    assert {k: v for k, v in seen.items() if k == "anonymous"} == passed and seen["project"] == "dq-test"
+    assert compose_cfg("train", ["logger=wandb"], tmp_path).logger.wandb._target_ == "dq.utils.loggers.WandbLogger"

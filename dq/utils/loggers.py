@@ -1,4 +1,5 @@
-"""Loggers for runs that resume: a CSV logger that keeps the rows of an earlier attempt, and the end of a W&B run."""
+"""Loggers for runs that resume: a CSV logger that keeps the rows of an earlier attempt, a W&B logger, and the end of
+a W&B run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
@@ -36,6 +39,16 @@ class ResumableCSVLogger(CSVLogger):
             with path.open(newline="") as f:
                 writer.metrics_keys = next(csv.reader(f), [])  # the header; later rows append under it
         return writer
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's `WandbLogger`, without the `anonymous=None` it hands to `wandb.init` when the setting is not
+    given: wandb (0.2x and later) answers it with "The anonymous setting has no effect" on every run's terminal."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
 
 @contextmanager
