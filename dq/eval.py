@@ -15,7 +15,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record, validate
+from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
 from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import check_sample_shape, load_teacher
@@ -26,6 +26,7 @@ from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
 from dq.utils.loggers import ending_wandb_run
+from dq.validation import validate
 
 log = logging.getLogger("dq.eval")  # not __name__, which is __main__ under python -m
 

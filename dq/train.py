@@ -24,14 +24,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import (
-    build_loggers,
-    cli_errors,
-    keep_hydra_record,
-    register_resolvers,
-    restoring_hydra_record,
-    validate,
-)  # fmt: skip
+from dq.config import build_loggers, cli_errors, keep_hydra_record, register_resolvers, restoring_hydra_record
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.errors import ConfigError
@@ -43,6 +36,7 @@ from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
+from dq.validation import validate
 
 log = logging.getLogger("dq.train")  # not __name__, which is __main__ under python -m
 

@@ -122,8 +122,8 @@ def test_every_committed_run_list_composes(path, tmp_path):
     option or config group breaks a test here rather than a reader's hour-long re-run."""
     from conftest import compose_cfg
 
-    from dq.config import validate
     from dq.train import build_callbacks
+    from dq.validation import validate
 
     runs = run_list_lines(path)
     assert runs, f"{path.name} holds no runs"

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import accepted_settings, check_appended, cli_errors, validate
+from dq.config import cli_errors
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -34,6 +34,7 @@ from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 from dq.utils.progress import ConsoleHandler
+from dq.validation import accepted_settings, check_appended, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,248 @@
+"""Start-up validation of a composed dq config: every refusal names the field and what to do, before any work."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from dq.errors import ConfigError
+from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
+from dq.paths import conf_dir
+
+CHOICES = {
+    "eval.features": ("classifier", "inception", "none"),
+    "device": ("cpu", "cuda"),
+    "callbacks.tpq.init": ("per_step", "shared"),
+    "distill.lr_schedule": ("cosine", "constant"),
+}
+# learning rates that must be numbers >= 0 (0 freezes a group)
+RATES = ("distill.lr_weight", "distill.lr_weight_qparams", "distill.lr_act_qparams", "distill.lr_lora")
+# counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
+COUNTS = (
+    "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
+    "calib.n_calib", "calib.n_traj", "calib.batch_size", "distill.iters_per_block", "distill.iters",
+    "distill.batch_size",
+)  # fmt: skip
+SEEDS = ("seed", "calib.seed")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad values at start-up, naming the field and what to do."""
+    if HydraConfig.initialized() and cfg.get("run_dir") is not None:
+        hydra_dir = HydraConfig.get().runtime.output_dir
+        if Path(str(cfg.run_dir)).resolve() != Path(hydra_dir).resolve():
+            raise ConfigError(
+                f"run_dir={cfg.run_dir} would split the run: Hydra writes the composed config and the log to "
+                f"{hydra_dir}. Pass hydra.run.dir={cfg.run_dir} instead (hydra.sweep.dir with -m; run_dir follows)."
+            )
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
+            raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
+    if OmegaConf.select(cfg, "eval.features") == "none" and OmegaConf.select(cfg, "eval.name") != "none":
+        raise ConfigError("eval.features=none skips the evaluation: pass eval=none (the config group) instead.")
+    for key in (*COUNTS, *SEEDS):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
+            what = "a whole number >= 1" if key in COUNTS else "a whole number"
+            raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
+    for key in RATES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise ConfigError(f"{key}={value!r} is invalid: a learning rate must be a number >= 0 (0 freezes it).")
+    batch, n_calib = OmegaConf.select(cfg, "distill.batch_size"), OmegaConf.select(cfg, "calib.n_calib")
+    if isinstance(batch, int) and isinstance(n_calib, int) and batch > n_calib:
+        raise ConfigError(
+            f"distill.batch_size={batch} is larger than the calibration set (calib.n_calib={n_calib}): every batch "
+            f"would repeat pairs. Lower distill.batch_size or raise calib.n_calib."
+        )
+    check_eval(cfg)
+    n, splits = OmegaConf.select(cfg, "eval.n_samples"), OmegaConf.select(cfg, "eval.is_splits")
+    if n is not None and splits is not None and n < max(2 * splits, 100):  # tests run on purpose with fewer
+        warnings.warn(
+            f"eval.n_samples={n} is too few for meaningful scores: IS splits the samples into eval.is_splits={splits}"
+            " groups and FID's covariances need more samples than feature dimensions. Use 1,000 for numbers"
+            " comparable with dq's tables.",
+            stacklevel=2,
+        )
+    check_adapters(cfg)
+    check_settings(cfg)
+    check_trainer(cfg)
+    if HydraConfig.initialized():
+        check_appended(cfg, HydraConfig.get().overrides.task)
+    if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator is not None and str(accelerator) in ("gpu", "cuda") and cfg.get("device") == "cpu":
+        raise ConfigError(
+            f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
+            " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
+        )
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """Refuse at start-up an evaluation that could only fail after training: FID reference images not named, the
+    shipped MNIST classifier asked to score images of another shape, Inception without its packages or weights."""
+    features = OmegaConf.select(cfg, "eval.features")
+    if features in (None, "none") or OmegaConf.select(cfg, "model") is None:
+        return
+    score_later = (  # dq-eval (its config has student_dir) only scores, so eval=none is no way out there
+        "or score another model" if "student_dir" in cfg
+        else "or pass eval=none to train without scoring (dq-eval student_dir=<run>/student scores it later)"
+    )  # fmt: skip
+    data = cfg.model.get("data")
+    folder = data is not None and data.get("name") == "image_folder"
+    if folder and (OmegaConf.is_missing(data, "path") or not data.path):
+        raise ConfigError(
+            f"model.data.path is not set: eval={cfg.eval.get('name', features)} computes FID against real images. "
+            f"Set model.data.path to a local folder of the model's training images, {score_later}."
+        )
+    shape = OmegaConf.select(cfg, "model.sample_shape")
+    if features == "classifier" and shape is not None and list(shape) != list(CLASSIFIER_SHAPE):
+        raise ConfigError(
+            f"eval.features=classifier scores with the shipped MNIST classifier, which takes {list(CLASSIFIER_SHAPE)} "
+            f"images, and model.sample_shape is {list(shape)}: pass eval=inception with "
+            f"eval.inception_weights_path=<local weights file> (pip install 'dq[inception]'), {score_later}."
+        )
+    if features == "inception":
+        if OmegaConf.is_missing(cfg.eval, "inception_weights_path") or not cfg.eval.inception_weights_path:
+            raise ConfigError(
+                "eval.inception_weights_path is not set: eval=inception needs a local Inception weights file "
+                f"(dq never downloads; torch-fidelity's pt_inception-2015-12-05 weights), {score_later}."
+            )
+        missing = [m for m in ("torch_fidelity", "torchvision") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"eval=inception needs {' and '.join(missing)}, not installed here: pip install 'dq[inception]' "
+                f"(torch-fidelity and a torchvision that matches your torch), {score_later}."
+            )
+
+
+def accepted_settings(target: type) -> set[str] | None:
+    """The keyword arguments a dq class takes, following `**kwargs` up to the dq base classes it is passed to; None
+    where `**kwargs` leaves dq (then any name may be valid)."""
+    names: set[str] = set()
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+        if not cls.__module__.startswith("dq."):
+            return None
+    return None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse at start-up a setting that dq's class for `distill`, a callback or a logger does not take (a typo, or
+    `+distill.foo=...`), instead of failing after the student was built."""
+    nodes = {"distill": OmegaConf.select(cfg, "distill")}
+    for group in ("callbacks", "logger"):
+        for name, node in (OmegaConf.select(cfg, group) or {}).items():
+            nodes[f"{group}.{name}"] = node
+    for path, node in nodes.items():
+        if not isinstance(node, DictConfig) or not str(node.get("_target_", "")).startswith("dq."):
+            continue
+        try:
+            target = hydra.utils.get_class(node._target_)
+        except (ImportError, ValueError) as e:  # nothing at that path / something that is not a class
+            raise ConfigError(f"{path}._target_={node._target_} names no class of dq: {e}") from None
+        accepted = accepted_settings(target)
+        if accepted is None:
+            continue
+        if unknown := [k for k in node if not str(k).startswith("_") and k not in accepted]:
+            settings = sorted(accepted - {"teacher", "student", "calib", "run_dir", "fingerprint", "seed"})
+            raise ConfigError(
+                f"{', '.join(f'{path}.{k}' for k in unknown)}: not a setting of {target.__name__} ({path}). "
+                f"Its settings are {settings}; check the spelling, or drop the '+' override."
+            )
+
+
+# pl.Trainer arguments that dq-train sets itself: from the distillation (steps), the callbacks and logger groups, the
+# run directory, and dq's own per-block checkpoints
+TRAINER_SET_BY_DQ = ("max_steps", "max_epochs", "callbacks", "logger", "default_root_dir", "enable_checkpointing")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse at start-up a `trainer.<key>` that `pl.Trainer` does not take, or one that dq-train sets itself."""
+    trainer = OmegaConf.select(cfg, "trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    accepted = accepted_settings(pl.Trainer) or set()
+    if unknown := [k for k in trainer if k not in accepted]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in unknown)}: not an argument of pytorch_lightning.Trainer "
+            f"{pl.__version__}; check the spelling, or drop the '+' override."
+        )
+    if ours := [k for k in trainer if k in TRAINER_SET_BY_DQ]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in ours)}: set by dq-train itself (steps from distill.iters_per_block "
+            "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
+            "drop the override."
+        )
+
+
+# groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the
+# group's yaml files
+READ_BY_NAME = ("model", "quantizer", "bits", "calib", "eval")
+
+
+def check_appended(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a `+<group>.<key>=...` (or `++`) that adds a setting dq never reads to model, quantizer, bits, calib
+    or eval: Hydra suggests the `+` after a typo (`eval.nsamples`), and the value would then be ignored."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        group, _, key = override.key_or_group.partition(".")
+        if not (override.is_add() or override.is_force_add()) or group not in READ_BY_NAME or not key:
+            continue
+        # eval=none samples nothing: of the eval settings it reads only its own (progress, cache_dir)
+        option = "none" if group == "eval" and OmegaConf.select(cfg, "eval.features") == "none" else "*"
+        known = set()
+        for file in Path(conf_dir(), group).glob(f"{option}.yaml"):
+            known |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+        if key in known:
+            continue
+        what = "eval=none samples nothing, so " if option == "none" else ""
+        close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+        hint = f"Did you mean {' or '.join(f'{group}.{k}' for k in close)}? " if close else ""
+        raise ConfigError(
+            f"{override.input_line}: {what}dq reads no {group}.{key}, and the value would change nothing. "
+            f"{hint}Check the spelling, or drop the override."
+        )
+
+
+def _dotted_keys(node: object, prefix: str = "") -> set[str]:
+    """Every key of a nested dict as a dotted path (`spec`, `spec.act_init`, ...)."""
+    if not isinstance(node, dict):
+        return set()
+    return {p for k, v in node.items() for p in (f"{prefix}{k}", *_dotted_keys(v, f"{prefix}{k}."))}
+
+
+def check_adapters(cfg: DictConfig) -> None:
+    """The `lora` callback and `distill.lr_lora` only make sense together: refuse either one alone."""
+    with_lora = OmegaConf.select(cfg, "callbacks.lora") is not None
+    lr = OmegaConf.select(cfg, "distill.lr_lora", default=None)
+    if with_lora and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(
+            f"callbacks.lora adds low-rank adapters that distill.lr_lora={lr} leaves untrained "
+            f"(distill={OmegaConf.select(cfg, 'distill.name')}): set distill.lr_lora > 0 with distill=model_kd or bkd "
+            "(experiment=efficientdm does), or leave the callback out"
+        )
+    if not with_lora and isinstance(lr, int | float) and lr > 0:
+        raise ConfigError(
+            f"distill.lr_lora={lr} trains low-rank adapters, but no callbacks.lora adds them: add it "
+            "(callbacks=efficientdm, or experiment=efficientdm), or set distill.lr_lora=0"
+        )
