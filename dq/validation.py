@@ -168,8 +168,24 @@ def check_settings(cfg: DictConfig) -> None:
             settings = sorted(accepted - {"teacher", "student", "calib", "run_dir", "fingerprint", "seed"})
             raise ConfigError(
                 f"{', '.join(f'{path}.{k}' for k in unknown)}: not a setting of {target.__name__} ({path}). "
-                f"Its settings are {settings}; check the spelling, or drop the '+' override."
+                f"{_setting_hint(path, node, unknown, settings)}Its settings are {settings}; check the spelling, "
+                "or drop the '+' override."
             )
+
+
+def _setting_hint(path: str, node: DictConfig, unknown: list[str], settings: list[str]) -> str:
+    """'Did you mean ...?' for misspelt settings, and which other option of the group takes a setting as named
+    (`distill=model_kd +distill.iters_per_block=...`: a setting of distill=bkd)."""
+    hints = []
+    for key in unknown:
+        if close := difflib.get_close_matches(key, settings, n=2, cutoff=0.6):
+            hints.append(f"{path}.{key}: did you mean {' or '.join(f'{path}.{c}' for c in close)}?")
+        if path != "distill":  # a callback or logger has one class per name: no other option to point to
+            continue
+        if owners := sorted(f.stem for f in Path(conf_dir(), path).glob("*.yaml") if key in OmegaConf.load(f)):
+            hints.append(f"{path}.{key} is a setting of {' and '.join(f'{path}={o}' for o in owners)}, "
+                         f"not of {path}={node.get('name', '?')}.")  # fmt: skip
+    return " ".join(hints) + (" " if hints else "")
 
 
 # pl.Trainer arguments that dq-train sets itself: from the distillation (steps), the callbacks and logger groups, the

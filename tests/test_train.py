@@ -525,7 +525,13 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
     [
         (["+distill.foo=1"], "distill.foo: not a setting of BlockwiseDistillation (distill)"),
         (["distill=model_kd", "+distill.iters_per_block=3"], "distill.iters_per_block: not a setting of ModelDistill"),
+        (
+            ["distill=model_kd", "+distill.iters_per_block=3"],
+            "distill.iters_per_block is a setting of distill=bkd, not of distill=model_kd",
+        ),
         (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: not a setting of TemporalParallelQuantizer"),
+        (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: did you mean callbacks.tpq.init?"),
+        (["+distill.lr_weights=1e-4"], "distill.lr_weights: did you mean distill.lr_weight or"),
         (["logger=csv", "+logger.csv.flush=1"], "logger.csv.flush: not a setting of ResumableCSVLogger"),
         (["distill._target_=dq.distill.Blockwise"], "distill._target_=dq.distill.Blockwise names no class of dq"),
         (["+trainer.gradient_clip=1"], "trainer.gradient_clip: not an argument of pytorch_lightning.Trainer"),
