@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.errors import UserError
-from dq.paths import asset, cache_dir
+from dq.paths import LOCK_NAME, asset, cache_dir
 from dq.utils.io import atomic_write
 
 
@@ -90,7 +91,8 @@ def cli_errors(prog: str) -> Iterator[None]:
             sys.exit(2)
         logging.getLogger(prog).error(f"{prog}: error: {e}")  # to stderr and the job's log file
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra fails this job only and runs the sweep's others
+            raise  # Hydra fails this job only and runs the sweep's others; its log keeps the line
+        drop_refused_run_dir()
         sys.exit(2)
     except Exception:
         if in_hydra:  # Hydra prints the traceback on stderr; the run's log file keeps it too
@@ -99,6 +101,32 @@ def cli_errors(prog: str) -> Iterator[None]:
     finally:
         if in_hydra:
             logging.captureWarnings(False)
+
+
+HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes to <run>/.hydra
+
+
+def drop_refused_run_dir() -> None:
+    """After a refused single run: remove the run directory when nothing but Hydra's record and this command's log
+    is in it (the terminal has the error), so a typo leaves no empty run among the real ones. A directory with
+    anything else in it (a run to resume, an earlier attempt's log, the user's files) is kept as it is."""
+    hydra_cfg = HydraConfig.get()
+    run = Path(hydra_cfg.runtime.output_dir).resolve()
+    log_file = run / f"{hydra_cfg.job.name}.log"
+    record = run / hydra_cfg.output_subdir if hydra_cfg.output_subdir is not None else None
+    if not run.is_dir() or run in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        return
+    if any(p not in (log_file, record, run / LOCK_NAME) for p in run.iterdir()):
+        return
+    if record is not None and record.exists() and any(p.name not in HYDRA_RECORD for p in record.iterdir()):
+        return
+    if log_file.is_file() and log_file.read_text().count("[dq.command]") > 1:  # another attempt's lines
+        return
+    try:
+        with FileLock(run / LOCK_NAME, timeout=0):  # held: another dq process is starting in this directory
+            shutil.rmtree(run)
+    except Timeout:
+        return
 
 
 def log_command(prog: str) -> None:

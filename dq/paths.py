@@ -13,6 +13,7 @@ from dq.errors import ConfigError, MissingFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
+LOCK_NAME = ".dq.lock"  # in a run directory while a dq process writes it
 
 
 def conf_dir() -> str:
@@ -35,12 +36,12 @@ def cache_dir() -> Path:
 
 @contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `<run_dir>/.dq.lock` for the duration of a run, so two processes never write one run directory.
+    """Hold `<run_dir>/.dq.lock` (`LOCK_NAME`) while a run writes, so two processes never write one run directory.
 
     Raises:
         ConfigError: another process holds the lock (names the directory and what to do).
     """
-    lock = FileLock(Path(run_dir) / ".dq.lock", timeout=0)
+    lock = FileLock(Path(run_dir) / LOCK_NAME, timeout=0)
     try:
         lock.acquire()
     except Timeout:

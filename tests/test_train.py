@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -13,19 +14,22 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_cfg
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import cli_errors
+from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -428,7 +432,7 @@ def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"dq-eval: error: run_dir={mine} would split the run")
     assert f"Pass hydra.run.dir={mine} instead" in done.stderr
-    assert not mine.exists()
+    assert not mine.exists() and not (tmp_path / "hydra").exists()  # the refused command leaves no run behind
 
 
 @pytest.mark.parametrize(
@@ -448,6 +452,31 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith(first_line)
     assert (tmp_path / "something.txt").read_text() == "kept"
+    assert not (tmp_path / "run").exists()  # a refused command leaves no empty run directory among the real ones
+
+
+@pytest.mark.parametrize("case", ["fresh", "user file", "earlier attempt", "lock held", "working directory"])
+def test_a_refused_command_removes_only_a_run_directory_it_filled_itself(tmp_path, monkeypatch, case):
+    """A refused single run leaves no run directory when Hydra's record and this command's log are all there is;
+    anything else (the user's files, an earlier attempt's log lines, a lock that a starting process holds) keeps it."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    for name in HYDRA_RECORD:
+        (run / ".hydra" / name).write_text("{}")
+    log = "[2026-11-29 03:00:00,000][dq.command][INFO] - dq-eval eval.n_samples=0\n"
+    (run / "eval.log").write_text(log + (log if case == "earlier attempt" else ""))
+    (run / ".dq.lock").touch()
+    if case == "user file":
+        (run / "notes.txt").write_text("kept")
+    monkeypatch.chdir(run if case == "working directory" else tmp_path)
+    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(run)), job=SimpleNamespace(name="eval"),
+                                output_subdir=".hydra")  # fmt: skip
+    monkeypatch.setattr(HydraConfig, "get", lambda: hydra_cfg)
+    with FileLock(run / ".dq.lock", timeout=0) if case == "lock held" else contextlib.nullcontext():
+        drop_refused_run_dir()
+    assert run.exists() == (case != "fresh")
+    if case != "fresh":
+        assert (run / "eval.log").read_text().startswith(log) and (run / ".hydra" / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("error", [ConfigError, MissingFileError, CheckpointError])
