@@ -24,9 +24,12 @@ from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_mo
 log = logging.getLogger(__name__)
 
 
+SET_BY_BITS = ("weight_bits", "act_bits", "keep_8bit", "attn_prob_bits")  # QuantSpec fields from the bits group
+
+
 def quant_spec_of(cfg: DictConfig) -> QuantSpec:
     """QuantSpec from `quantizer.spec` (method settings) and the `bits` group (bit-widths, 8-bit exceptions)."""
-    bits = {k: cfg.bits[k] for k in ("weight_bits", "act_bits", "keep_8bit", "attn_prob_bits")}
+    bits = {k: cfg.bits[k] for k in SET_BY_BITS}
     spec = OmegaConf.to_container(cfg.quantizer.get("spec") or {}, resolve=True)
     return QuantSpec.from_dict({**spec, **bits})
 

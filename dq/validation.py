@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from dq.errors import ConfigError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
 from dq.paths import conf_dir
+from dq.quant import QuantSpec
+from dq.student import SET_BY_BITS
 
 CHOICES = {
     "eval.features": ("classifier", "inception", "none"),
@@ -229,6 +232,8 @@ def check_appended(cfg: DictConfig, overrides: Sequence[str]) -> None:
         known = set()
         for file in Path(conf_dir(), group).glob(f"{option}.yaml"):
             known |= _dotted_keys(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+        if group == "quantizer":  # every QuantSpec field but the bit-widths, which the bits group sets
+            known |= {f"spec.{f.name}" for f in dataclasses.fields(QuantSpec) if f.name not in SET_BY_BITS}
         if key in known:
             continue
         what = "eval=none samples nothing, so " if option == "none" else ""
