@@ -23,6 +23,7 @@ from dq.errors import ConfigError
 from dq.paths import conf_dir
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.progress import progress_bar
+from dq.utils.signals import sigterm_exits_143
 
 log = logging.getLogger("dq.pretrain")  # not __name__, which is __main__ under python -m
 
@@ -43,7 +44,12 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
         callbacks=progress_bar(trainer_kwargs.get("enable_progress_bar", True)),
     )  # fmt: skip
     start = time.time()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        with sigterm_exits_143(trainer):
+            trainer.fit(module, datamodule=datamodule)
+    except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
+        log.warning(f"training stopped at step {trainer.global_step}: nothing was exported; re-run the command")
+        raise
     wall_s = time.time() - start
 
     out = run_dir / cfg.pretrain.name

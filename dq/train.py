@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import resource
-import signal
 import sys
 import time
 import warnings
@@ -36,6 +35,7 @@ from dq.student import calibration_set, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
+from dq.utils.signals import sigterm_exits_143
 from dq.validation import validate
 
 log = logging.getLogger("dq.train")  # not __name__, which is __main__ under python -m
@@ -210,12 +210,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         # raised by torch inside Lightning's own code (utilities/_pytree.py); nothing a user of dq can change
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning)
         try:
-            trainer.fit(module)
-        except SystemExit as e:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
+            with sigterm_exits_143(trainer):
+                trainer.fit(module)
+        except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
             if trainer.interrupted:
                 log.warning(resume())
-            if trainer.received_sigterm and not e.code:  # Lightning's SIGTERMException is SystemExit(), status 0
-                raise SystemExit(128 + signal.SIGTERM) from None  # the shell's status for a process ended by TERM
             raise
     if trainer.interrupted:
         raise RuntimeError(resume())

@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 
 import pytest
+import pytorch_lightning as pl
 from conftest import compose_cfg
 from safetensors.torch import load_file
 
@@ -34,6 +37,24 @@ def test_pretrain_classifier_reports_holdout_accuracy(tmp_path):
     saved = tmp_path / "run" / "mnist_classifier"
     assert set(load_file(str(saved / "model.safetensors"))) == set(MNISTClassifier().state_dict())
     MNISTClassifier.load(saved)
+
+
+def test_a_pretraining_ended_by_sigterm_exits_143_and_exports_nothing(tmp_path, monkeypatch, caplog):
+    """Lightning ends the process after SIGTERM with status 0, which a job scheduler takes for success."""
+
+    class Terminate(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("dq.pretrain.progress_bar", lambda enabled: [Terminate()])
+    over = ["pretrain=classifier", "logger=none", "trainer.enable_progress_bar=false",
+            "pretrain.trainer.max_epochs=1", "+pretrain.trainer.limit_train_batches=5"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        pretrain(compose_cfg("pretrain", over, tmp_path / "run"))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert "training stopped at step 2: nothing was exported" in caplog.text
+    assert not (tmp_path / "run" / "mnist_classifier").exists()
 
 
 def _asset(path, name, extra="x"):
