@@ -80,6 +80,7 @@ def cli_errors(prog: str) -> Iterator[None]:
     traceback. In a Hydra app the line, any other traceback and Python's warnings also go to the run's log file
     (conf/hydra/job_logging/dq.yaml)."""
     in_hydra = HydraConfig.initialized()
+    new_run_dir = in_hydra and HydraConfig.get().mode == RunMode.RUN and run_dir_is_new()
     if in_hydra:
         logging.captureWarnings(True)
         log_command(prog)
@@ -92,7 +93,8 @@ def cli_errors(prog: str) -> Iterator[None]:
         logging.getLogger(prog).error(f"{prog}: error: {e}")  # to stderr and the job's log file
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra fails this job only and runs the sweep's others; its log keeps the line
-        drop_refused_run_dir()
+        if new_run_dir:
+            drop_refused_run_dir()
         sys.exit(2)
     except Exception:
         if in_hydra:  # Hydra prints the traceback on stderr; the run's log file keeps it too
@@ -106,35 +108,70 @@ def cli_errors(prog: str) -> Iterator[None]:
 HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes to <run>/.hydra
 
 
-def drop_refused_run_dir() -> None:
-    """After a refused single run: remove the run directory when nothing but Hydra's record and this command's log
-    is in it (the terminal has the error), so a typo leaves no empty run among the real ones. A directory with
-    anything else in it (a run to resume, an earlier attempt's log, the user's files) is kept as it is."""
+def _run_files() -> tuple[Path, Path, Path | None]:
+    """This Hydra job's run directory, its log file and its Hydra record directory (None without one)."""
     hydra_cfg = HydraConfig.get()
     run = Path(hydra_cfg.runtime.output_dir).resolve()
-    log_file = run / f"{hydra_cfg.job.name}.log"
     record = run / hydra_cfg.output_subdir if hydra_cfg.output_subdir is not None else None
+    return run, run / f"{hydra_cfg.job.name}.log", record
+
+
+def run_dir_is_new() -> bool:
+    """Whether the run directory holds only what Hydra wrote for this command (its record, an empty log file): called
+    before the command logs anything, it tells a directory this command made from one with an earlier attempt's log
+    or the user's files in it (an empty directory the user made counts as new)."""
+    run, log_file, record = _run_files()
+    if not run.is_dir() or any(p not in (log_file, record) for p in run.iterdir()):
+        return False
+    if record is not None and record.exists() and any(p.name not in HYDRA_RECORD for p in record.iterdir()):
+        return False
+    return not log_file.exists() or log_file.stat().st_size == 0
+
+
+def drop_refused_run_dir() -> None:
+    """After a refused single run in a new run directory (`run_dir_is_new`): remove it when it still holds nothing
+    but Hydra's record, this command's log and a free lock (the terminal has the error), so a typo leaves no empty run
+    among the real ones. Kept as it is when anything else is there, another dq process holds the lock, it is the
+    working directory, or it cannot be removed whole."""
+    run, log_file, record = _run_files()
     if not run.is_dir() or run in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         return
     if any(p not in (log_file, record, run / LOCK_NAME) for p in run.iterdir()):
         return
     if record is not None and record.exists() and any(p.name not in HYDRA_RECORD for p in record.iterdir()):
         return
-    if log_file.is_file() and log_file.read_text().count("[dq.command]") > 1:  # another attempt's lines
-        return
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("dq.command", "dq.crash"))):
+        for handler in list(logger.handlers):  # the log file: closed before it is removed
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve() == log_file:
+                handler.close()
+                logger.removeHandler(handler)
     try:
         with FileLock(run / LOCK_NAME, timeout=0):  # held: another dq process is starting in this directory
-            shutil.rmtree(run)
-    except Timeout:
+            for path in (record, log_file):  # only the files named, then the emptied directories
+                if path is not None and path.is_dir():
+                    for f in path.iterdir():
+                        f.unlink()
+                    path.rmdir()
+                elif path is not None and path.exists():
+                    path.unlink()
+            (run / LOCK_NAME).unlink(missing_ok=True)
+        run.rmdir()  # fails, keeping it, if anything appeared meanwhile
+        cwd = Path.cwd().resolve()
+        for parent in run.parents:  # the default run directory's empty parents (outputs/eval/<model>/...), up to cwd
+            if parent == cwd or cwd not in parent.parents:
+                break
+            parent.rmdir()  # fails on the first one with anything in it
+    except (Timeout, OSError):
         return
 
 
 def log_command(prog: str) -> None:
-    """Write this command, as typed after the program's name, to the run's log file only (logger `dq.command`): a
-    run directory's log then tells its attempts (a resumed run, a refused command) apart. A multirun job gets its
-    own overrides."""
-    overrides = HydraConfig.get().overrides.task
-    logging.getLogger("dq.command").info(shlex.join([prog, *overrides]))
+    """Write this command, as typed after the program's name (`hydra.run.dir=...` included), to the run's log file
+    only (logger `dq.command`): a run directory's log then tells its attempts (a resumed run, a refused command)
+    apart. A multirun job gets its own overrides."""
+    hydra_cfg = HydraConfig.get()
+    args = list(hydra_cfg.overrides.task) if hydra_cfg.mode == RunMode.MULTIRUN else sys.argv[1:]
+    logging.getLogger("dq.command").info(shlex.join([prog, *args]))
 
 
 def _hydra_record_dir() -> Path | None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir
+from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir, run_dir_is_new
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import method_of
@@ -389,11 +389,12 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_di
     # each attempt's command, as typed, heads its lines in the log file (and only there)
     commands = re.findall(r"\]\[dq\.command\]\[INFO\] - (.*)$", (run / "train.log").read_text(), re.M)
     assert commands == [
-        shlex.join(["dq-train", *over, "logger=none"]),
-        shlex.join(["dq-train", *over, "logger=none", "calib.seed=7"]),
+        shlex.join(["dq-train", *over, "logger=none", f"hydra.run.dir={run}"]),
+        shlex.join(["dq-train", *over, "logger=none", "calib.seed=7", f"hydra.run.dir={run}"]),
     ]
     assert "dq-train model.path=" not in first.stdout + first.stderr + refused.stdout + refused.stderr
-    assert re.search(r"\]\[dq\.command\]\[INFO\] - dq-eval logger=none$", (run / "eval.log").read_text(), re.M)
+    eval_line = f"[dq.command][INFO] - dq-eval logger=none hydra.run.dir={run}\n"
+    assert eval_line in (run / "eval.log").read_text()
 
 
 def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_dir, tmp_path):
@@ -459,24 +460,32 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
 def test_a_refused_command_removes_only_a_run_directory_it_filled_itself(tmp_path, monkeypatch, case):
     """A refused single run leaves no run directory when Hydra's record and this command's log are all there is;
     anything else (the user's files, an earlier attempt's log lines, a lock that a starting process holds) keeps it."""
-    run = tmp_path / "run"
+    run = tmp_path / "outputs" / "eval" / "run"  # as Hydra's default outputs/<app>/<...>/<time>
     (run / ".hydra").mkdir(parents=True)
+    (tmp_path / "outputs" / "notes.txt").write_text("kept")
     for name in HYDRA_RECORD:
         (run / ".hydra" / name).write_text("{}")
-    log = "[2026-11-29 03:00:00,000][dq.command][INFO] - dq-eval eval.n_samples=0\n"
-    (run / "eval.log").write_text(log + (log if case == "earlier attempt" else ""))
-    (run / ".dq.lock").touch()
+    earlier = "[2026-11-28 03:00:00,000][dq.eval][INFO] - run directory: run\n"  # any line, in any log format
+    (run / "eval.log").write_text(earlier if case == "earlier attempt" else "")
     if case == "user file":
         (run / "notes.txt").write_text("kept")
     monkeypatch.chdir(run if case == "working directory" else tmp_path)
     hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(run)), job=SimpleNamespace(name="eval"),
                                 output_subdir=".hydra")  # fmt: skip
     monkeypatch.setattr(HydraConfig, "get", lambda: hydra_cfg)
+    new = run_dir_is_new()  # as cli_errors asks before the command writes its line
+    assert new == (case not in ("user file", "earlier attempt"))
+    with (run / "eval.log").open("a") as f:
+        f.write("[2026-11-29 03:00:00,000][dq.command][INFO] - dq-eval eval.n_samples=0\n")
+    (run / ".dq.lock").touch()
     with FileLock(run / ".dq.lock", timeout=0) if case == "lock held" else contextlib.nullcontext():
-        drop_refused_run_dir()
-    assert run.exists() == (case != "fresh")
+        if new:
+            drop_refused_run_dir()
+    assert run.exists() == (case != "fresh") and (tmp_path / "outputs" / "eval").exists() == (case != "fresh")
+    assert (tmp_path / "outputs" / "notes.txt").read_text() == "kept"  # empty parents go, up to the first kept
     if case != "fresh":
-        assert (run / "eval.log").read_text().startswith(log) and (run / ".hydra" / "config.yaml").exists()
+        assert "dq-eval eval.n_samples=0" in (run / "eval.log").read_text()
+        assert (run / ".hydra" / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("error", [ConfigError, MissingFileError, CheckpointError])
@@ -584,7 +593,10 @@ def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, mo
         (["+quantizer.spec.fp_input=true"], "Did you mean quantizer.spec.fp_network_input"),
         (["+model.sample_size=16"], "+model.sample_size=16: dq reads no model.sample_size"),
         (["+bits.keep8bit=[conv_in]"], "Did you mean bits.keep_8bit"),
+        (["+quantizer.spec.weight_bits=3"], "+quantizer.spec.weight_bits=3: dq reads no quantizer.spec.weight_bits"),
         (["++eval.n_samples=8", "+quantizer.temporal=true", "++calib.n_traj=4", "+model.data.limit=5"], None),
+        (["+quantizer.spec.weight_symmetric=true", "+quantizer.spec.quantize_attention=false"], None),  # QuantSpec's
+        (["++eval.print_report=true"], None),
     ],
 )  # fmt: skip
 def test_an_appended_setting_dq_never_reads_is_refused(tmp_path, overrides, message):
