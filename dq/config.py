@@ -116,16 +116,20 @@ def _run_files() -> tuple[Path, Path, Path | None]:
     return run, run / f"{hydra_cfg.job.name}.log", record
 
 
+def _holds_only_hydra_files(*extra: Path) -> bool:
+    """Whether the run directory holds nothing but Hydra's record, the job's log file and `extra`."""
+    run, log_file, record = _run_files()
+    if not run.is_dir() or any(p not in (log_file, record, *extra) for p in run.iterdir()):
+        return False
+    return record is None or not record.exists() or all(p.name in HYDRA_RECORD for p in record.iterdir())
+
+
 def run_dir_is_new() -> bool:
     """Whether the run directory holds only what Hydra wrote for this command (its record, an empty log file): called
     before the command logs anything, it tells a directory this command made from one with an earlier attempt's log
     or the user's files in it (an empty directory the user made counts as new)."""
-    run, log_file, record = _run_files()
-    if not run.is_dir() or any(p not in (log_file, record) for p in run.iterdir()):
-        return False
-    if record is not None and record.exists() and any(p.name not in HYDRA_RECORD for p in record.iterdir()):
-        return False
-    return not log_file.exists() or log_file.stat().st_size == 0
+    _, log_file, _ = _run_files()
+    return _holds_only_hydra_files() and (not log_file.exists() or log_file.stat().st_size == 0)
 
 
 def drop_refused_run_dir() -> None:
@@ -134,11 +138,8 @@ def drop_refused_run_dir() -> None:
     among the real ones. Kept as it is when anything else is there, another dq process holds the lock, it is the
     working directory, or it cannot be removed whole."""
     run, log_file, record = _run_files()
-    if not run.is_dir() or run in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
-        return
-    if any(p not in (log_file, record, run / LOCK_NAME) for p in run.iterdir()):
-        return
-    if record is not None and record.exists() and any(p.name not in HYDRA_RECORD for p in record.iterdir()):
+    cwd = Path.cwd().resolve()
+    if run in (cwd, *cwd.parents) or not _holds_only_hydra_files(run / LOCK_NAME):
         return
     for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("dq.command", "dq.crash"))):
         for handler in list(logger.handlers):  # the log file: closed before it is removed
@@ -147,16 +148,13 @@ def drop_refused_run_dir() -> None:
                 logger.removeHandler(handler)
     try:
         with FileLock(run / LOCK_NAME, timeout=0):  # held: another dq process is starting in this directory
-            for path in (record, log_file):  # only the files named, then the emptied directories
-                if path is not None and path.is_dir():
-                    for f in path.iterdir():
-                        f.unlink()
-                    path.rmdir()
-                elif path is not None and path.exists():
-                    path.unlink()
+            if record is not None and record.exists():
+                for f in record.iterdir():
+                    f.unlink()
+                record.rmdir()
+            log_file.unlink(missing_ok=True)
             (run / LOCK_NAME).unlink(missing_ok=True)
         run.rmdir()  # fails, keeping it, if anything appeared meanwhile
-        cwd = Path.cwd().resolve()
         for parent in run.parents:  # the default run directory's empty parents (outputs/eval/<model>/...), up to cwd
             if parent == cwd or cwd not in parent.parents:
                 break
