@@ -136,7 +136,9 @@ def check_eval(cfg: DictConfig) -> None:
 
 def accepted_settings(target: type) -> set[str] | None:
     """The keyword arguments a dq class takes, following `**kwargs` up to the dq base classes it is passed to; None
-    where `**kwargs` leaves dq (then any name may be valid)."""
+    where `**kwargs` leaves dq (then any name may be valid), unless the class lists them (`accepted_settings()`)."""
+    if callable(listed := getattr(target, "accepted_settings", None)):
+        return set(listed())
     names: set[str] = set()
     for cls in target.__mro__:
         if "__init__" not in vars(cls):

@@ -37,6 +37,7 @@ from dq.models import load_teacher
 from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
+from dq.utils.loggers import WandbLogger
 from dq.utils.progress import ConsoleHandler
 from dq.validation import accepted_settings, check_appended, validate
 
@@ -571,6 +572,7 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
         (["+callbacks.tpq.inti=shared"], "callbacks.tpq.inti: did you mean callbacks.tpq.init?"),
         (["+distill.lr_weights=1e-4"], "distill.lr_weights: did you mean distill.lr_weight or"),
         (["logger=csv", "+logger.csv.flush=1"], "logger.csv.flush: not a setting of ResumableCSVLogger"),
+        (["logger=wandb", "+logger.wandb.entty=me"], "logger.wandb.entty: did you mean logger.wandb.entity?"),
         (["distill._target_=dq.distill.Blockwise"], "distill._target_=dq.distill.Blockwise names no class of dq"),
         (["+trainer.gradient_clip=1"], "trainer.gradient_clip: not an argument of pytorch_lightning.Trainer"),
         (["+trainer.max_steps=5"], "trainer.max_steps: set by dq-train itself"),
@@ -623,3 +625,4 @@ def test_accepted_settings_follow_kwargs_through_dq_and_stop_where_they_leave_it
     assert accepted_settings(Ours) is None
     assert {"iters_per_block", "revert_worse", "calib_batch_size", "name"} <= accepted_settings(BlockwiseDistillation)
     assert "iters_per_block" not in accepted_settings(ModelDistillation)
+    assert {"save_dir", "log_model", "entity", "tags"} <= accepted_settings(WandbLogger)  # Lightning's and wandb.init's

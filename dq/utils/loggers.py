@@ -4,6 +4,7 @@ a W&B run."""
 from __future__ import annotations
 
 import csv
+import inspect
 import sys
 import warnings
 from collections.abc import Iterator
@@ -49,6 +50,15 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(**kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+    @staticmethod
+    def accepted_settings() -> set[str]:
+        """Lightning's arguments and those of `wandb.init`, where Lightning passes the rest (`dq.validation`)."""
+        import wandb  # only when the logger is configured
+
+        lightning = inspect.signature(LightningWandbLogger.__init__).parameters.values()
+        named = {p.name for p in lightning if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        return named | set(inspect.signature(wandb.init).parameters)
 
 
 @contextmanager
