@@ -7,7 +7,7 @@ import difflib
 import importlib.util
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import hydra
@@ -135,21 +135,27 @@ def check_eval(cfg: DictConfig) -> None:
 
 
 def accepted_settings(target: type) -> set[str] | None:
-    """The keyword arguments a dq class takes, following `**kwargs` up to the dq base classes it is passed to; None
-    where `**kwargs` leaves dq (then any name may be valid), unless the class lists them (`accepted_settings()`)."""
-    if callable(listed := getattr(target, "accepted_settings", None)):
-        return set(listed())
+    """The keyword arguments a dq class takes, following `**kwargs` up to the dq base classes it is passed to; where
+    `**kwargs` leaves dq, on to the function the class names as `kwargs_target()` (the W&B logger's `wandb.init`), or
+    None without one (then any name may be valid)."""
     names: set[str] = set()
     for cls in target.__mro__:
         if "__init__" not in vars(cls):
             continue
         params = inspect.signature(cls.__init__).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        names |= _named(params)
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return names - {"self"}
         if not cls.__module__.startswith("dq."):
-            return None
+            if (forward := getattr(target, "kwargs_target", None)) is None:
+                return None
+            return (names | _named(inspect.signature(forward()).parameters.values())) - {"self"}
     return None
+
+
+def _named(params: Iterable[inspect.Parameter]) -> set[str]:
+    """The names of the parameters that can be passed by keyword."""
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def check_settings(cfg: DictConfig) -> None:

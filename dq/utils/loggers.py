@@ -4,10 +4,9 @@ a W&B run."""
 from __future__ import annotations
 
 import csv
-import inspect
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,13 +51,11 @@ class WandbLogger(LightningWandbLogger):
             self._wandb_init.pop("anonymous", None)
 
     @staticmethod
-    def accepted_settings() -> set[str]:
-        """Lightning's arguments and those of `wandb.init`, where Lightning passes the rest (`dq.validation`)."""
+    def kwargs_target() -> Callable[..., Any]:
+        """Where Lightning passes the settings it does not name: `wandb.init` (`dq.validation.accepted_settings`)."""
         import wandb  # only when the logger is configured
 
-        lightning = inspect.signature(LightningWandbLogger.__init__).parameters.values()
-        named = {p.name for p in lightning if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        return named | set(inspect.signature(wandb.init).parameters)
+        return wandb.init
 
 
 @contextmanager
