@@ -23,7 +23,7 @@ from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
 from dq.quant.model import TIMESTEPS_BUFFER
-from dq.student import build_student, check_spec, sampler_timesteps
+from dq.student import build_student, check_layers, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.validation import validate
@@ -57,18 +57,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_spec(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
         check_sample_shape(teacher, cfg.model.sample_shape)
         teacher.to(cfg.device)
-        if student_dir is None:
+        saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device)
+        if saved is not None:
+            check_steps(saved, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
+        elif cfg.quantizer.name != "fp":
+            check_layers(cfg, teacher)
+        log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
+        if saved is None:
             student, cost = build_student(cfg, teacher, scheduler)
             method = method_of(cfg)
         else:
-            student, cost = load_student(student_dir, teacher, cfg.device), {}
-            check_steps(student, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
-            method = saved_method(student_dir)
+            student, cost, method = saved, {}, saved_method(student_dir)
             log.info(f"student: {student_dir} ({method.get('quantizer')} {method.get('bits')}, as saved)")
         loggers = build_loggers(cfg.logger)
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)

@@ -20,6 +20,7 @@ from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
 from dq.errors import ConfigError
 from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
+from dq.quant.model import quantizable_layers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,14 @@ def check_spec(cfg: DictConfig) -> None:
         quant_spec_of(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"bits / quantizer.spec: {e}") from e
+
+
+def check_layers(cfg: DictConfig, teacher: nn.Module) -> None:
+    """Once the teacher is loaded: every `bits.keep_8bit` entry names one of its quantizable layers."""
+    try:
+        quant_spec_of(cfg).check_keep_8bit(quantizable_layers(teacher))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def sampler_timesteps(scheduler: Any, num_inference_steps: int) -> torch.Tensor:

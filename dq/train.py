@@ -31,7 +31,7 @@ from dq.evaluation import evaluate_models, method_of
 from dq.models import check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
-from dq.student import calibration_set, check_spec, quantize_student
+from dq.student import calibration_set, check_layers, check_spec, quantize_student
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
@@ -161,7 +161,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "with its own eval settings, or use a new run directory."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info(f"run directory: {run_dir}")
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
 
@@ -171,9 +170,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     teacher, scheduler = load_teacher(cfg.model.path)
     check_sample_shape(teacher, cfg.model.sample_shape)
     teacher.to(cfg.device)
+    check_layers(cfg, teacher)
     parts = fingerprint_parts(cfg, teacher, scheduler)
     fingerprint = _digest(parts)
     check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
+    log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
 
     start = time.perf_counter()
     student = quantize_student(cfg, teacher, scheduler)

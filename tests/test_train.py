@@ -245,6 +245,14 @@ def test_a_real_model_without_scoring_passes_the_start_up_checks(tmp_path):
     validate(compose_cfg("train", [*CIFAR, "eval=none"], tmp_path))
 
 
+def test_a_keep_8bit_entry_naming_no_layer_is_refused_before_the_run_writes(tmp_path):
+    """It was a traceback ('crashed, a bug in dq') after the checkpoint directory had been claimed."""
+    cfg = compose_cfg("train", ["bits.keep_8bit=[conv_in,'*.conv_shortcutt']", "logger=none"], tmp_path)
+    with pytest.raises(ConfigError, match=r"keep_8bit entries \['\*.conv_shortcutt'\] name no quantizable layer"):
+        train(cfg)
+    assert not (Path(cfg.run_dir) / "checkpoints").exists()
+
+
 def test_fp_quantizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="quantizer=fp"):
         train(compose_cfg("train", ["quantizer=fp", "logger=none"], tmp_path))
@@ -444,6 +452,10 @@ def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
         (["dq.train", "distill.iters_per_block=0"], "dq-train: error: distill.iters_per_block=0 is invalid"),
         (["dq.train", "model.path=/nowhere"], "dq-train: error: Model directory '/nowhere' does not exist"),
         (["dq.eval", "+eval.nsamples=3"], "dq-eval: error: +eval.nsamples=3: dq reads no eval.nsamples"),
+        (
+            ["dq.eval", "quantizer=ptq_minmax", "bits.keep_8bit=[conv_in,nowhere]"],
+            "dq-eval: error: keep_8bit entries ['nowhere'] name no quantizable layer of this model",
+        ),
         (["dq.pretrain", "install_dir=."], "dq-pretrain: error: install_dir=/"),  # resolved; "... is not empty"
     ],
 )
@@ -453,6 +465,7 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith(first_line)
+    assert "run directory:" not in done.stdout  # it is named once the command is accepted
     assert (tmp_path / "something.txt").read_text() == "kept"
     assert not (tmp_path / "run").exists()  # a refused command leaves no empty run directory among the real ones
 
