@@ -7,7 +7,14 @@ import torch
 from torch.testing import assert_close
 
 from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant
-from dq.quant.quantizer import MSE_RATIOS, OBSERVE_SAMPLES, fake_quant_, lsq_grad_scale, mse_search
+from dq.quant.quantizer import (
+    MSE_RATIOS,
+    OBSERVE_SAMPLES,
+    fake_quant_,
+    lsq_grad_scale,
+    mse_search,
+    stratified_subsample,
+)
 
 
 def ref_quant(x, scale, zp, qmin, qmax):
@@ -353,26 +360,51 @@ def test_temporal_mse_observation_keeps_each_steps_values_in_batch_order():
     assert torch.equal(q.scale.detach()[1], pooled_scale[0])  # the unseen step takes the pooled search
 
 
-def test_temporal_mse_observation_subsamples_like_a_plain_loop():
-    """Past OBSERVE_SAMPLES values a step keeps a seeded random subsample: the same one as a plain reference that
-    visits the batch's steps in ascending order, appends each step's values and draws one permutation per step."""
-    g = torch.Generator().manual_seed(4)
-    q, ctx = _temporal(4, init="mse")
+def test_temporal_mse_observation_keeps_a_sample_of_every_batch_in_proportion():
+    """Past OBSERVE_SAMPLES values a step's kept values stand for all it observed: each batch gives its share, and
+    no value is kept twice. (Keeping OBSERVE_SAMPLES of kept + new, as dq did, left the first of these batches 16 %
+    of the values and the last 31 %, not 20 % each: MSE ranges fitted the last calibration batches.)"""
+    q, ctx = _temporal(2, init="mse")
     q.start_observation()
-    ref: list[torch.Tensor | None] = [None] * 4
-    ref_gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        x, idx = torch.randn(6, 30_000, generator=g), torch.randint(0, 3, (6,), generator=g)
-        ctx.index = idx
-        q(x)
-        for i in torch.unique(idx).tolist():
-            flat = x[idx == i].reshape(-1) if ref[i] is None else torch.cat([ref[i], x[idx == i].reshape(-1)])
-            if flat.numel() > OBSERVE_SAMPLES:
-                flat = flat[torch.randperm(flat.numel(), generator=ref_gen)[:OBSERVE_SAMPLES]]
-            ref[i] = flat
-    assert sum(r is not None and r.numel() == OBSERVE_SAMPLES for r in ref) >= 2  # subsampling did happen
-    for got, want in zip(q._obs_samples, ref, strict=True):
-        assert (got is None and want is None) or torch.equal(got, want)
+    sizes = (30_000, 20_000, 40_000, 30_000, 30_000)  # step 0's batches; values unique, tagged by batch (j * 1e6 + i)
+    for j, n in enumerate(sizes):
+        ctx.index = torch.tensor([0, 1])
+        q(torch.stack([j * 1e6 + torch.arange(float(n)), torch.zeros(n)]))  # step 1 sees zeros
+    kept = q._obs_samples[0]
+    assert kept.numel() == OBSERVE_SAMPLES and kept.unique().numel() == OBSERVE_SAMPLES  # without replacement
+    share = [int(((kept >= j * 1e6) & (kept < j * 1e6 + n)).sum()) for j, n in enumerate(sizes)]
+    assert sum(share) == OBSERVE_SAMPLES
+    for n, got in zip(sizes, share, strict=True):
+        assert abs(got - OBSERVE_SAMPLES * n / sum(sizes)) < 300, share  # 300: some 3 sd of the random split
+    assert q._obs_counts == [sum(sizes), sum(sizes)]
+
+
+def test_stratified_subsample_matches_a_plain_allocation():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.arange(10.0), 100 + torch.arange(8.0)  # a stands for 30 values, b holds all of its 8
+    got = stratified_subsample([(a, 30), (b, 8)], 7, g)
+    # quotas 7 * 30/38 = 5.53 and 7 * 8/38 = 1.47: floors 5 + 1, the leftover to the larger fractional part (a)
+    assert int((got < 100).sum()) == 6 and int((got >= 100).sum()) == 1
+    assert torch.equal(stratified_subsample([(a, 30), (b, 8)], 18, g), torch.cat([a, b]))  # all fit: nothing drawn
+    ref = torch.Generator().manual_seed(1)
+    want = torch.cat([a[torch.randperm(10, generator=ref)[:6]], b[torch.randperm(8, generator=ref)[:1]]])
+    assert torch.equal(stratified_subsample([(a, 30), (b, 8)], 7, torch.Generator().manual_seed(1)), want)
+
+
+def test_pooled_mse_start_weighs_each_step_by_what_it_observed():
+    """Steps never observed start from all observed values together, each step weighted by its count."""
+    q, ctx = _temporal(3, init="mse")
+    q.start_observation()
+    ctx.index = torch.tensor([0, 0, 0, 1])
+    q(torch.cat([torch.rand(3, 40_000), 100 + torch.rand(1, 40_000)]))  # step 0: 120,000 values; step 1: 40,000
+    pooled = stratified_subsample(
+        [(q._obs_samples[0], 120_000), (q._obs_samples[1], 40_000)], OBSERVE_SAMPLES, torch.Generator().manual_seed(0)
+    )
+    assert abs(float((pooled >= 100).float().mean()) - 0.25) < 1e-4
+    q._obs_gen = torch.Generator().manual_seed(0)  # the draw above, with the generator state it will have
+    assert q.finish_observation()
+    scale, zp = mse_search(pooled[None], 0, 15, False)
+    assert torch.equal(q.scale.detach()[2], scale[0]) and torch.equal(q.zero_point.detach()[2], zp[0])
 
 
 def test_temporal_observation_refuses_a_step_index_out_of_range():

@@ -27,12 +27,36 @@ __all__ = [
     "SCALE_MIN",
     "MSE_RATIOS",
     "OBSERVE_SAMPLES",
+    "stratified_subsample",
 ]
 
 SCALE_MIN = 1e-8  # step sizes are clamped to at least this
 MSE_RATIOS = 100  # clipping ratios k/100, k = 1..100, tried by the MSE search
 OBSERVE_SAMPLES = 2**16  # values kept per step for the MSE search of activation quantizers
 _MSE_CHUNK_ELEMENTS = 2**22  # the MSE search evaluates this many candidate values at once
+
+
+def stratified_subsample(parts: list[tuple[Tensor, int]], k: int, generator: torch.Generator) -> Tensor:
+    """At most `k` of the values in `parts`, drawn so that they stand for every value counted alike.
+
+    Each part is `(values, count)`: a uniform sample of `count` observed values (all of them when `count` equals
+    `values.numel()`). Part j gives about `k * count_j / total` values (largest remainders get the leftovers), drawn
+    without replacement by one `randperm` per part, parts in order. Merging a kept sample with a new batch this way
+    keeps a sample of everything observed; keeping `k` of their concatenation would let the latest batch dominate.
+    """
+    if sum(v.numel() for v, _ in parts) <= k:
+        return torch.cat([v for v, _ in parts])
+    total = sum(c for _, c in parts)
+    quota = [k * c / total for _, c in parts]  # <= min(count, k) = the values each part holds
+    take = [min(int(q), v.numel()) for q, (v, _) in zip(quota, parts, strict=True)]
+    by_remainder = sorted(range(len(parts)), key=lambda j: take[j] - quota[j])  # largest fractional part first
+    for j in by_remainder[: k - sum(take)]:
+        take[j] = min(take[j] + 1, parts[j][0].numel())
+    picked = []
+    for (v, _), n in zip(parts, take, strict=True):
+        ids = torch.randperm(v.numel(), generator=generator, device=generator.device)[:n]
+        picked.append(v[ids] if n < v.numel() else v)
+    return torch.cat(picked)
 
 
 class NonFiniteActivationError(ValueError):
@@ -348,6 +372,7 @@ class TemporalQuantizer(_QuantizerBase):
         self._obs_min = torch.full((t,), float("inf"))  # [T] running min per step
         self._obs_max = torch.full((t,), float("-inf"))  # [T] running max per step
         self._obs_samples: list[Tensor | None] = [None] * t  # per step: random subsample of values (mse init)
+        self._obs_counts = [0] * t  # per step: how many values the subsample stands for
         self._obs_gen: torch.Generator | None = None  # seeded on first use, for reproducible subsamples
 
     def start_observation(self) -> None:
@@ -401,12 +426,9 @@ class TemporalQuantizer(_QuantizerBase):
                 ids = (steps == i).nonzero().flatten().to(rows.device)
                 flat = rows.index_select(0, ids).reshape(-1)  # the step's values, samples in batch order
                 prev = self._obs_samples[i]
-                flat = flat if prev is None else torch.cat([prev, flat])
-                if flat.numel() > OBSERVE_SAMPLES:
-                    gen = self._generator(flat.device)
-                    keep = torch.randperm(flat.numel(), generator=gen, device=flat.device)[:OBSERVE_SAMPLES]
-                    flat = flat[keep]
-                self._obs_samples[i] = flat
+                parts = [(flat, flat.numel())] if prev is None else [(prev, self._obs_counts[i]), (flat, flat.numel())]
+                self._obs_samples[i] = stratified_subsample(parts, OBSERVE_SAMPLES, self._generator(flat.device))
+                self._obs_counts[i] += flat.numel()
 
     @torch.no_grad()
     def finish_observation(self, pooled: bool = False) -> bool:
@@ -428,12 +450,10 @@ class TemporalQuantizer(_QuantizerBase):
             device = self.scale.device  # the search runs where the model does, as do the kept samples
             search = lambda v: mse_search(v[None].to(device), self.qmin, self.qmax, self.spec.symmetric)
             if not own.all():  # the pair of all steps together, for the others
-                pooled_values = torch.cat([s for s in self._obs_samples if s is not None])
-                if pooled_values.numel() > OBSERVE_SAMPLES:
-                    gen = self._generator(pooled_values.device)
-                    keep = torch.randperm(pooled_values.numel(), generator=gen, device=gen.device)[:OBSERVE_SAMPLES]
-                    pooled_values = pooled_values[keep]
-                all_scale, all_zp = search(pooled_values)
+                parts = [(s, c) for s, c in zip(self._obs_samples, self._obs_counts, strict=True) if s is not None]
+                all_scale, all_zp = search(
+                    stratified_subsample(parts, OBSERVE_SAMPLES, self._generator(parts[0][0].device))
+                )
             scales, zps = [], []
             for i in range(self.num_steps):
                 sc, zp = search(self._obs_samples[i]) if own[i] else (all_scale, all_zp)
