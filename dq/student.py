@@ -46,7 +46,7 @@ def check_spec(cfg: DictConfig) -> None:
 def check_layers(cfg: DictConfig, teacher: nn.Module) -> None:
     """Once the teacher is loaded: every `bits.keep_8bit` entry names one of its quantizable layers."""
     try:
-        quant_spec_of(cfg).check_keep_8bit(quantizable_layers(teacher))
+        quant_spec_of(cfg).check_keep_8bit(quantizable_layers(teacher), "config: bits.keep_8bit")
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -202,3 +202,17 @@ def test_run_block_lets_gradients_flow(unet: UNet2DModel) -> None:
 def test_partition_rejects_non_unet() -> None:
     with pytest.raises(TypeError, match="UNet2DModel"):
         partition_blocks(torch.nn.Linear(2, 2))
+
+
+def test_a_quantized_model_partitions_like_its_float_original() -> None:
+    """The traced example input takes a timestep from the quantized model's own table (t=10 was refused)."""
+    from dq.quant import QuantSpec, calibrate_activations, quantize_model
+    from dq.quant.split import concat_splits
+
+    model = tiny_unet()
+    float_blocks, float_splits = partition_blocks(model), concat_splits(model)
+    quantize_model(model, QuantSpec(), timesteps=torch.tensor([900, 500, 100]))
+    with torch.no_grad(), calibrate_activations(model):
+        model(torch.randn(1, 1, 8, 8), 500)
+    assert [b.name for b in partition_blocks(model)] == [b.name for b in float_blocks]
+    assert concat_splits(model) == float_splits

@@ -242,3 +242,11 @@ def test_get_calibration_set_uses_the_cache(tmp_path: Path, unet, scheduler, cal
     assert calibration_cache_path(tmp_path, fields).is_file()
     again = load_or_build_calibration(tmp_path, fields, lambda: pytest.fail("rebuilt a valid cache"))
     assert_same(again, calib)
+
+
+def test_a_scheduler_other_than_ddim_is_named(unet: UNet2DModel, scheduler: DDIMScheduler) -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(scheduler.config)
+    with pytest.raises(TypeError, match=r"runs DDIM trajectories .* not EulerDiscreteScheduler: pass DDIMScheduler"):
+        build_calibration_set(unet, euler, 10, STEPS, SHAPE, seed=0, progress=False)

@@ -33,6 +33,7 @@ from dq.quant import (
     quantize_model,
     save_quantized,
     set_quant_state,
+    set_timesteps,
     step_context,
     weight_quantizers,
 )
@@ -518,7 +519,7 @@ def test_keep_8bit_entry_that_names_no_layer_is_refused_before_anything_changes(
     model = tiny_unet()
     bad = ["conv_in", "*.conv_shortcutt", "mid", "time_proj"]  # a typo, half a name, a module that holds no layer
     msg = r"keep_8bit entries \['\*.conv_shortcutt', 'mid', 'time_proj'\] name no quantizable layer"
-    with pytest.raises(ValueError, match=msg + r" of this model \(config: bits.keep_8bit\)"):
+    with pytest.raises(ValueError, match=msg + r" of this model \(QuantSpec.keep_8bit\)"):
         quantize_model(model, QuantSpec(keep_8bit=bad), timesteps=TIMESTEPS)
     assert not is_quantized(model)  # untouched: quantizing it properly still works
     spec = QuantSpec(weight_bits=4, keep_8bit=["conv_in", "mid_block", "*.resnets.0"])
@@ -593,3 +594,67 @@ def test_a_quantizer_switched_off_stays_off_through_save_and_load(tmp_path):
     q = loaded.get_submodule(name)
     q.set_extra_state(torch.tensor([1], dtype=torch.uint8))  # a state saved before `enabled` was kept
     assert q.enabled and q.initialized
+
+
+# ---- what a library user can do to a quantized model -----------------------------------------------------------
+def test_a_timestep_table_other_than_the_calibrated_one_is_refused():
+    """Reordered or other timesteps would silently give each step another step's ranges (3.5 dB instead of 17)."""
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    with pytest.raises(ValueError, match=r"calibrated for the timesteps \[666, 333, 0\]"):
+        set_timesteps(model, TIMESTEPS.flip(0))
+    with pytest.raises(ValueError, match=r"hold 3 steps and the table has 2 timesteps"):
+        set_timesteps(model, [500, 0])
+    set_timesteps(model, TIMESTEPS.clone())  # the same table is fine
+    fresh = tiny_unet()
+    quantize_model(fresh, QuantSpec(), timesteps=torch.arange(10))
+    with pytest.raises(ValueError, match=r"num_steps=4, and the model's timestep table has 10 entries"):
+        expand_act_quantizers(fresh, num_steps=4)
+    expand_act_quantizers(fresh)
+    set_timesteps(fresh, torch.arange(10, 20))  # not yet calibrated: a new table of the same length may be set
+
+
+@pytest.mark.parametrize("swap", ["slice", "processor"])
+def test_a_float_attention_processor_swapped_in_by_diffusers_is_refused(swap, tmp_path):
+    """enable_attention_slicing / set_attention_slice / fuse_qkv_projections / set_attn_processor replace dq's
+    QuantAttnProcessor with a float one: attention would run unquantized without a word, and be saved so."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = calibrated(tiny_cond_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    if swap == "slice":
+        model.set_attention_slice("auto")
+    else:
+        model.set_attn_processor(AttnProcessor())
+    with torch.no_grad(), pytest.raises(TypeError, match=r"runs (Sliced)?AttnProcessor, not dq's QuantAttnProcessor"):
+        model(**inputs(model))
+    with pytest.raises(TypeError, match=r"would run unquantized"):
+        save_quantized(model, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_calling_without_a_timestep_and_a_cast_fractional_table_are_named():
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    with torch.no_grad(), pytest.raises(TypeError, match=r"called as unet\(sample, timestep, ...\)"):
+        model(sample=inputs(model)["sample"])
+    euler = tiny_unet()
+    quantize_model(euler, QuantSpec(), timesteps=torch.tensor([999.0, 874.125, 0.0]))
+    euler.to(torch.bfloat16)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"timestep table was cast to torch.bfloat16"):
+        euler(torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16), 874.125)
+
+
+def test_a_model_saved_in_float64_loads_back_in_float64_bit_for_bit(tmp_path):
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8)).to(torch.float64)
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in inputs(model).items()}
+    with torch.no_grad():
+        expected = model(**kw).sample
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert next(loaded.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(loaded(**kw).sample, expected)
+
+
+def test_saving_a_float_model_is_refused_before_the_directory_is_made(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(tiny_unet(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -341,6 +341,8 @@ def run_block(model: nn.Module, block: Block, io: BlockIO) -> torch.Tensor:
     `conv_norm_out -> conv_act -> conv_out` in sequence; the time block applies each embedding module to its
     captured input and combines them as the UNet does (sum or concat with the class embedding, plus the
     addition embedding, then `time_embed_act` when the model has one). Gradients flow (no `no_grad` here).
+    A quantized model's per-step quantizers read the step index of `step_context(model).index`, which a forward
+    pass of the whole model sets: set it to the captured samples' step indices first (BKD does).
     """
     call = lambda name: model.get_submodule(name)(*io.calls[name].args, **io.calls[name].kwargs)
     if block.kind == "time_embedding":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -230,6 +231,11 @@ def build_calibration_set(
         progress: show a progress bar.
         n_traj: number of teacher trajectories to draw from; None: `ceil(n_calib / T)`.
     """
+    if not isinstance(scheduler, DDIMScheduler):
+        raise TypeError(
+            f"calibration runs DDIM trajectories (eta 0), not {type(scheduler).__name__}: pass "
+            f"DDIMScheduler.from_config(scheduler.config)"
+        )
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     table = sched.timesteps.detach().cpu().to(torch.int64)  # [T]

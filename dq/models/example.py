@@ -43,7 +43,9 @@ def example_inputs(unet: nn.Module, caller: str = "this function") -> tuple[tupl
             kwargs["class_labels"] = torch.full((1,), 5, dtype=torch.long, device=device)
         else:
             raise ValueError(f"class_embed_type={kind!r} needs specific class labels: {hint}.")
-    return (sample, torch.tensor([10], device=device)), kwargs
+    table = getattr(unet, "dq_timesteps", None)  # a quantized model refuses timesteps outside its table
+    t = table[:1].to(device) if table is not None else torch.tensor([10], device=device)
+    return (sample, t), kwargs
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from dq.quant.lora import adapter
 from dq.quant.model import (
     TIMESTEPS_BUFFER,
     act_quantizers,
+    check_attention_processors,
     quant_modules,
     quant_spec,
     quantizable_layers,
@@ -54,11 +55,12 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
             f"{len(adapted)} layers (first: {adapted[0]}) still hold low-rank adapters: merge them into the weights "
             "first (dq.quant.merge_lora; the lora callback does so when training ends)"
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     spec = quant_spec(model)
+    check_attention_processors(model)  # a float processor would save a model whose attention runs unquantized
     if not hasattr(model, "save_config"):
         raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     model.save_config(directory)
 
     table = getattr(model, TIMESTEPS_BUFFER, None)
@@ -97,7 +99,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a model written by `save_quantized`; outputs are bit-identical to the saved model's.
+    """Rebuild a model written by `save_quantized`, in the dtype it was saved in; outputs are bit-identical to the
+    saved model's.
 
     Args:
         directory: The directory `save_quantized` wrote.
@@ -146,6 +149,9 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
+    saved_dtypes = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(TIMESTEPS_BUFFER)}
+    if len(saved_dtypes) == 1:  # a model saved in float16 / bfloat16 / float64 loads back in it
+        model.to(saved_dtypes.pop())
     model.load_state_dict(state, strict=True)
     if device is not None:
         model.to(device)

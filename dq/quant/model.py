@@ -20,6 +20,7 @@ from dq.quant.spec import QuantSpec
 from dq.quant.split import concat_splits
 
 __all__ = [
+    "check_attention_processors",
     "QuantReport",
     "QuantRow",
     "quantizable_layers",
@@ -188,25 +189,67 @@ def timestep_to_index(table: Tensor, timestep: Tensor | float | int, batch_size:
 
 def _step_index_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook of a quantized UNet: sets the StepContext index from `forward(sample, timestep, ...)`."""
+    check_attention_processors(module)
     ctx: StepContext = module._dq_step_context
     table: Tensor | None = getattr(module, TIMESTEPS_BUFFER)
     if table is None:
         ctx.index = None
         return None
-    sample = args[0] if len(args) > 0 else kwargs["sample"]
-    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    sample = args[0] if len(args) > 0 else kwargs.get("sample")
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if sample is None or timestep is None:
+        raise TypeError("a quantized UNet is called as unet(sample, timestep, ...): its per-step quantizers need both")
+    if table.is_floating_point() and table.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"this quantized model's timestep table was cast to {table.dtype} (model.to(dtype)), which rounds "
+            f"fractional timesteps: keep it in float32 (`{TIMESTEPS_BUFFER}` buffer) or quantize with an integer table"
+        )
     ctx.index = timestep_to_index(table, timestep, sample.shape[0])
     return None
 
 
+def check_attention_processors(model: nn.Module) -> None:
+    """Raise if an attention module `quantize_model` gave a `QuantAttnProcessor` now has another processor:
+    diffusers' `set_attention_slice` / `enable_attention_slicing`, `fuse_qkv_projections` and `set_attn_processor`
+    swap it for a float one, which would silently drop attention quantization."""
+    for name in getattr(model, "_dq_quant_attention", ()):
+        proc = model.get_submodule(name).processor
+        if not isinstance(proc, QuantAttnProcessor):
+            raise TypeError(
+                f"attention {name!r} of this quantized model runs {type(proc).__name__}, not dq's QuantAttnProcessor "
+                "(set by set_attention_slice / enable_attention_slicing, fuse_qkv_projections or set_attn_processor?): "
+                "its attention would run unquantized. Quantized attention keeps its own processor; reload the model "
+                "(dq.quant.load_quantized) to get it back."
+            )
+
+
 def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | None) -> None:
-    """Store the sampler's timestep table (step index i = position i) on a quantized model, or clear it."""
+    """Store the sampler's timestep table (step index i = position i) on a quantized model, or clear it.
+
+    Once per-step quantizers hold T steps, the table must have T entries; once they are calibrated it can only be
+    set to the table they were calibrated for (another order or other timesteps would pick other steps' ranges).
+    """
     _require_quantized(model)
     table = None
     if timesteps is not None:
         table = torch.as_tensor(timesteps).detach().clone().reshape(-1)
         if table.numel() == 0:
             raise ValueError("timesteps is empty: give the sampler's timestep table, e.g. scheduler.timesteps")
+        old = getattr(model, TIMESTEPS_BUFFER, None)
+        temporal = [q for _, q in act_quantizers(model) if q.num_steps > 1]
+        if temporal and table.numel() != temporal[0].num_steps:
+            raise ValueError(
+                f"the model's per-step quantizers hold {temporal[0].num_steps} steps and the table has "
+                f"{table.numel()} timesteps: give the table of {temporal[0].num_steps} steps they were built for"
+            )
+        if temporal and any(q.initialized for q in temporal) and old is not None:
+            same = old.numel() == table.numel() and bool((old.cpu().double() - table.double()).abs().max() <= 1e-3)
+            if not same:
+                raise ValueError(
+                    f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
+                    "table would give each step another step's ranges. Sample with that schedule, or quantize and "
+                    "calibrate again for the new one."
+                )
         device = next(model.parameters()).device
         table = table.to(device)
     model.register_buffer(TIMESTEPS_BUFFER, table)
@@ -219,6 +262,11 @@ def expand_act_quantizers(model: nn.Module, num_steps: int | None = None) -> Non
         if table is None:
             raise ValueError("num_steps not given and the model has no timestep table (quantize_model(timesteps=))")
         num_steps = table.numel()
+    elif (table := getattr(model, TIMESTEPS_BUFFER, None)) is not None and num_steps not in (1, table.numel()):
+        raise ValueError(
+            f"num_steps={num_steps}, and the model's timestep table has {table.numel()} entries: each step of the "
+            "table needs its own quantizer step (leave num_steps out to use the table's length)"
+        )
     for _, q in act_quantizers(model):
         q.expand_steps(num_steps)
 
@@ -331,6 +379,7 @@ def quantize_model(
     ctx = StepContext()
     unet._dq_step_context = ctx
     unet._dq_spec = spec
+    unet._dq_quant_attention = []  # attention modules given a QuantAttnProcessor (check_attention_processors)
     unet.save_pretrained = _save_pretrained_refused  # diffusers' would write a float UNet without the quantizers
 
     splits = concat_splits(unet) if spec.split_concat else {}  # traced on the float model, before the swap
@@ -353,6 +402,7 @@ def quantize_model(
             w = m.to_q.weight
             proc = QuantAttnProcessor(spec.act_spec(name), spec.prob_spec(name), ctx).to(device=w.device, dtype=w.dtype)
             m.set_processor(proc)
+            unet._dq_quant_attention.append(name)
 
     for name in spec.fp_input_quantizers().values():  # checked above: the layer is quantized
         unet.get_submodule(name).enabled = False

@@ -182,7 +182,7 @@ class QuantSpec:
         """Whether module `name` is in `keep_8bit` (exact name, below a listed prefix, or matching a glob)."""
         return any(module_matches(k, name) for k in self.keep_8bit)
 
-    def check_keep_8bit(self, layer_names: list[str], source: str = "config: bits.keep_8bit") -> None:
+    def check_keep_8bit(self, layer_names: list[str], source: str = "QuantSpec.keep_8bit") -> None:
         """Raise if an entry of `keep_8bit` names none of `layer_names`, the model's quantizable layers (a typo, or
         an entry such as `time_proj` that holds no layer, would silently keep nothing at 8 bits); `source` says
         where the entries came from."""
