@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
 from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
-from dq.models import check_sample_shape, load_teacher
+from dq.models import check_inference_steps, check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
@@ -60,6 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
         check_sample_shape(teacher, cfg.model.sample_shape)
+        check_inference_steps(scheduler, cfg.model.num_inference_steps)
         teacher.to(cfg.device)
         saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device)
         if saved is not None:

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import logging
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,8 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from dq.distill.calibration import resolve_n_traj
 from dq.errors import ConfigError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
+from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET
 from dq.paths import conf_dir
 from dq.quant import QuantSpec
 from dq.student import SET_BY_BITS
@@ -35,9 +38,20 @@ RATES = ("distill.lr_weight", "distill.lr_weight_qparams", "distill.lr_act_qpara
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
     "calib.n_calib", "calib.n_traj", "calib.batch_size", "distill.iters_per_block", "distill.iters",
-    "distill.batch_size",
+    "distill.batch_size", "distill.calib_batch_size", "eval.grid_n", "callbacks.tpq.batch_size",
+    "callbacks.lora.rank",
 )  # fmt: skip
-SEEDS = ("seed", "calib.seed")
+SEEDS = ("seed", "calib.seed")  # whole numbers in [0, 2^32): Lightning's seed_everything takes no others
+SWITCHES = (
+    "eval.progress", "eval.cache_teacher_samples", "eval.print_report", "distill.revert_worse", "distill.progress",
+    "quantizer.temporal",
+)  # fmt: skip
+# numbers in [lo, hi) (hi None: no upper bound), and what they are; null passes (lr_act_step_rel's default)
+RANGES = {
+    "distill.act_drop_prob": (0, 1, "the probability that an activation element skips quantization (QDrop), 0 for off"),
+    "distill.lr_act_step_rel": (0, 1, "the fraction of itself an activation step size moves per step, or null"),
+    "callbacks.weight_dilation.s_max": (1, None, "the largest dilation factor, >= 1"),
+}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -60,8 +74,26 @@ def validate(cfg: DictConfig) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
-            what = "a whole number >= 1" if key in COUNTS else "a whole number"
+            what = "a whole number >= 1" if key in COUNTS else "a whole number in [0, 2^32)"
             raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
+        if key in SEEDS and not 0 <= value < 2**32:
+            raise ConfigError(f"{key}={value!r} is invalid: must be a whole number in [0, 2^32).")
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: must be true or false.")
+    for key, (lo, hi, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if value is not None and (not number or not lo <= value or (hi is not None and not value < hi)):
+            span = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{key}={value!r} is invalid: a number {span}, {what}.")
+    lr_bits = OmegaConf.select(cfg, "distill.lr_bits")
+    if lr_bits is not None and (isinstance(lr_bits, bool) or not isinstance(lr_bits, int) or not 2 <= lr_bits <= 16):
+        raise ConfigError(
+            f"distill.lr_bits={lr_bits!r} is invalid: the weight bit-width the learning rates are for, a whole number "
+            "in [2, 16], or null for no per-bit-width scaling."
+        )
     for key in RATES:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
@@ -72,8 +104,21 @@ def validate(cfg: DictConfig) -> None:
             f"distill.batch_size={batch} is larger than the calibration set (calib.n_calib={n_calib}): every batch "
             f"would repeat pairs. Lower distill.batch_size or raise calib.n_calib."
         )
+    n_calib, steps, n_traj = (OmegaConf.select(cfg, k) for k in ("calib.n_calib", "model.num_inference_steps",
+                                                                  "calib.n_traj"))  # fmt: skip
+    if isinstance(n_calib, int) and isinstance(steps, int) and n_traj is not None:
+        try:
+            resolve_n_traj(n_calib, steps, n_traj)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     check_eval(cfg)
     n, splits = OmegaConf.select(cfg, "eval.n_samples"), OmegaConf.select(cfg, "eval.is_splits")
+    scored = OmegaConf.select(cfg, "eval.features") not in (None, "none") and n is not None and splits is not None
+    if scored and (n < 2 or splits > n):
+        raise ConfigError(
+            f"eval.n_samples={n} with eval.is_splits={splits}: FID needs at least 2 samples and IS at least one "
+            "sample per split. Use 1,000 samples for numbers comparable with dq's tables."
+        )
     if n is not None and splits is not None and n < max(2 * splits, 100):  # tests run on purpose with fewer
         warnings.warn(
             f"eval.n_samples={n} is too few for meaningful scores: IS splits the samples into eval.is_splits={splits}"
@@ -94,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
         )
+    check_trainer_values(cfg)
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -106,6 +152,8 @@ def check_eval(cfg: DictConfig) -> None:
         "or score another model" if "student_dir" in cfg
         else "or pass eval=none to train without scoring (dq-eval student_dir=<run>/student scores it later)"
     )  # fmt: skip
+    if features == "classifier" and not OmegaConf.select(cfg, "eval.classifier_path"):
+        raise ConfigError(CLASSIFIER_PATH_UNSET)
     data = cfg.model.get("data")
     folder = data is not None and data.get("name") == "image_folder"
     if folder and (OmegaConf.is_missing(data, "path") or not data.path):
@@ -221,6 +269,25 @@ def check_trainer(cfg: DictConfig) -> None:
             "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
             "drop the override."
         )
+
+
+def check_trainer_values(cfg: DictConfig) -> None:
+    """Refuse at start-up a `trainer.<key>` value `pl.Trainer` refuses: one made now, with nothing to run, says what
+    the real one would say after calibration."""
+    trainer = OmegaConf.select(cfg, "trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    kwargs = OmegaConf.to_container(trainer, resolve=True)
+    quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # its "GPU available: ..." lines come later
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+    except Exception as e:  # Lightning raises several types for a bad value
+        given = ", ".join(f"trainer.{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"pytorch_lightning.Trainer refuses {given}: {e}") from e
+    finally:
+        quiet.setLevel(level)
 
 
 # groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the

@@ -372,3 +372,21 @@ def test_a_block_that_training_makes_worse_is_put_back(teacher, calib, revert_wo
         if reverted:  # the block is back where it began: its MSE over the calibration set is the starting one
             module._cache, module._cache_steps = module.capture(module.blocks[k])
             assert module.block_mse(k) == pytest.approx(h["mse_before"], rel=1e-6)
+
+
+def test_a_damaged_block_checkpoint_is_named_not_a_traceback(tmp_path):
+    """A checkpoint whose header reads but whose contents do not fit (a count that is no count, another model's
+    tensors) was a RuntimeError / ValueError from deep inside the resume."""
+    from conftest import tiny_unet
+
+    from dq.distill.checkpoint import save_block_checkpoint
+
+    model, blocks = tiny_unet(), ["a", "b"]
+    save_block_checkpoint(tmp_path, model, "abc", blocks, "f")  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match=r"finished_blocks='abc' is not a count of its 2 blocks"):
+        load_block_checkpoint(tmp_path, model, blocks, "f")
+    save_block_checkpoint(tmp_path, tiny_unet(block_out_channels=(16, 32)), 1, blocks, "f")
+    with pytest.raises(CheckpointError, match=r"does not fit the student \(Error\(s\) in loading state_dict"):
+        load_block_checkpoint(tmp_path, model, blocks, "f")
+    save_block_checkpoint(tmp_path, model, 2, blocks, "f")
+    assert load_block_checkpoint(tmp_path, model, blocks, "f")["finished_blocks"] == 2

@@ -207,6 +207,8 @@ def test_eval_none_is_refused_by_dq_eval(tmp_path):
 
 
 def test_too_few_samples_for_the_scores_warn(tmp_path):
-    cfg = compose_cfg("eval", _fast() + ["logger=none", "eval.n_samples=7", "eval.batch_size=7"], tmp_path / "run")
+    cfg = compose_cfg(
+        "eval", _fast() + ["logger=none", "eval.n_samples=7", "eval.batch_size=7", "eval.is_splits=2"], tmp_path / "run"
+    )
     with pytest.warns(UserWarning, match=r"eval.n_samples=7 is too few for meaningful scores"):
         evaluate(cfg)

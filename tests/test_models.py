@@ -9,7 +9,7 @@ from conftest import TEACHER
 from diffusers import UNet2DModel
 
 from dq.errors import ConfigError
-from dq.models import check_sample_shape, ddim_sample, load_teacher, make_noise
+from dq.models import check_inference_steps, check_sample_shape, ddim_sample, load_teacher, make_noise
 from dq.models.loading import CheckpointError
 
 
@@ -24,6 +24,22 @@ def test_load_shipped_teacher_has_paper_building_blocks():
 def test_missing_model_directory_names_the_field(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model\.path"):
         load_teacher(tmp_path / "nope")
+
+
+def test_a_damaged_teacher_config_or_no_path_is_named(tiny_teacher_dir):
+    config = tiny_teacher_dir / "unet" / "config.json"
+    good = config.read_text()
+    for bad, message in (("[]", r"config.json' is not a JSON object"), ('{"_class_name": ["x"]}', r"holds a \['x'\]")):
+        config.write_text(bad)
+        with pytest.raises(CheckpointError, match=message):
+            load_teacher(tiny_teacher_dir)
+    config.write_text(good)
+    with pytest.raises(ConfigError, match=r"`model.path`=None: set it to a local diffusers directory"):
+        load_teacher(None)  # type: ignore[arg-type]
+    _, scheduler = load_teacher(tiny_teacher_dir)
+    check_inference_steps(scheduler, scheduler.config.num_train_timesteps)
+    with pytest.raises(ConfigError, match=r"model.num_inference_steps=5000: .* num_train_timesteps=1000"):
+        check_inference_steps(scheduler, 5000)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_teacher_dir):

@@ -8,6 +8,7 @@ import pickle
 
 import conftest
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -15,6 +16,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.testing import assert_close
 
+from dq.errors import CheckpointError
 from dq.quant import (
     NonFiniteActivationError,
     QuantAttnProcessor,
@@ -403,6 +405,19 @@ def test_load_errors_name_the_file(tmp_path):
     model = tiny_unet()
     quantize_model(model, QuantSpec())
     save_quantized(model, tmp_path)
+    spec_file, weights = tmp_path / "quant_spec.json", tmp_path / "model.safetensors"
+    meta, state = json.loads(spec_file.read_text()), safetensors.torch.load_file(weights)
+    broken = [
+        ({**meta, "spec": {**meta["spec"], "keep_8bit": ["nowhere"]}}, state, r"keep_8bit entries \['nowhere'\]"),
+        ({**meta, "quantized_layers": 5}, state, r"TypeError"),
+        (meta, {k: v for k, v in state.items() if k != "conv_in.weight"}, r'Missing key\(s\) in state_dict: "conv_in'),
+    ]
+    for m, st, message in broken:  # files that read but do not fit together: one error that names the directory
+        spec_file.write_text(json.dumps(m))
+        safetensors.torch.save_file(st, weights)
+        with pytest.raises(CheckpointError, match=rf"(?s){tmp_path} does not hold a loadable student .*{message}"):
+            load_quantized(tmp_path)
+    spec_file.write_text(json.dumps(meta))
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="model.safetensors is corrupt"):
         load_quantized(tmp_path)

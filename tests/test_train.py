@@ -48,7 +48,7 @@ def fast(tiny_dir: Path) -> list[str]:
     return [
         f"model.path={tiny_dir}", "model.num_inference_steps=3", "calib.n_calib=12", "calib.batch_size=12",
         "distill.iters_per_block=2", "distill.batch_size=4", "quantizer.spec.act_init=minmax",
-        "eval.n_samples=8", "eval.batch_size=8", "eval.grid_n=8", "eval.progress=false",
+        "eval.n_samples=8", "eval.batch_size=8", "eval.grid_n=8", "eval.is_splits=2", "eval.progress=false",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
     ]  # fmt: skip
 
@@ -222,6 +222,24 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.lr_act_qparams=fast"], r"distill.lr_act_qparams='fast' is invalid"),
         (["distill.lr_schedule=linear"], r"distill.lr_schedule='linear' is not one of \['cosine', 'constant'\]"),
         (["calib.n_calib=64", "distill.batch_size=100"], r"distill.batch_size=100 is larger than the calibration set"),
+        # each of these was a traceback after sampling or calibration (a review helper's fuzzing); scores were lost
+        (["eval.grid_n=0"], r"eval.grid_n=0 is invalid: must be a whole number >= 1"),
+        (["eval.n_samples=1", "eval.batch_size=1"], r"eval.n_samples=1 with eval.is_splits=10: FID needs at least 2"),
+        (["eval.n_samples=16", "eval.is_splits=100"], r"IS at least one sample per split"),
+        (["seed=-1"], r"seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+        (["calib.seed=4294967296"], r"calib.seed=4294967296 is invalid"),
+        (["distill.revert_worse=maybe"], r"distill.revert_worse='maybe' is invalid: must be true or false"),
+        (["eval.progress=1"], r"eval.progress=1 is invalid: must be true or false"),
+        (["distill.lr_bits=0"], r"distill.lr_bits=0 is invalid: the weight bit-width"),
+        (["distill.act_drop_prob=1.5"], r"distill.act_drop_prob=1.5 is invalid: a number \[0, 1\)"),
+        (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
+        (["callbacks.weight_dilation.s_max=0"], r"callbacks.weight_dilation.s_max=0 is invalid: a number >= 1"),
+        (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
+        (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),
+        (["trainer.devices=0"], r"Trainer refuses .*trainer.devices=0.*: `Trainer\(devices=0\)` value is"),
+        (["+trainer.precision=banana"], r"Trainer refuses .*trainer.precision=.banana.*: Precision .banana. is"),
+        (["eval.classifier_path=null"], r"eval.classifier_path is not set: eval.features=classifier scores with"),
+        (["calib.n_traj=1"], r"calib.n_traj=1 is invalid: 512 pairs over 25 steps need at least 21 trajectories"),
     ],
 )  # fmt: skip
 def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrides, message, tmp_path, monkeypatch):

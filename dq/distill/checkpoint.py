@@ -78,8 +78,17 @@ def load_block_checkpoint(
             f"block checkpoint {path} was written by a different configuration (blocks or fingerprint differ): "
             "use a new run directory, or delete the checkpoints folder to start over"
         )
+    finished = meta.get("finished_blocks")
+    if isinstance(finished, bool) or not isinstance(finished, int) or not 0 <= finished <= len(blocks):
+        raise CheckpointError(
+            f"block checkpoint {path} is damaged: finished_blocks={finished!r} is not a count of its {len(blocks)} "
+            "blocks; delete it to start over"
+        )
     device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:  # keys or shapes that are not the model's
+        raise CheckpointError(f"block checkpoint {path} does not fit the student ({e}); delete it to start over") from e
     return meta
 
 

@@ -21,9 +21,14 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
-from dq.errors import MissingFileError
+from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import MNISTClassifier
 from dq.utils.io import atomic_write
+
+CLASSIFIER_PATH_UNSET = (
+    "eval.classifier_path is not set: eval.features=classifier scores with the shipped classifier, the default of "
+    "eval=fid_is (leave the setting out to use it)"
+)
 
 FEATURES = ("classifier", "inception")
 _REF_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -87,7 +92,7 @@ class SampleMetrics:
         self.features, self.device = features, torch.device(device)
         if features == "classifier":
             if classifier_path is None:
-                raise ValueError("eval.classifier_path must be set for eval.features=classifier.")
+                raise ConfigError(CLASSIFIER_PATH_UNSET)
             clf = MNISTClassifier.load(classifier_path)
             self.fid = FrechetInceptionDistance(feature=_ClassifierHead(clf, "features"), reset_real_features=False)
             with warnings.catch_warnings():  # "will save all extracted features": 10 logits per sample, known

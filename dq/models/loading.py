@@ -16,12 +16,15 @@ def _unet_class(unet_dir: Path) -> type[ModelMixin]:
     import json
 
     try:
-        cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+        config = json.loads((unet_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"Cannot read '{unet_dir / 'config.json'}': {e}. Re-create or re-download it.") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{unet_dir / 'config.json'}' is not a JSON object: re-create or re-download it.")
+    cls_name = config.get("_class_name", "UNet2DModel")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-    if cls_name not in classes:
-        raise CheckpointError(f"'{unet_dir}' holds a {cls_name}; dq loads {sorted(classes)}.")
+    if not isinstance(cls_name, str) or cls_name not in classes:
+        raise CheckpointError(f"'{unet_dir}' holds a {cls_name!r}; dq loads {sorted(classes)}.")
     return classes[cls_name]
 
 
@@ -50,6 +53,8 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
         ConfigError: `path` is a student saved by dq, not a teacher.
         CheckpointError: the files are there but corrupt or incomplete.
     """
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"`{field}`={path!r}: set it to a local diffusers directory (with unet/ and scheduler/).")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise MissingFileError(
@@ -80,6 +85,16 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
             "The checkpoint is corrupt or incomplete: re-create it (dq-pretrain) or copy it again."
         ) from e
     return unet.eval().requires_grad_(False), scheduler
+
+
+def check_inference_steps(scheduler: DDIMScheduler, steps: int, field: str = "model.num_inference_steps") -> None:
+    """Refuse more sampling steps than the teacher's schedule has timesteps (diffusers would fail later)."""
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if not isinstance(train_steps, int) or steps > train_steps:
+        raise ConfigError(
+            f"{field}={steps}: the teacher's schedule (scheduler_config.json) has num_train_timesteps={train_steps!r}, "
+            f"so at most that many sampling steps."
+        )
 
 
 def check_sample_shape(unet: ModelMixin, shape: Sequence[int], field: str = "model.sample_shape") -> None:

@@ -124,6 +124,24 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / SPEC_NAME} is invalid: {e}") from e
 
+    try:
+        model = _rebuild(directory, config, meta, spec, weights)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # files that do not fit together
+        raise CheckpointError(
+            f"{directory} does not hold a loadable student ({type(e).__name__}: {e}): save it again with "
+            "dq.quant.save_quantized, or re-run the dq-train run that wrote it"
+        ) from e
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _rebuild(
+    directory: Path, config: dict[str, Any], meta: dict[str, Any], spec: QuantSpec, weights: Path
+) -> nn.Module:
+    """`load_quantized` once its files are read: the model, quantized as saved, with the saved state loaded."""
     class_name = config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
@@ -150,9 +168,7 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
     saved_dtypes = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(TIMESTEPS_BUFFER)}
-    if len(saved_dtypes) == 1:  # a model saved in float16 / bfloat16 / float64 loads back in it
-        model.to(saved_dtypes.pop())
+    if len(saved_dtypes) == 1 and (dtype := saved_dtypes.pop()) != model.dtype:  # saved in float16 / float64 / ...
+        model.to(dtype)
     model.load_state_dict(state, strict=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return model
