@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from dq.data.reference import DATASETS
 from dq.distill.calibration import resolve_n_traj
 from dq.errors import ConfigError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
@@ -31,6 +32,7 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "callbacks.tpq.init": ("per_step", "shared"),
     "distill.lr_schedule": ("cosine", "constant"),
+    "model.data.name": DATASETS,
 }
 # learning rates that must be numbers >= 0 (0 freezes a group)
 RATES = ("distill.lr_weight", "distill.lr_weight_qparams", "distill.lr_act_qparams", "distill.lr_lora")

@@ -238,6 +238,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),
         (["trainer.devices=0"], r"Trainer refuses .*trainer.devices=0.*: `Trainer\(devices=0\)` value is"),
         (["+trainer.precision=banana"], r"Trainer refuses .*trainer.precision=.banana.*: Precision .banana. is"),
+        (["model.data.name=foo"], r"model.data.name='foo' is not one of \['mnist', 'image_folder'\]"),
         (["eval.classifier_path=null"], r"eval.classifier_path is not set: eval.features=classifier scores with"),
         (["calib.n_traj=1"], r"calib.n_traj=1 is invalid: 512 pairs over 25 steps need at least 21 trajectories"),
     ],
