@@ -286,8 +286,7 @@ def check_trainer_values(cfg: DictConfig) -> None:
     try:
         pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
     except Exception as e:  # Lightning raises several types for a bad value
-        given = ", ".join(f"trainer.{k}={v!r}" for k, v in kwargs.items())
-        raise ConfigError(f"pytorch_lightning.Trainer refuses {given}: {e}") from e
+        raise ConfigError(f"trainer: pytorch_lightning.Trainer refuses these settings: {e}") from e
     finally:
         quiet.setLevel(level)
 
