@@ -24,6 +24,7 @@ from dq.paths import conf_dir
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.progress import progress_bar
 from dq.utils.signals import sigterm_exits_143
+from dq.validation import check_pretrain
 
 log = logging.getLogger("dq.pretrain")  # not __name__, which is __main__ under python -m
 
@@ -32,6 +33,7 @@ register_resolvers()
 
 def pretrain(cfg: DictConfig) -> dict[str, float]:
     """Train, export to `<run_dir>/<name>` with a model card, optionally install; returns the card's metrics."""
+    check_pretrain(cfg)
     if cfg.install_dir:
         check_install_dir(Path(cfg.install_dir).resolve(), cfg.pretrain.name)  # before training, not after
     pl.seed_everything(cfg.seed, workers=True)

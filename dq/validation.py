@@ -273,6 +273,24 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
+def check_pretrain(cfg: DictConfig) -> None:
+    """dq-pretrain's start-up checks: the seed, the learning rate, counts, and the trainer settings (`trainer` and
+    `pretrain.trainer` together, as the run passes them to `pl.Trainer`)."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} is invalid: must be a whole number in [0, 2^32).")
+    lr = OmegaConf.select(cfg, "pretrain.module.lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+        raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
+    for key in ("pretrain.data.batch_size", "pretrain.trainer.max_steps", "pretrain.trainer.max_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r} is invalid: must be a whole number >= 1.")
+    parts = (OmegaConf.select(cfg, k) for k in ("trainer", "pretrain.trainer"))
+    merged = {k: v for part in parts if part is not None for k, v in OmegaConf.to_container(part, resolve=True).items()}
+    check_trainer_values(OmegaConf.create({"trainer": merged}))
+
+
 def check_trainer_values(cfg: DictConfig) -> None:
     """Refuse at start-up a `trainer.<key>` value `pl.Trainer` refuses: one made now, with nothing to run, says what
     the real one would say after calibration."""

@@ -106,3 +106,21 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
     assert link.is_symlink() and (link / "weights.bin").read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["ddpm_mnist"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["assets_link", "src", "store"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pretrain.module.lr=-1"], r"pretrain.module.lr=-1 is invalid: a learning rate must be a number > 0"),
+        (["+trainer.foo=1"], r"trainer: pytorch_lightning.Trainer refuses these settings: .*'foo'"),
+        (["pretrain.trainer.max_steps=0"], r"pretrain.trainer.max_steps=0 is invalid: must be a whole number >= 1"),
+        (["seed=-1"], r"seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+    ],
+)
+def test_bad_pretraining_settings_are_refused_before_any_work(tmp_path, overrides, message):
+    """They were tracebacks from torch's Adam or pl.Trainer (a review helper's fuzzing)."""
+    from dq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        pretrain(compose_cfg("pretrain", ["logger=none", *overrides], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
