@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from dq.data.reference import DATASETS
+from dq.distill.base import check_lr_bits
 from dq.distill.calibration import resolve_n_traj
 from dq.errors import ConfigError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
@@ -90,12 +91,10 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (not number or not lo <= value or (hi is not None and not value < hi)):
             span = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
             raise ConfigError(f"{key}={value!r} is invalid: a number {span}, {what}.")
-    lr_bits = OmegaConf.select(cfg, "distill.lr_bits")
-    if lr_bits is not None and (isinstance(lr_bits, bool) or not isinstance(lr_bits, int) or not 2 <= lr_bits <= 16):
-        raise ConfigError(
-            f"distill.lr_bits={lr_bits!r} is invalid: the weight bit-width the learning rates are for, a whole number "
-            "in [2, 16], or null for no per-bit-width scaling."
-        )
+    try:
+        check_lr_bits(OmegaConf.select(cfg, "distill.lr_bits"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     for key in RATES:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):

@@ -179,6 +179,15 @@ def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
         raise NonFiniteLossError(f"non-finite distillation loss ({loss.item()}) in {where}{kept}")
 
 
+def check_lr_bits(lr_bits: object) -> None:
+    """`distill.lr_bits`: the weight bit-width the learning rates are for, a whole number in [2, 16], or None."""
+    if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
+        raise ValueError(
+            f"distill.lr_bits={lr_bits!r} is invalid: the weight bit-width the learning rates are for, an integer "
+            "in [2, 16], or null for no per-bit-width scaling"
+        )
+
+
 def cosine_factor(i: int, n: int, schedule: str) -> float:
     """Learning-rate factor at step `i` of `n`: 1 for "constant", half a cosine from 1 to 0 for "cosine"."""
     if schedule == "constant":
@@ -289,11 +298,7 @@ class QuantDistillation(pl.LightningModule):
                 f"distill.{'=0, '.join(named)}=0: nothing would train. "
                 "For post-training quantization without training use distill=none."
             )
-        if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
-            raise ValueError(
-                f"distill.lr_bits={lr_bits!r} is invalid: the weight bit-width the learning rates are for, an integer "
-                "in [2, 16], or null for no per-bit-width scaling"
-            )
+        check_lr_bits(lr_bits)
         self.batch_size = batch_size
         self.lr_bits = lr_bits
         self.lrs = {"weights": lr_weight, "lora": lr_lora, "weight_qparams": lr_weight_qparams,
