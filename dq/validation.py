@@ -72,15 +72,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
     if OmegaConf.select(cfg, "eval.features") == "none" and OmegaConf.select(cfg, "eval.name") != "none":
         raise ConfigError("eval.features=none skips the evaluation: pass eval=none (the config group) instead.")
-    for key in (*COUNTS, *SEEDS):
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or (key in COUNTS and value < 1):
-            what = "a whole number >= 1" if key in COUNTS else "a whole number in [0, 2^32)"
-            raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
-        if key in SEEDS and not 0 <= value < 2**32:
-            raise ConfigError(f"{key}={value!r} is invalid: must be a whole number in [0, 2^32).")
+    _check_whole_numbers(cfg, COUNTS, SEEDS)
     for key in SWITCHES:
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
@@ -141,6 +133,19 @@ def validate(cfg: DictConfig) -> None:
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
         )
     check_trainer_values(cfg)
+
+
+def _check_whole_numbers(cfg: DictConfig, counts: Sequence[str], seeds: Sequence[str]) -> None:
+    """Counts must be whole numbers >= 1, seeds whole numbers in [0, 2^32) (where the config has them)."""
+    for key in (*counts, *seeds):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        count = key in counts
+        whole = not isinstance(value, bool) and isinstance(value, int)
+        if not whole or (value < 1 if count else not 0 <= value < 2**32):
+            what = "a whole number >= 1" if count else "a whole number in [0, 2^32)"
+            raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -275,16 +280,11 @@ def check_trainer(cfg: DictConfig) -> None:
 def check_pretrain(cfg: DictConfig) -> None:
     """dq-pretrain's start-up checks: the seed, the learning rate, counts, and the trainer settings (`trainer` and
     `pretrain.trainer` together, as the run passes them to `pl.Trainer`)."""
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed={seed!r} is invalid: must be a whole number in [0, 2^32).")
+    _check_whole_numbers(cfg, ("pretrain.data.batch_size", "pretrain.trainer.max_steps", "pretrain.trainer.max_epochs"),
+                         ("seed",))  # fmt: skip
     lr = OmegaConf.select(cfg, "pretrain.module.lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
-    for key in ("pretrain.data.batch_size", "pretrain.trainer.max_steps", "pretrain.trainer.max_epochs"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{key}={value!r} is invalid: must be a whole number >= 1.")
     parts = (OmegaConf.select(cfg, k) for k in ("trainer", "pretrain.trainer"))
     merged = {k: v for part in parts if part is not None for k, v in OmegaConf.to_container(part, resolve=True).items()}
     check_trainer_values(OmegaConf.create({"trainer": merged}))

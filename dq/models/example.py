@@ -43,7 +43,8 @@ def example_inputs(unet: nn.Module, caller: str = "this function") -> tuple[tupl
             kwargs["class_labels"] = torch.full((1,), 5, dtype=torch.long, device=device)
         else:
             raise ValueError(f"class_embed_type={kind!r} needs specific class labels: {hint}.")
-    table = getattr(unet, "dq_timesteps", None)  # a quantized model refuses timesteps outside its table
+    # dq.quant.model.TIMESTEPS_BUFFER (not imported: models stay below quant); a quantized model refuses other steps
+    table = getattr(unet, "dq_timesteps", None)
     t = table[:1].to(device) if table is not None else torch.tensor([10], device=device)
     return (sample, t), kwargs
 
