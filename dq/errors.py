@@ -20,3 +20,7 @@ class MissingFileError(UserError, FileNotFoundError):
 class CheckpointError(UserError, RuntimeError, ValueError):
     """A model directory or checkpoint exists but cannot be loaded (corrupt, incomplete, or written for something
     else). A `ValueError` too, as the block-checkpoint and saved-student errors it replaced were."""
+
+
+class NonFiniteSamplesError(UserError, RuntimeError):
+    """A model sampled NaN or infinite images: it cannot be scored. What was measured is kept (results.json)."""

@@ -19,7 +19,8 @@ from torch import nn
 
 from dq.data import reference_images, reference_name
 from dq.distill.calibration import teacher_fingerprint
-from dq.metrics import SampleMetrics, psnr
+from dq.errors import NonFiniteSamplesError
+from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
 from dq.utils.grid import grid_array, save_png, side_by_side
 from dq.utils.io import atomic_write, atomic_write_text
@@ -62,6 +63,12 @@ def teacher_samples(
         except Exception as e:
             warnings.warn(f"Teacher-sample cache '{path}' is unusable ({e}); sampling again.", stacklevel=2)
     samples, sample_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
+    if bad := non_finite_count(samples):  # never cached; nothing to compare a student with
+        raise NonFiniteSamplesError(
+            f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(samples)} images with NaN or infinite "
+            "values: it cannot be scored or compared with. Check that model.path holds a trained model and that it "
+            "runs in float32 (dq-eval quantizer=fp scores it alone)."
+        )
     if cfg.eval.get("cache_teacher_samples", True):
         meta = {"fields": json.dumps(fields, default=str)}
         atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta))
@@ -109,16 +116,16 @@ def evaluate_models(
         t_s = teacher_time(cfg, teacher, scheduler, noise)
     results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
     grid = grid_array(t_samples[: ev.grid_n])
+    bad = 0
     if student is not None:
         s_samples, s_s = sample_timed(student, scheduler, noise, cfg, "student")
-        results["student"] = {
-            **metrics.score(s_samples, cfg.seed),
-            "psnr_to_teacher": psnr(s_samples, t_samples),
-            "sample_s": s_s,
-            "images_per_s": len(noise) / s_s,
-            "sample_time_ratio": s_s / t_s,
-        }
-        grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n]))
+        timing = {"sample_s": s_s, "images_per_s": len(noise) / s_s, "sample_time_ratio": s_s / t_s}
+        if bad := non_finite_count(s_samples):  # no scores; the timing and the teacher's scores are still recorded
+            results["student"] = {"non_finite_samples": bad, **timing}
+        else:
+            results["student"] = {**metrics.score(s_samples, cfg.seed), "psnr_to_teacher": psnr(s_samples, t_samples),
+                                  **timing}  # fmt: skip
+        grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n].nan_to_num(0.0)))  # NaN pixels grey
     results["metric"] = {
         "features": ev.features,
         "n_samples": ev.n_samples,
@@ -134,6 +141,14 @@ def evaluate_models(
     log_results(loggers, results, grid)
     log.info("\n" + format_table(results))  # on its own lines in the log file too
     log.info(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
+    if bad:
+        kept = f"; the student is kept in {run_dir / 'student'}" if (run_dir / "student").is_dir() else ""
+        raise NonFiniteSamplesError(
+            f"the student sampled {bad} of {len(noise)} images with NaN or infinite values, so it has no FID, IS or "
+            f"PSNR; {run_dir / 'results.json'} keeps the teacher's scores and the sampling times{kept}. A student cast"
+            " to float16 can overflow: sample it in float32. Otherwise its ranges or weights diverged in training: "
+            "train it again with lower distill learning rates."
+        )
     return results
 
 
@@ -175,6 +190,8 @@ def format_table(results: dict[str, Any]) -> str:
         if who in results:
             r = results[who]
             rows.append(f"{who:8}" + "".join(f"{(f.format(r[k]) if k in r else '-'):>20}" for _, k, f in cols))
+            if "non_finite_samples" in r:
+                rows.append(f"({who}: {r['non_finite_samples']} samples NaN or infinite, not scored)")
     m = results["metric"]
     rows.append(f"({m['n_samples']} samples, DDIM-{m['steps']}, seed {m['seed']})")
     return "\n".join(rows)

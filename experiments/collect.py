@@ -63,6 +63,12 @@ def block_mse(run: Path, block: str) -> str:
     return ""
 
 
+def unscored(scores: dict, metric: dict) -> str:
+    """The FID cell of a model that sampled NaN or infinite images (`non-finite 3/1000`), else ""."""
+    bad = scores.get("non_finite_samples")
+    return f"non-finite {bad}/{metric.get('n_samples', '?')}" if bad else ""
+
+
 def rows(roots: list[Path], block: str | None = None) -> list[dict]:
     """One row per results.json below `roots`, plus the teacher's row (from the first run) on top; with `block`, each
     row's `block_mse` of that block."""
@@ -80,7 +86,8 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
             "temporal": m.get("config", {}).get("temporal", ""), "distill": m.get("distill", "none"),
             "callbacks": "+".join(m.get("callbacks", [])) or "-",
             "overrides": " ".join([given := overrides(path.parent)] + marks(m, given) + noise).strip(),
-            "fid": s.get("fid", ""), "is": s.get("is", ""), "psnr_to_teacher": s.get("psnr_to_teacher", ""),
+            "fid": s.get("fid", unscored(s, r["metric"])), "is": s.get("is", ""),
+            "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),
             "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "run": str(path.parent),

@@ -72,3 +72,14 @@ def test_a_run_without_scores_keeps_its_cost(tmp_path):
     _run(tmp_path / "a_scored", 0, 42.3, {}, ["bits=w4a4"])
     both = _collect().rows([tmp_path])
     assert [r["run"] for r in both] == ["teacher", str(tmp_path / "a_scored"), str(run)]
+
+
+def test_a_student_that_sampled_nan_says_so_in_the_fid_cell(tmp_path):
+    run = tmp_path / "nan"
+    _run(run, 0, 42.3, {}, ["bits=w4a4"])
+    results = json.loads((run / "results.json").read_text())
+    results["student"] = {"non_finite_samples": 3, "sample_s": 1.0}  # as dq-train writes it
+    results["metric"]["n_samples"] = 40
+    (run / "results.json").write_text(json.dumps(results))
+    (row,) = [r for r in _collect().rows([tmp_path]) if r["run"] == str(run)]
+    assert row["fid"] == "non-finite 3/40" and row["psnr_to_teacher"] == ""

@@ -1,3 +1,4 @@
+import copy
 import json
 import logging
 import re
@@ -9,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
-from dq.errors import ConfigError
+from dq.errors import ConfigError, NonFiniteSamplesError
 from dq.eval import evaluate
 from dq.models import load_teacher
 from dq.paths import PACKAGE_DIR, conf_dir
@@ -212,3 +213,38 @@ def test_too_few_samples_for_the_scores_warn(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"eval.n_samples=7 is too few for meaningful scores"):
         evaluate(cfg)
+
+
+def _nan_in_first_sample(model):
+    """`model`, whose noise prediction for the first sample of each batch is NaN from then on."""
+
+    def hook(module, args, out):
+        out[:1] = float("nan")
+        return out
+
+    model.conv_out.register_forward_hook(hook)
+    return model
+
+
+def test_a_student_that_samples_nan_keeps_what_was_measured_and_names_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        "dq.eval.build_student", lambda cfg, teacher, scheduler: (_nan_in_first_sample(copy.deepcopy(teacher)), {})
+    )
+    run = tmp_path / "run"
+    cfg = compose_cfg("eval", _fast() + ["logger=csv", "quantizer=ptq_minmax", "eval.batch_size=20"], run)
+    with pytest.raises(NonFiniteSamplesError, match=r"the student sampled 2 of 40 images with NaN or infinite"):
+        evaluate(cfg)  # a segfault in FID's eigen-solver before
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["teacher"]["fid"] > 0 and saved["student"]["non_finite_samples"] == 2  # one per batch of 20
+    assert saved["student"]["sample_s"] > 0 and "fid" not in saved["student"]
+    assert (run / "samples.png").stat().st_size > 0
+    assert "eval/student/non_finite_samples" in (run / "csv" / "metrics.csv").read_text()
+
+
+def test_a_teacher_that_samples_nan_is_refused_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr("dq.eval.load_teacher", lambda path: (lambda t, s: (_nan_in_first_sample(t), s))(
+        *load_teacher(path)))  # fmt: skip
+    cfg = compose_cfg("eval", _fast() + ["logger=none", f"eval.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    with pytest.raises(NonFiniteSamplesError, match=r"the teacher \(model.path=.*\) sampled 1 of 40 images"):
+        evaluate(cfg)
+    assert not (tmp_path / "cache" / "teacher_samples").exists()

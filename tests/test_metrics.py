@@ -87,3 +87,10 @@ def test_sqnr_against_plain_formula():
     expected = 10 * torch.log10(ref.double().square().sum() / (out - ref).double().square().sum()).item()
     assert sqnr_db(out, ref) == pytest.approx(expected, rel=1e-9)
     assert 100 < sqnr_db(ref, ref) < float("inf")  # identical: large, finite
+
+
+def test_nan_or_inf_images_are_refused_not_scored(metrics):
+    x = load_mnist_split(0)["holdout"][0][:50].clone()
+    x[3, 0, 5, 5], x[7, 0, 0, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 of 50 images hold NaN or infinite"):  # LAPACK would segfault on NaN
+        metrics.score(x)

@@ -156,6 +156,8 @@ class SampleMetrics:
         """FID against the reference and IS (mean, std over splits) of `images`; deterministic for a seed."""
         if int(self.fid.real_features_num_samples) < 2:
             raise RuntimeError("SampleMetrics.score() needs reference statistics: call set_reference() first.")
+        if bad := non_finite_count(images):  # NaN reaches LAPACK's eigen-solver in FID: a segfault, not an error
+            raise ValueError(f"{bad} of {len(images)} images hold NaN or infinite values: they cannot be scored.")
         self.fid.reset()  # keeps the real statistics (reset_real_features=False)
         self.isc.reset()
         for chunk in images.split(batch_size):
@@ -167,6 +169,11 @@ class SampleMetrics:
             torch.manual_seed(seed)  # IS shuffles before splitting
             is_mean, is_std = (float(v) for v in self.isc.compute())
         return {"fid": fid, "is": is_mean, "is_std": is_std}
+
+
+def non_finite_count(images: torch.Tensor) -> int:
+    """How many of `images` [N, ...] hold a NaN or infinite value."""
+    return int((~torch.isfinite(images.reshape(len(images), -1))).any(1).sum())
 
 
 def psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
