@@ -57,6 +57,28 @@ def test_inplace_fake_quant_is_bit_identical_and_leaves_its_input():
     assert torch.equal(x[:, [0, 4]], before[:, [0, 4]])  # the channels outside the view are untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_quantized_in_float32(dtype):
+    """x / Δ in half precision moves values across rounding edges: both paths round in float32, like the reference on
+    the same half-precision values in float32, and hand back the half dtype."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 50, generator=g) * 2).to(dtype)
+    scale = (torch.rand(6, 1, generator=g) * 0.02 + 0.01).to(dtype)  # 8-bit grids over about ±1..±3
+    zp = torch.full((6, 1), 128.0, dtype=dtype)
+    ref = ref_quant(x.float(), scale.float(), zp.float(), 0, 255).to(dtype)
+    out = fake_quant(x, scale, zp, 0, 255, 1.0)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    assert torch.equal(fake_quant_(x, scale, zp, 0, 255), ref)
+    owned = x.clone()
+    assert fake_quant_(owned, scale, zp, 0, 255, inplace=True) is owned and torch.equal(owned, ref)
+    rounded_in_half = scale * (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp)
+    assert not torch.equal(rounded_in_half, ref)  # the difference this test guards
+    x.requires_grad_(True)
+    fake_quant(x, scale, zp, 0, 255, 1.0).sum().backward()
+    q = torch.round(x.detach().float() / scale.float()) + zp.float()
+    assert x.grad.dtype == dtype and torch.equal(x.grad, ((q >= 0) & (q <= 255)).to(dtype))  # STE inside the grid
+
+
 def ref_mse_search(values, qmin, qmax):
     """Plain reference: per row, each clipping ratio k/100 (k = 100..1) of the min-max range, the first ratio with
     the smallest squared error wins."""
