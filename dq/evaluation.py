@@ -28,14 +28,19 @@ from dq.utils.io import atomic_write, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def eval_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype models sample in (`eval.dtype`, float32 when the config has none)."""
+    return getattr(torch, cfg.eval.get("dtype") or "float32")
+
+
 def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
-    """DDIM samples of `model` from `noise` and the wall time it took (seconds)."""
+    """DDIM samples of `model` (float32) from `noise` in the model's dtype, and the wall time it took (seconds)."""
     start = time.perf_counter()
     samples = ddim_sample(
-        model, scheduler, noise, cfg.model.num_inference_steps, cfg.eval.batch_size, progress=cfg.eval.progress,
-        desc=desc,
+        model, scheduler, noise.to(next(model.parameters()).dtype), cfg.model.num_inference_steps, cfg.eval.batch_size,
+        progress=cfg.eval.progress, desc=desc,
     )  # fmt: skip
-    return samples, time.perf_counter() - start
+    return samples.float(), time.perf_counter() - start
 
 
 def teacher_samples(
@@ -51,6 +56,8 @@ def teacher_samples(
         "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
         "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
     }  # fmt: skip
+    if (dtype := eval_dtype(cfg)) != torch.float32:  # float32 keys stay those of caches written before eval.dtype
+        fields["dtype"] = str(dtype)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors"
     if cfg.eval.get("cache_teacher_samples", True) and path.is_file():
@@ -103,10 +110,16 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Score the teacher (and the student, from the same noise), write `results.json` + grid, log, print a table.
 
+    Both models sample in `eval.dtype`: with float16 / bfloat16 they are cast to it in place (a quantized student's
+    latent weights snapped onto their grid, `QuantLayerMixin._apply`); scores are computed in float32.
     With `eval=none` (features `none`) nothing is sampled: results.json holds the method and the cost only."""
     ev = cfg.eval
     if ev.features == "none":
         return record_without_scores(run_dir, loggers, method, cost)
+    dtype = eval_dtype(cfg)
+    teacher.to(dtype)
+    if student is not None:
+        student.to(dtype)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), cfg.seed)
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
@@ -131,6 +144,7 @@ def evaluate_models(
         "n_samples": ev.n_samples,
         "steps": cfg.model.num_inference_steps,
         "seed": cfg.seed,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     results["method"] = method
     results["cost"] = cost or {}

@@ -30,6 +30,7 @@ from dq.student import SET_BY_BITS
 
 CHOICES = {
     "eval.features": ("classifier", "inception", "none"),
+    "eval.dtype": ("float32", "float16", "bfloat16"),
     "device": ("cpu", "cuda"),
     "callbacks.tpq.init": ("per_step", "shared"),
     "distill.lr_schedule": ("cosine", "constant"),

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TEACHER, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -40,7 +41,7 @@ def test_dq_eval_fp_teacher_writes_results_and_grid(tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["teacher"]["fid"] == pytest.approx(results["teacher"]["fid"])
     assert saved["teacher"]["fid"] > 0 and saved["teacher"]["is"] >= 1
-    assert saved["metric"] == {"features": "classifier", "n_samples": 40, "steps": 3, "seed": 0}
+    assert saved["metric"] == {"features": "classifier", "n_samples": 40, "steps": 3, "seed": 0, "dtype": "float32"}
     assert saved["method"]["quantizer"] == "fp"
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
     metrics_csv = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
@@ -192,6 +193,7 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
         ("seed=true", "seed=True is invalid: must be a whole number"),
         ("device=cuda", "device='cuda' but PyTorch sees no CUDA GPU here"),
         ("eval.features=none", "eval.features=none skips the evaluation: pass eval=none"),
+        ("eval.dtype=float8", "eval.dtype='float8' is not one of ['float32', 'float16', 'bfloat16']"),
     ],
 )
 def test_bad_counts_seeds_and_a_missing_gpu_are_named_before_any_work(tmp_path, monkeypatch, override, message):
@@ -248,3 +250,20 @@ def test_a_teacher_that_samples_nan_is_refused_and_not_cached(tmp_path, monkeypa
     with pytest.raises(NonFiniteSamplesError, match=r"the teacher \(model.path=.*\) sampled 1 of 40 images"):
         evaluate(cfg)
     assert not (tmp_path / "cache" / "teacher_samples").exists()
+
+
+def test_eval_dtype_samples_teacher_and_student_in_half_precision(tmp_path, monkeypatch):
+    import dq.evaluation as evaluation
+
+    seen = []
+    real = evaluation.ddim_sample
+    monkeypatch.setattr(evaluation, "ddim_sample", lambda m, s, noise, *a, **k: seen.append(
+        (next(m.parameters()).dtype, noise.dtype)) or real(m, s, noise, *a, **k))  # fmt: skip
+    over = _fast() + ["logger=none", "quantizer=ptq_minmax", "bits=w8a8", "calib.n_calib=30"]
+    f32 = evaluate(compose_cfg("eval", over, tmp_path / "f32"))
+    f16 = evaluate(compose_cfg("eval", over + ["eval.dtype=float16"], tmp_path / "f16"))
+    assert seen[-1] == (torch.float16, torch.float16) and all(d == (torch.float32,) * 2 for d in seen[:2])
+    assert f16["metric"]["dtype"] == "float16" and f32["metric"]["dtype"] == "float32"
+    assert f16["teacher"]["fid"] != f32["teacher"]["fid"]  # sampled again in float16, not read from float32's cache
+    assert abs(f16["teacher"]["fid"] - f32["teacher"]["fid"]) < 0.05 * f32["teacher"]["fid"]
+    assert f16["student"]["psnr_to_teacher"] > 20  # the W8A8 student in float16 stays close to its teacher
