@@ -34,7 +34,8 @@ def eval_dtype(cfg: DictConfig) -> torch.dtype:
 
 
 def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
-    """DDIM samples of `model` (float32) from `noise` in the model's dtype, and the wall time it took (seconds)."""
+    """DDIM samples of `model` from `noise`, sampled in the model's dtype and returned in float32, and the wall time
+    it took (seconds)."""
     start = time.perf_counter()
     samples = ddim_sample(
         model, scheduler, noise.to(next(model.parameters()).dtype), cfg.model.num_inference_steps, cfg.eval.batch_size,
@@ -73,8 +74,8 @@ def teacher_samples(
     if bad := non_finite_count(samples):  # never cached; nothing to compare a student with
         raise NonFiniteSamplesError(
             f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(samples)} images with NaN or infinite "
-            "values: it cannot be scored or compared with. Check that model.path holds a trained model and that it "
-            "runs in float32 (dq-eval quantizer=fp scores it alone)."
+            "values: it cannot be scored or compared with. Check that model.path holds a trained model, and sample in "
+            "float32 (eval.dtype=float32; dq-eval quantizer=fp scores the teacher alone)."
         )
     if cfg.eval.get("cache_teacher_samples", True):
         meta = {"fields": json.dumps(fields, default=str)}
@@ -159,9 +160,9 @@ def evaluate_models(
         kept = f"; the student is kept in {run_dir / 'student'}" if (run_dir / "student").is_dir() else ""
         raise NonFiniteSamplesError(
             f"the student sampled {bad} of {len(noise)} images with NaN or infinite values, so it has no FID, IS or "
-            f"PSNR; {run_dir / 'results.json'} keeps the teacher's scores and the sampling times{kept}. A student cast"
-            " to float16 can overflow: sample it in float32. Otherwise its ranges or weights diverged in training: "
-            "train it again with lower distill learning rates."
+            f"PSNR; {run_dir / 'results.json'} keeps the teacher's scores and the sampling times{kept}. In float16 its "
+            "activations can overflow: sample in float32 (eval.dtype=float32). Otherwise its ranges or weights "
+            "diverged in training: train it again with lower distill learning rates."
         )
     return results
 

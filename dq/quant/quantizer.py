@@ -33,8 +33,9 @@ __all__ = [
 
 SCALE_MIN = 1e-8  # step sizes are clamped to at least this
 # Fake quantization of a half-precision tensor runs in float32 and casts back: x / Δ in float16 (11-bit mantissa) is
-# off by up to 0.06 of a step at an 8-bit grid's ends, and in bfloat16 (8 bits) by half a step, so rounding would flip
-# many values to a neighbouring level (a float16 student lost 5.6 dB PSNR to the teacher, the teacher 0.0)
+# off by up to 0.06 of a step at an 8-bit grid's ends, and in bfloat16 (8 bits) by half a step, which would flip values
+# to a neighbouring level beyond what the input's own rounding does. (The larger loss of a student cast to half
+# precision came from its latent weights: `QuantLayerMixin._apply`.)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MSE_RATIOS = 100  # clipping ratios k/100, k = 1..100, tried by the MSE search
 OBSERVE_SAMPLES = 2**16  # values kept per step for the MSE search of activation quantizers
