@@ -22,6 +22,7 @@ from dq.distill.calibration import teacher_fingerprint
 from dq.errors import NonFiniteSamplesError
 from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
+from dq.quant.quantizer import HALF_DTYPES
 from dq.utils.grid import grid_array, save_png, side_by_side
 from dq.utils.io import atomic_write, atomic_write_text
 
@@ -57,7 +58,7 @@ def teacher_samples(
         "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
         "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
     }  # fmt: skip
-    if (dtype := eval_dtype(cfg)) != torch.float32:  # float32 keys stay those of caches written before eval.dtype
+    if (dtype := next(teacher.parameters()).dtype) != torch.float32:  # float32 keys stay those written before
         fields["dtype"] = str(dtype)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors"
@@ -74,8 +75,12 @@ def teacher_samples(
     if bad := non_finite_count(samples):  # never cached; nothing to compare a student with
         raise NonFiniteSamplesError(
             f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(samples)} images with NaN or infinite "
-            "values: it cannot be scored or compared with. Check that model.path holds a trained model, and sample in "
-            "float32 (eval.dtype=float32; dq-eval quantizer=fp scores the teacher alone)."
+            f"values in {str(dtype).removeprefix('torch.')}: it cannot be scored or compared with. "
+            + (
+                "Sample in float32 (eval.dtype=float32), where its activations do not overflow."
+                if dtype in HALF_DTYPES
+                else "Check that model.path holds a trained model (dq-eval quantizer=fp scores it alone)."
+            )
         )
     if cfg.eval.get("cache_teacher_samples", True):
         meta = {"fields": json.dumps(fields, default=str)}
@@ -125,7 +130,15 @@ def evaluate_models(
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
 
-    t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
+    try:
+        t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
+    except NonFiniteSamplesError as e:  # keep the run's record (a dq-train run's cost) and say where its student is
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"metric": {"features": ev.features, "dtype": str(dtype).removeprefix("torch.")}}
+        atomic_write_text(
+            run_dir / "results.json", json.dumps(record | {"method": method, "cost": cost or {}}, indent=2)
+        )
+        raise NonFiniteSamplesError(f"{e} {run_dir / 'results.json'} keeps the run's record{_kept(run_dir)}.") from None
     if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
         t_s = teacher_time(cfg, teacher, scheduler, noise)
     results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
@@ -139,7 +152,7 @@ def evaluate_models(
         else:
             results["student"] = {**metrics.score(s_samples, cfg.seed), "psnr_to_teacher": psnr(s_samples, t_samples),
                                   **timing}  # fmt: skip
-        grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n].nan_to_num(0.0)))  # NaN pixels grey
+        grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n].nan_to_num(0.0)))  # NaN grey, inf white / black
     results["metric"] = {
         "features": ev.features,
         "n_samples": ev.n_samples,
@@ -157,14 +170,23 @@ def evaluate_models(
     log.info("\n" + format_table(results))  # on its own lines in the log file too
     log.info(f"results: {run_dir / 'results.json'}\nsamples: {run_dir / 'samples.png'}")
     if bad:
-        kept = f"; the student is kept in {run_dir / 'student'}" if (run_dir / "student").is_dir() else ""
+        if dtype in HALF_DTYPES:
+            advice = "Its activations can overflow in half precision: sample in float32 (eval.dtype=float32)."
+        elif (cost or {}).get("steps"):
+            advice = "Its ranges or weights diverged in training: train it again with lower distill learning rates."
+        else:
+            advice = "Its quantization ranges or weights overflow: calibrate it again (another calib.seed)."
         raise NonFiniteSamplesError(
-            f"the student sampled {bad} of {len(noise)} images with NaN or infinite values, so it has no FID, IS or "
-            f"PSNR; {run_dir / 'results.json'} keeps the teacher's scores and the sampling times{kept}. In float16 its "
-            "activations can overflow: sample in float32 (eval.dtype=float32). Otherwise its ranges or weights "
-            "diverged in training: train it again with lower distill learning rates."
+            f"the student sampled {bad} of {len(noise)} images with NaN or infinite values in "
+            f"{str(dtype).removeprefix('torch.')}, so it has no FID, IS or PSNR; {run_dir / 'results.json'} keeps "
+            f"the teacher's scores and the sampling times{_kept(run_dir)}. {advice}"
         )
     return results
+
+
+def _kept(run_dir: Path) -> str:
+    """`; the student is kept in <run>/student` where a dq-train run saved one, else ""."""
+    return f"; the student is kept in {run_dir / 'student'}" if (run_dir / "student").is_dir() else ""
 
 
 def record_without_scores(

@@ -302,11 +302,17 @@ def check_trainer_values(cfg: DictConfig) -> None:
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+        dry = pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
     except Exception as e:  # Lightning raises several types for a bad value
         raise ConfigError(f"trainer: pytorch_lightning.Trainer refuses these settings: {e}") from e
     finally:
         quiet.setLevel(level)
+    if str(dry.precision) in ("16-true", "bf16-true"):
+        raise ConfigError(
+            f"trainer.precision={kwargs.get('precision')} casts the student to half precision, so its latent weights "
+            "would train in steps of 2^-11 (2^-8) of themselves and start snapped onto their grid: use "
+            f"{str(dry.precision).replace('-true', '-mixed')} (autocast; the latent weights stay in float32)."
+        )
 
 
 # groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the

@@ -73,6 +73,9 @@ def main() -> None:
         fids = saved["teacher"]["fid"], new["teacher"]["fid"]
         print(f"teacher FID {fids[0]:.2f} (seed {seeds[0]}), {fids[1]:.2f} (seed {seeds[1]})")
     for label, r in (("as trained", saved["student"]), ("kept on" if args.keep else "switched off", new["student"])):
+        if "fid" not in r:  # a student that sampled NaN or infinite images has no scores
+            print(f"{label:>12}: {r.get('non_finite_samples')} samples NaN or infinite, not scored")
+            continue
         print(f"{label:>12}: FID {r['fid']:.2f}  IS {r['is']:.2f}  PSNR to teacher {r['psnr_to_teacher']:.2f} dB")
 
 

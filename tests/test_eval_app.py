@@ -234,8 +234,9 @@ def test_a_student_that_samples_nan_keeps_what_was_measured_and_names_it(tmp_pat
     )
     run = tmp_path / "run"
     cfg = compose_cfg("eval", _fast() + ["logger=csv", "quantizer=ptq_minmax", "eval.batch_size=20"], run)
-    with pytest.raises(NonFiniteSamplesError, match=r"the student sampled 2 of 40 images with NaN or infinite"):
+    with pytest.raises(NonFiniteSamplesError, match=r"the student sampled 2 of 40 images with NaN or infinite") as e:
         evaluate(cfg)  # a segfault in FID's eigen-solver before
+    assert "calibrate it again" in str(e.value) and "eval.dtype" not in str(e.value)  # float32, not trained here
     saved = json.loads((run / "results.json").read_text())
     assert saved["teacher"]["fid"] > 0 and saved["student"]["non_finite_samples"] == 2  # one per batch of 20
     assert saved["student"]["sample_s"] > 0 and "fid" not in saved["student"]
@@ -247,9 +248,12 @@ def test_a_teacher_that_samples_nan_is_refused_and_not_cached(tmp_path, monkeypa
     monkeypatch.setattr("dq.eval.load_teacher", lambda path: (lambda t, s: (_nan_in_first_sample(t), s))(
         *load_teacher(path)))  # fmt: skip
     cfg = compose_cfg("eval", _fast() + ["logger=none", f"eval.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
-    with pytest.raises(NonFiniteSamplesError, match=r"the teacher \(model.path=.*\) sampled 1 of 40 images"):
+    with pytest.raises(NonFiniteSamplesError, match=r"the teacher \(model.path=.*\) sampled 1 of 40 images") as e:
         evaluate(cfg)
     assert not (tmp_path / "cache" / "teacher_samples").exists()
+    assert "results.json keeps the run's record" in str(e.value)  # a dq-train run's cost is not lost
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["metric"]["dtype"] == "float32" and "teacher" not in saved and saved["method"]["quantizer"] == "fp"
 
 
 def test_eval_dtype_samples_teacher_and_student_in_half_precision(tmp_path, monkeypatch):

@@ -688,7 +688,7 @@ def _codes(layer: QuantConv2d | QuantLinear, dtype: torch.dtype | None = None) -
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_cast_to_half_precision_keeps_every_weights_grid_code(dtype):
     """Trained latent weights sit at rounding edges; a cast that rounds them to half precision must not move any across
-    (it did: a trained W4A8 student lost 7 dB of PSNR to the teacher in float16). Casting snaps W onto its grid first.
+    (it did: trained W4A8 students lost 1.5-3.6 dB of PSNR to the teacher in float16). A cast snaps W onto its grid.
     bfloat16's 8 significant bits cannot hold every 8-bit code times its step: only its 4-bit layers are checked."""
     model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
     layers = [m for m in model.modules() if isinstance(m, QuantConv2d | QuantLinear)]
@@ -704,7 +704,10 @@ def test_a_cast_to_half_precision_keeps_every_weights_grid_code(dtype):
         model.to(torch.float64).to(torch.float32)  # not half precision: the latent weights stay as they were
         assert all(torch.equal(m.weight, w) for m, w in zip(layers, before, strict=True))
         assert torch.equal(model(**kw).sample, out)
-        half = [m for m in copy.deepcopy(model).to(dtype).modules() if isinstance(m, QuantConv2d | QuantLinear)]
     checked = [i for i, m in enumerate(layers) if dtype == torch.float16 or m.weight_quantizer.bits == 4]
-    assert len(checked) >= len(layers) - 2 and all(torch.equal(_codes(half[i]), codes[i]) for i in checked)
     assert sum(int((_codes(layers[i], dtype) != codes[i]).sum()) for i in checked) > 0  # what a plain cast did
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantConv2d | QuantLinear)]
+    held = model.state_dict()
+    model.to(dtype)
+    assert len(checked) >= len(layers) - 2 and all(torch.equal(_codes(layers[i]), codes[i]) for i in checked)
+    assert all(torch.equal(held[f"{n}.weight"], w) for n, w in zip(names, before, strict=True))  # taken before: kept

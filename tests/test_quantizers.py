@@ -71,6 +71,8 @@ def test_half_precision_is_quantized_in_float32(dtype):
     assert torch.equal(fake_quant_(x, scale, zp, 0, 255), ref)
     owned = x.clone()
     assert fake_quant_(owned, scale, zp, 0, 255, inplace=True) is owned and torch.equal(owned, ref)
+    row = fake_quant_(x[0], scale, zp, 0, 255)  # a scale that broadcasts x to more rows: a new [6, 50] tensor
+    assert row.dtype == dtype and torch.equal(row, ref_quant(x[0].float(), scale.float(), zp.float(), 0, 255).to(dtype))
     rounded_in_half = scale * (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp)
     assert not torch.equal(rounded_in_half, ref)  # the difference this test guards
     x.requires_grad_(True)

@@ -238,6 +238,8 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),
         (["trainer.devices=0"], r"Trainer refuses these settings: `Trainer\(devices=0\)` value is not a valid"),
         (["+trainer.precision=banana"], r"Trainer refuses these settings: Precision 'banana' is invalid"),
+        (["+trainer.precision=bf16-true"], r"trainer.precision=bf16-true casts the student to half precision.*use "
+                                           r"bf16-mixed"),
         (["model.data.name=foo"], r"model.data.name='foo' is not one of \['mnist', 'image_folder'\]"),
         (["eval.classifier_path=null"], r"eval.classifier_path is not set: eval.features=classifier scores with"),
         (["calib.n_traj=1"], r"calib.n_traj=1 is invalid: 512 pairs over 25 steps need at least 21 trajectories"),

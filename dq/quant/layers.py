@@ -95,14 +95,15 @@ class QuantLayerMixin:
         against 2 % for evenly spread ones), where the cast's relative error of 2^-11 (2^-8) moves many across: that
         student, 28.1 dB PSNR to the teacher in float32, sampled 24.4 dB cast plainly to float16 or bfloat16, and
         28.5 / 27.9 dB snapped first (`experiments/half_precision.py`). A weight computed from adapters (LoRA) is left
-        as it is: merge them first.
+        as it is: merge them first. The snap is for sampling: training in true half precision would start from snapped
+        weights (dq-train refuses `trainer.precision=16-true` / `bf16-true`; the mixed ones keep float32 weights).
         """
         wq = getattr(self, "weight_quantizer", None)  # None while nn.Conv2d / nn.Linear build the layer
         w = None if wq is None or parametrize.is_parametrized(self, "weight") else self.weight
         snap = w is not None and w.dtype not in HALF_DTYPES and wq.enabled and wq.initialized
         if snap and fn(w.detach()[:0]).dtype in HALF_DTYPES:  # what the cast does to an empty slice: no copy made
             with torch.no_grad():
-                w.copy_(wq(w))
+                w.data = wq(w)  # a new tensor: one taken before (a state_dict) keeps the latent values
         return super()._apply(fn, recurse)
 
     def _quant_input(self, x: Tensor, channel_dim: int) -> Tensor:

@@ -143,7 +143,8 @@ def fake_quant_(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: i
     float32 (`HALF_DTYPES`), like `fake_quant`.
     """
     if x.dtype in HALF_DTYPES:
-        out = fake_quant_(x.float(), scale.float(), zero_point.float(), qmin, qmax, inplace=True)  # a new tensor
+        own = torch.broadcast_shapes(x.shape, scale.shape, zero_point.shape) == x.shape  # x.float() can hold it
+        out = fake_quant_(x.float(), scale.float(), zero_point.float(), qmin, qmax, inplace=own)
         dtype = torch.result_type(x, scale)
         return x.copy_(out) if inplace and dtype == x.dtype else out.to(dtype)
     scale = scale.clamp_min(SCALE_MIN)
