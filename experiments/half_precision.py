@@ -1,12 +1,14 @@
 """How a dq-train run's student samples in float16 / bfloat16 against float32 (PSNR to the float32 teacher).
 
-    python experiments/half_precision.py <run_dir> [--n 100] [--batch-size 100]
+    python experiments/half_precision.py <run_dir> [--n 100] [--batch-size 100] [--edges-only]
 
 Teacher and student are sampled with DDIM at the run's step count from the same noise (evaluation seed 0), the
 student in float32, then cast with `.to(dtype)` (which snaps each latent weight onto its grid first,
 `QuantLayerMixin._apply`) and, for comparison, as a plain cast did before that: latent weights rounded to the dtype
-before their grid codes are taken. The teacher in each dtype is the float model's own precision floor. Prints one
-table (PSNR in dB to the float32 teacher; to the float32 student in the last column). Runs on the CPU.
+before their grid codes are taken. The teacher in each dtype is the float model's own precision floor. Prints first
+how many latent weights lie near a rounding edge (within 0.01 of a step, and within a float16 cast's reach), against
+evenly spread weights, then one table (PSNR in dB to the float32 teacher; to the float32 student in the last column;
+`--edges-only` stops after the first part). Runs on the CPU.
 """
 
 from __future__ import annotations
@@ -37,16 +39,40 @@ def plain_cast(student: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
+def edge_shares(student: nn.Module) -> None:
+    """Print the share of quantized layers' latent weights near a rounding edge of their grid, and the share evenly
+    spread fractional parts would give."""
+    near = cast = cast_even = total = 0
+    for m in student.modules():
+        if isinstance(m, QuantLayerMixin):
+            q = m.weight_quantizer
+            code = m.weight.detach().float() / q._view(q.scale.float(), m.weight)  # W / Δ, in steps
+            to_edge = (code - code.floor() - 0.5).abs()
+            reach = code.abs() * 2.0**-11  # how far a float16 cast can move W / Δ
+            near += int((to_edge < 0.01).sum())
+            cast += int((to_edge < reach).sum())
+            cast_even += float((2 * reach).clamp(max=1).sum())
+            total += code.numel()
+    print(
+        f"latent weights within 0.01 of a step of a rounding edge: {100 * near / total:.2f} % (evenly spread: 2 %); "
+        f"within a float16 cast's reach: {100 * cast / total:.2f} % (evenly spread: {100 * cast_even / total:.2f} %)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a finished dq-train run directory (with student/ and .hydra/config.yaml)")
     p.add_argument("--n", type=int, default=100, help="samples (default 100)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--edges-only", action="store_true", help="print the latent weights near rounding edges only")
     args = p.parse_args()
     register_resolvers()
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
-    teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student").eval()
+    edge_shares(student)
+    if args.edges_only:
+        return
+    teacher, scheduler = load_teacher(cfg.model.path)
     noise = make_noise(args.n, tuple(cfg.model.sample_shape), 0)
     steps = int(cfg.model.num_inference_steps)
 
