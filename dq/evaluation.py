@@ -34,6 +34,11 @@ def eval_dtype(cfg: DictConfig) -> torch.dtype:
     return getattr(torch, cfg.eval.get("dtype") or "float32")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float16` for `torch.float16`: the spelling of `eval.dtype`."""
+    return str(dtype).removeprefix("torch.")
+
+
 def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
     """DDIM samples of `model` from `noise`, sampled in the model's dtype and returned in float32, and the wall time
     it took (seconds)."""
@@ -58,8 +63,7 @@ def teacher_samples(
         "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
         "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
     }  # fmt: skip
-    if (dtype := next(teacher.parameters()).dtype) != torch.float32:  # float32 keys stay those written before
-        fields["dtype"] = str(dtype)
+    # the fingerprint covers the teacher's dtype (eval.dtype): a float16 teacher's samples have their own key
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors"
     if cfg.eval.get("cache_teacher_samples", True) and path.is_file():
@@ -73,9 +77,10 @@ def teacher_samples(
             warnings.warn(f"Teacher-sample cache '{path}' is unusable ({e}); sampling again.", stacklevel=2)
     samples, sample_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
     if bad := non_finite_count(samples):  # never cached; nothing to compare a student with
+        dtype = next(teacher.parameters()).dtype
         raise NonFiniteSamplesError(
             f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(samples)} images with NaN or infinite "
-            f"values in {str(dtype).removeprefix('torch.')}: it cannot be scored or compared with. "
+            f"values in {dtype_name(dtype)}: it cannot be scored or compared with. "
             + (
                 "Sample in float32 (eval.dtype=float32), where its activations do not overflow."
                 if dtype in HALF_DTYPES
@@ -129,15 +134,15 @@ def evaluate_models(
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), cfg.seed)
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
+    metric = {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
+              "seed": cfg.seed, "dtype": dtype_name(dtype)}  # fmt: skip
 
     try:
         t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
     except NonFiniteSamplesError as e:  # keep the run's record (a dq-train run's cost) and say where its student is
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"metric": {"features": ev.features, "dtype": str(dtype).removeprefix("torch.")}}
-        atomic_write_text(
-            run_dir / "results.json", json.dumps(record | {"method": method, "cost": cost or {}}, indent=2)
-        )
+        record = {"metric": metric, "method": method, "cost": cost or {}}
+        atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
         raise NonFiniteSamplesError(f"{e} {run_dir / 'results.json'} keeps the run's record{_kept(run_dir)}.") from None
     if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
         t_s = teacher_time(cfg, teacher, scheduler, noise)
@@ -153,13 +158,7 @@ def evaluate_models(
             results["student"] = {**metrics.score(s_samples, cfg.seed), "psnr_to_teacher": psnr(s_samples, t_samples),
                                   **timing}  # fmt: skip
         grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n].nan_to_num(0.0)))  # NaN grey, inf white / black
-    results["metric"] = {
-        "features": ev.features,
-        "n_samples": ev.n_samples,
-        "steps": cfg.model.num_inference_steps,
-        "seed": cfg.seed,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    results["metric"] = metric
     results["method"] = method
     results["cost"] = cost or {}
 
@@ -178,7 +177,7 @@ def evaluate_models(
             advice = "Its quantization ranges or weights overflow: calibrate it again (another calib.seed)."
         raise NonFiniteSamplesError(
             f"the student sampled {bad} of {len(noise)} images with NaN or infinite values in "
-            f"{str(dtype).removeprefix('torch.')}, so it has no FID, IS or PSNR; {run_dir / 'results.json'} keeps "
+            f"{dtype_name(dtype)}, so it has no FID, IS or PSNR; {run_dir / 'results.json'} keeps "
             f"the teacher's scores and the sampling times{_kept(run_dir)}. {advice}"
         )
     return results
