@@ -50,6 +50,7 @@ NEUTRAL_OPTIONS: dict[str, object] = {
     "quantizer.spec.fp_output_layer_input": False,
     "distill.lr_lora": 0,
     "callbacks.tpq.init": "per_step",
+    "distill.dampen": 0.0,
 }
 
 

@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import inspect
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ RANGES = {
     "distill.act_drop_prob": (0, 1, "the probability that an activation element skips quantization (QDrop), 0 for off"),
     "distill.lr_act_step_rel": (0, 1, "the fraction of itself an activation step size moves per step, or null"),
     "callbacks.weight_dilation.s_max": (1, None, "the largest dilation factor, >= 1"),
+    "distill.dampen": (0, math.inf, "the weight of oscillation dampening relative to each block's MSE, 0 for off"),
 }
 
 

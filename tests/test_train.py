@@ -232,6 +232,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["eval.progress=1"], r"eval.progress=1 is invalid: must be true or false"),
         (["distill.lr_bits=0"], r"distill.lr_bits=0 is invalid: the weight bit-width"),
         (["distill.act_drop_prob=1.5"], r"distill.act_drop_prob=1.5 is invalid: a number \[0, 1\)"),
+        (["distill.dampen=-0.5"], r"distill.dampen=-0.5 is invalid: a number \[0, inf\), the weight of oscillation"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
         (["callbacks.weight_dilation.s_max=0"], r"callbacks.weight_dilation.s_max=0 is invalid: a number >= 1"),
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),

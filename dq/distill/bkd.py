@@ -15,6 +15,7 @@ optimizer state starts fresh.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,12 @@ from dq.distill.base import (
     QuantDistillation,
     calib_inputs,
     check_finite,
+    cosine_factor,
 )
 from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
+from dq.distill.oscillation import OscillationTracker, dampened_layers, dampening_loss
 from dq.quant import step_context
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,10 @@ class BlockwiseDistillation(QuantDistillation):
             higher than before (its history entry then says `"kept": "untrained"`).
         act_drop_prob: QDrop: in each training step every activation element of the block stays full precision
             with this probability (masks seeded by `(seed, k)`); 0: off. Evaluation and sampling always quantize.
+        dampen: Weight λ of oscillation dampening (Nagel et al. 2022, `dampening_loss`): step `i` of a block trains
+            on `MSE + λ · r_i · MSE_0 · D`, where `D` is the mean squared distance of the block's latent weights to
+            their bin centres in steps, `MSE_0` the block's calibration MSE before training (so λ means the same in
+            every block) and `r_i` rises from 0 to 1 over the block (one minus the cosine schedule). 0: off.
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -101,6 +108,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_lora: float = 0.0,
         revert_worse: bool = True,
         act_drop_prob: float = 0.0,
+        dampen: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -114,7 +122,13 @@ class BlockwiseDistillation(QuantDistillation):
                 f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "
                 "skips quantization in a training step (QDrop; 0.5 in QDrop and EDA-DM), 0 for off"
             )
+        if not (dampen >= 0 and math.isfinite(dampen)):  # also refuses NaN
+            raise ValueError(
+                f"distill.dampen={dampen} must be a finite number >= 0: the weight of oscillation dampening "
+                "(Nagel et al. 2022) relative to each block's MSE, 0 for off"
+            )
         self.iters_per_block = iters_per_block
+        self.dampen = dampen
         self.revert_worse = revert_worse
         self.act_drop_prob = act_drop_prob
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
@@ -126,6 +140,7 @@ class BlockwiseDistillation(QuantDistillation):
         self._batches: Tensor | None = None  # [iters_per_block, batch_size] minibatch indices of block k
         self._trainable: set[int] = set()  # ids of the parameters in the optimizer
         self._untrained: list[tuple[nn.Parameter, Tensor]] = []  # block k's parameters and their values at its start
+        self._oscillation: OscillationTracker | None = None  # code flips of block k's latent weights
         self.block_seconds: dict[str, float] = {}  # wall time of each finished block (capture included), kept on resume
         self._block_start = 0.0
 
@@ -209,6 +224,7 @@ class BlockwiseDistillation(QuantDistillation):
         if self.revert_worse:
             self._untrained = [(p, p.detach().clone()) for p in params]
         self._block = k
+        self._oscillation = OscillationTracker(dampened_layers(map(self.student.get_submodule, self.blocks[k].modules)))
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
 
@@ -231,16 +247,18 @@ class BlockwiseDistillation(QuantDistillation):
                   f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
         seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
+        oscillated = self._oscillation.share()
         self.log_block(
             {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained"),
-             f"block/{k:02d}/seconds": seconds}, last,
+             f"block/{k:02d}/seconds": seconds, f"block/{k:02d}/oscillated": oscillated}, last,
         )  # fmt: skip
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
-                             "mse_after": mse_after, "kept": kept})  # fmt: skip
+                             "mse_after": mse_after, "kept": kept, "oscillated": oscillated})  # fmt: skip
         self.student.requires_grad_(False)
         ctx = step_context(self.student)
         ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it
         self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
+        self._oscillation = None
         if self.checkpoint_dir is not None:
             meta = {"history": self.history, "block_seconds": self.block_seconds}
             save_block_checkpoint(self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, **meta)
@@ -265,15 +283,19 @@ class BlockwiseDistillation(QuantDistillation):
             self.start_block(k)
         self.schedule_lr(i, self.iters_per_block)
         opt = self.optimizers()
-        loss = self.block_loss(k, self._batches[i])
+        loss = mse = self.block_loss(k, self._batches[i])
+        if self.dampen and self._oscillation.layers:  # rises from 0 as the learning rate falls (Nagel et al.)
+            weight = self.dampen * (1.0 - cosine_factor(i, self.iters_per_block, "cosine")) * self._mse_before
+            loss = mse + weight * dampening_loss(self._oscillation.layers)
         where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
         check_finite(loss, where, self.checkpoint_path)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        self.log("distill/loss", loss.detach(), prog_bar=True)
+        self._oscillation.update()
+        self.log("distill/loss", mse.detach(), prog_bar=True)
         if i % self.trainer.log_every_n_steps == 0 or i == self.iters_per_block - 1:
-            self.log_block({f"block/{k:02d}/loss": loss.item()}, int(batch[0]))
+            self.log_block({f"block/{k:02d}/loss": mse.item()}, int(batch[0]))
         self.log("distill/block", float(k), prog_bar=True)
         if i == self.iters_per_block - 1:
             self.finish_block(k)

@@ -313,6 +313,14 @@ class UniformQuantizer(_QuantizerBase):
         scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
         return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
 
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> Tensor:
+        """The integer grid code `clamp(round(x/Δ) + round(z), qmin, qmax)` of each element of weight `x` (as floats,
+        in float32); `forward(x)` is `Δ · (codes(x) - round(z))`."""
+        scale = self._view(self.scale, x).float().clamp_min(SCALE_MIN)
+        zp = self._view(self.zero_point, x).float().round()
+        return torch.clamp(torch.round(x.float() / scale) + zp, self.qmin, self.qmax)
+
 
 class TemporalQuantizer(_QuantizerBase):
     """Per-tensor activation quantizer with one (Δ, z) per sampling step (TPQ); `num_steps=1` shares one pair.

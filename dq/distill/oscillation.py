@@ -1,0 +1,96 @@
+"""Weight oscillation in quantization-aware training (Nagel et al. 2022, "Overcoming Oscillations in
+Quantization-Aware Training"): tracking it, and the dampening term that counters it.
+
+A latent weight whose optimum lies between two grid points is pushed across the rounding edge between them from
+both sides in turn: its integer code flips back and forth, and where training stops decides which of the two it
+keeps. `OscillationTracker` counts such flips; `dampening_loss` pulls each latent weight towards the centre of its
+current bin, so that it settles on one side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from dq.quant import QuantLayerMixin, adapter
+
+__all__ = ["OscillationTracker", "dampening_loss", "dampened_layers"]
+
+
+def dampened_layers(modules: Iterable[nn.Module]) -> list[QuantLayerMixin]:
+    """The quantized layers in `modules` (and below) whose latent weight is a trained Parameter on an active grid:
+    weight quantizer enabled and initialised, no low-rank adapter (`dq.quant.lora`), `requires_grad`. Deduplicated,
+    in module order."""
+    seen: dict[int, QuantLayerMixin] = {}
+    for root in modules:
+        for m in root.modules():
+            wq = getattr(m, "weight_quantizer", None)
+            if (isinstance(m, QuantLayerMixin) and wq.enabled and wq.initialized and adapter(m) is None
+                    and m.weight.requires_grad):  # fmt: skip
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def dampening_loss(layers: Iterable[QuantLayerMixin]) -> Tensor:
+    """Mean over every weight of `layers` of `((clamp(W) - Q_w(W)) / Δ)^2`: each latent weight's squared distance
+    to the centre of its bin, in steps (0 on the grid, at most 1/4 inside the range).
+
+    `Q_w(W)` and `Δ` are constants here (detached), so the term moves latent weights only, never the grid; `W` is
+    first clamped into the grid's range `[Δ (qmin - z), Δ (qmax - z)]`, so clipped weights are left alone (Nagel et
+    al.'s dampening loss, measured in steps so that one weight of it means the same in every layer).
+    """
+    total, count = None, 0
+    for m in layers:
+        wq, w = m.weight_quantizer, m.weight
+        scale = wq._view(wq.scale, w).detach().clamp_min(1e-8)  # [C_out, 1, ...]
+        zp = wq._view(wq.zero_point, w).detach().round()
+        lo, hi = scale * (wq.qmin - zp), scale * (wq.qmax - zp)
+        dist = (torch.minimum(torch.maximum(w, lo), hi) - wq(w).detach()) / scale
+        part = dist.pow(2).sum()
+        total = part if total is None else total + part
+        count += w.numel()
+    if total is None:
+        raise ValueError("dampening_loss: no quantized layer with a trained latent weight was given")
+    return total / count
+
+
+class OscillationTracker:
+    """Counts, per latent weight of `layers`, how often its integer code reverses direction (Nagel et al.'s
+    oscillations: a flip up after a flip down, or down after up).
+
+    Call `update()` after each optimizer step; `share()` is the fraction of the weights that oscillated at least
+    once since the tracker was made, `flips()` the mean number of code changes per weight.
+    """
+
+    def __init__(self, layers: Iterable[QuantLayerMixin]) -> None:
+        self.layers = list(layers)
+        self._codes = [m.weight_quantizer.codes(m.weight) for m in self.layers]
+        self._direction = [torch.zeros_like(c) for c in self._codes]  # sign of each weight's last change, 0: none
+        self._oscillations = [torch.zeros_like(c) for c in self._codes]
+        self._changes = [torch.zeros_like(c) for c in self._codes]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Compare each weight's code with the one at the last update."""
+        for i, m in enumerate(self.layers):
+            codes = m.weight_quantizer.codes(m.weight)
+            direction = torch.sign(codes - self._codes[i])  # [-1, 0, 1] per weight
+            changed = direction != 0
+            self._oscillations[i] += direction * self._direction[i] == -1  # reversed its last change
+            self._changes[i] += changed
+            self._direction[i] = torch.where(changed, direction, self._direction[i])
+            self._codes[i] = codes
+
+    def _mean(self, counts: list[Tensor]) -> float:
+        n = sum(c.numel() for c in counts)
+        return sum(float(c.sum()) for c in counts) / n if n else 0.0
+
+    def share(self) -> float:
+        """Fraction of the weights that oscillated at least once (0 without weights)."""
+        return self._mean([(c > 0).float() for c in self._oscillations])
+
+    def flips(self) -> float:
+        """Mean number of code changes per weight."""
+        return self._mean(self._changes)
