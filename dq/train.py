@@ -51,6 +51,7 @@ NEUTRAL_OPTIONS: dict[str, object] = {
     "distill.lr_lora": 0,
     "callbacks.tpq.init": "per_step",
     "distill.dampen": 0.0,
+    "distill.freeze": 0.0,
 }
 
 

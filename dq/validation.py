@@ -57,6 +57,7 @@ RANGES = {
     "distill.lr_act_step_rel": (0, 1, "the fraction of itself an activation step size moves per step, or null"),
     "callbacks.weight_dilation.s_max": (1, None, "the largest dilation factor, >= 1"),
     "distill.dampen": (0, math.inf, "the weight of oscillation dampening relative to each block's MSE, 0 for off"),
+    "distill.freeze": (0, 1, "the oscillation frequency above which a latent weight is frozen, 0 for off"),
 }
 
 

@@ -333,6 +333,8 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (BlockwiseDistillation, {"dampen": -1.0}, "dampen"),
         (BlockwiseDistillation, {"dampen": float("nan")}, "dampen"),
         (BlockwiseDistillation, {"dampen": float("inf")}, "dampen"),
+        (BlockwiseDistillation, {"freeze": 1.0}, "freeze"),
+        (BlockwiseDistillation, {"freeze": float("nan")}, "freeze"),
         (ModelDistillation, {"iters": 0}, "iters"),
         (ModelDistillation, {"batch_size": 0}, "batch_size"),
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),

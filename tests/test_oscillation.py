@@ -87,6 +87,32 @@ def test_tracker_counts_reversals_not_monotone_moves() -> None:
     assert tracker.share() == pytest.approx(1 / 3)  # only weight 0 reversed its direction
 
 
+def test_freezing_holds_a_weight_that_keeps_oscillating_at_its_average_code() -> None:
+    layer = linear(torch.tensor([[-1.5, 0.0, 1.5]]))
+    wq = layer.weight_quantizer
+    step, z = wq.scale.detach()[0], wq.zero_point.detach().round()[0]
+    with torch.no_grad():
+        layer.weight.copy_(step * (torch.tensor([[5.0, 3.0, 9.0]]) - z))
+    tracker = OscillationTracker([layer], freeze_threshold=0.6, momentum=0.5)
+    # weight 0 flips between codes 5 and 6 every step; weight 1 climbs one code per step; weight 2 stays at code 9
+    for i in range(1, 7):
+        with torch.no_grad():
+            layer.weight.copy_(step * (torch.tensor([[5.0 + i % 2, 3.0 + i, 9.0]]) - z))
+        tracker.update()
+    frozen = tracker.frozen_share()
+    assert frozen == pytest.approx(1 / 3)  # weight 0 only
+    # plain reference of the moving averages: weight 0's frequency is 0.5 after its first reversal (step 2) and 0.75
+    # after its second (step 3), where it passes 0.6; its average code then is 0.25 * 5 + 0.25 * 6 + 0.5 * 5 = 5.25
+    # (codes 5, 6, 5 of the start and steps 1, 2), so it is frozen at code 5 while steps 4-6 move it to 6, 5, 6
+    codes = wq.codes(layer.weight.detach())[0]
+    assert codes.tolist() == [5.0, 9.0, 9.0]
+    with torch.no_grad():  # an optimizer step moves weight 0 two codes up: the next update puts it back
+        layer.weight[0, 0] += 2 * step
+    tracker.update()
+    assert wq.codes(layer.weight.detach())[0, 0] == 5.0
+    torch.testing.assert_close(layer.weight.detach()[0, 0], step * (5.0 - z))
+
+
 @pytest.fixture(scope="module")
 def calib(teacher):
     return build_calibration_set(teacher, DDIMScheduler(num_train_timesteps=1000), 16, 3, (1, 8, 8), 0, progress=False)
@@ -120,6 +146,21 @@ def test_bkd_dampening_pulls_latent_weights_to_their_bin_centres(teacher, calib)
     for h in histories[0]:
         assert 0.0 <= h["oscillated"] <= 1.0
     assert any(h["oscillated"] > 0 for h in histories[0])  # lr 1e-2 is a quarter of a 4-bit step: codes flip
+
+
+def test_bkd_freezing_freezes_oscillating_weights(teacher, calib) -> None:
+    import pytorch_lightning as pl
+
+    student = copy.deepcopy(teacher)
+    quantize_model(student, QuantSpec(weight_bits=4, act_bits=8), calib.table)
+    module = BlockwiseDistillation(teacher, student, calib, iters_per_block=8, batch_size=8, calib_batch_size=8,
+                                   progress=False, lr_weight=3e-2, lr_weight_qparams=1e-4, lr_act_qparams=1e-4,
+                                   revert_worse=False, freeze=0.015)  # fmt: skip
+    pl.Trainer(accelerator="cpu", max_steps=module.max_steps, max_epochs=1, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False).fit(module)  # fmt: skip
+    frozen = [h["frozen"] for h in module.history]
+    assert all(0 <= f <= h["oscillated"] for f, h in zip(frozen, module.history, strict=True))
+    assert max(frozen) > 0
 
 
 def test_dampened_layers_are_the_trained_weights_on_an_active_grid() -> None:

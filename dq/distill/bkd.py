@@ -89,6 +89,9 @@ class BlockwiseDistillation(QuantDistillation):
             on `MSE + λ · r_i · MSE_0 · D`, where `D` is the mean squared distance of the block's latent weights to
             their bin centres in steps, `MSE_0` the block's calibration MSE before training (so λ means the same in
             every block) and `r_i` rises from 0 to 1 over the block (one minus the cosine schedule). 0: off.
+        freeze: Oscillation freezing (Nagel et al. 2022, `OscillationTracker`): a latent weight whose moving average
+            of code reversals per step (momentum 0.01) passes this threshold is held at its average code for the rest
+            of its block. 0: off.
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -109,6 +112,7 @@ class BlockwiseDistillation(QuantDistillation):
         revert_worse: bool = True,
         act_drop_prob: float = 0.0,
         dampen: float = 0.0,
+        freeze: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -127,8 +131,14 @@ class BlockwiseDistillation(QuantDistillation):
                 f"distill.dampen={dampen} must be a finite number >= 0: the weight of oscillation dampening "
                 "(Nagel et al. 2022) relative to each block's MSE, 0 for off"
             )
+        if not 0 <= freeze < 1:  # also refuses NaN
+            raise ValueError(
+                f"distill.freeze={freeze} must be in [0, 1): the moving-average frequency of code reversals per step "
+                "above which a latent weight is frozen (Nagel et al. 2022; try 0.02 .. 0.05), 0 for off"
+            )
         self.iters_per_block = iters_per_block
         self.dampen = dampen
+        self.freeze = freeze
         self.revert_worse = revert_worse
         self.act_drop_prob = act_drop_prob
         self.blocks: list[Block] = partition_blocks(teacher)  # same names in the student
@@ -224,7 +234,8 @@ class BlockwiseDistillation(QuantDistillation):
         if self.revert_worse:
             self._untrained = [(p, p.detach().clone()) for p in params]
         self._block = k
-        self._oscillation = OscillationTracker(dampened_layers(map(self.student.get_submodule, self.blocks[k].modules)))
+        layers = dampened_layers(map(self.student.get_submodule, self.blocks[k].modules))
+        self._oscillation = OscillationTracker(layers, freeze_threshold=self.freeze)
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
 
@@ -247,13 +258,15 @@ class BlockwiseDistillation(QuantDistillation):
                   f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
         seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
-        oscillated = self._oscillation.share()
+        oscillation = {"oscillated": self._oscillation.share()}
+        if self.freeze:
+            oscillation["frozen"] = self._oscillation.frozen_share()
         self.log_block(
             {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained"),
-             f"block/{k:02d}/seconds": seconds, f"block/{k:02d}/oscillated": oscillated}, last,
+             f"block/{k:02d}/seconds": seconds, **{f"block/{k:02d}/{n}": v for n, v in oscillation.items()}}, last,
         )  # fmt: skip
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
-                             "mse_after": mse_after, "kept": kept, "oscillated": oscillated})  # fmt: skip
+                             "mse_after": mse_after, "kept": kept, **oscillation})  # fmt: skip
         self.student.requires_grad_(False)
         ctx = step_context(self.student)
         ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it

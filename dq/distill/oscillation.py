@@ -58,29 +58,56 @@ def dampening_loss(layers: Iterable[QuantLayerMixin]) -> Tensor:
 
 class OscillationTracker:
     """Counts, per latent weight of `layers`, how often its integer code reverses direction (Nagel et al.'s
-    oscillations: a flip up after a flip down, or down after up).
+    oscillations: a flip up after a flip down, or down after up), and freezes the weights that oscillate often.
 
     Call `update()` after each optimizer step; `share()` is the fraction of the weights that oscillated at least
-    once since the tracker was made, `flips()` the mean number of code changes per weight.
+    once since the tracker was made, `flips()` the mean number of code changes per weight. With a `freeze_threshold`
+    above 0, `update()` also keeps an exponential moving average (`momentum`) of each weight's oscillations and of its
+    code; a weight whose average oscillation frequency passes the threshold is frozen at its average code, rounded
+    (Nagel et al.'s iterative weight freezing): from then on every `update()` puts the latent weight back on that
+    code's grid point, `Δ (code - z)`, whatever the optimizer did.
     """
 
-    def __init__(self, layers: Iterable[QuantLayerMixin]) -> None:
+    def __init__(
+        self, layers: Iterable[QuantLayerMixin], freeze_threshold: float = 0.0, momentum: float = 0.01
+    ) -> None:
         self.layers = list(layers)
+        self.freeze_threshold = freeze_threshold
+        self.momentum = momentum
         self._codes = [m.weight_quantizer.codes(m.weight) for m in self.layers]
         self._direction = [torch.zeros_like(c) for c in self._codes]  # sign of each weight's last change, 0: none
         self._oscillations = [torch.zeros_like(c) for c in self._codes]
         self._changes = [torch.zeros_like(c) for c in self._codes]
+        self._frequency = [torch.zeros_like(c) for c in self._codes]  # moving average of oscillations per step
+        self._mean_codes = [c.clone() for c in self._codes]  # moving average of the codes
+        self._frozen = [torch.zeros_like(c, dtype=torch.bool) for c in self._codes]
+        self._frozen_codes = [torch.zeros_like(c) for c in self._codes]
 
     @torch.no_grad()
     def update(self) -> None:
-        """Compare each weight's code with the one at the last update."""
+        """Compare each weight's code with the one at the last update; freeze and hold frozen weights."""
+        m_ = self.momentum
         for i, m in enumerate(self.layers):
             codes = m.weight_quantizer.codes(m.weight)
             direction = torch.sign(codes - self._codes[i])  # [-1, 0, 1] per weight
             changed = direction != 0
-            self._oscillations[i] += direction * self._direction[i] == -1  # reversed its last change
+            oscillated = direction * self._direction[i] == -1  # reversed its last change
+            self._oscillations[i] += oscillated
             self._changes[i] += changed
             self._direction[i] = torch.where(changed, direction, self._direction[i])
+            if self.freeze_threshold > 0:
+                self._frequency[i].mul_(1 - m_).add_(oscillated.float(), alpha=m_)
+                new = (self._frequency[i] > self.freeze_threshold) & ~self._frozen[i]
+                self._frozen_codes[i] = torch.where(new, self._mean_codes[i].round(), self._frozen_codes[i])
+                self._frozen[i] |= new
+                self._mean_codes[i].mul_(1 - m_).add_(codes, alpha=m_)
+                if self._frozen[i].any():  # back onto the frozen code's grid point
+                    wq, w = m.weight_quantizer, m.weight
+                    point = wq._view(wq.scale, w).clamp_min(1e-8) * (
+                        self._frozen_codes[i] - wq._view(wq.zero_point, w).round()
+                    )
+                    w.copy_(torch.where(self._frozen[i], point.to(w.dtype), w))
+                    codes = torch.where(self._frozen[i], self._frozen_codes[i], codes)
             self._codes[i] = codes
 
     def _mean(self, counts: list[Tensor]) -> float:
@@ -94,3 +121,7 @@ class OscillationTracker:
     def flips(self) -> float:
         """Mean number of code changes per weight."""
         return self._mean(self._changes)
+
+    def frozen_share(self) -> float:
+        """Fraction of the weights frozen (0 without freezing)."""
+        return self._mean([f.float() for f in self._frozen])
