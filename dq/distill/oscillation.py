@@ -1,10 +1,11 @@
 """Weight oscillation in quantization-aware training (Nagel et al. 2022, "Overcoming Oscillations in
-Quantization-Aware Training"): tracking it, and the dampening term that counters it.
+Quantization-Aware Training"): tracking it, and the two remedies of that paper, dampening and freezing.
 
 A latent weight whose optimum lies between two grid points is pushed across the rounding edge between them from
 both sides in turn: its integer code flips back and forth, and where training stops decides which of the two it
-keeps. `OscillationTracker` counts such flips; `dampening_loss` pulls each latent weight towards the centre of its
-current bin, so that it settles on one side.
+keeps. `OscillationTracker` counts such flips and can freeze the weights that flip often; `dampening_loss` pulls each
+latent weight towards the centre of its current bin, so that it settles on one side. On dq's embedded benchmark
+neither helps (BENCHMARKS.md "Oscillating weights"); BKD uses both only when asked (`distill.dampen`, `distill.freeze`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def dampening_loss(layers: Iterable[QuantLayerMixin]) -> Tensor:
     total, count = None, 0
     for m in layers:
         wq, w = m.weight_quantizer, m.weight
-        scale = wq._view(wq.scale, w).detach().clamp_min(1e-8)  # [C_out, 1, ...]
-        zp = wq._view(wq.zero_point, w).detach().round()
+        scale, zp = wq.grid(w)  # [C_out, 1, ...]
         lo, hi = scale * (wq.qmin - zp), scale * (wq.qmax - zp)
         dist = (torch.minimum(torch.maximum(w, lo), hi) - wq(w).detach()) / scale
         part = dist.pow(2).sum()
@@ -102,11 +102,9 @@ class OscillationTracker:
                 self._frozen[i] |= new
                 self._mean_codes[i].mul_(1 - m_).add_(codes, alpha=m_)
                 if self._frozen[i].any():  # back onto the frozen code's grid point
-                    wq, w = m.weight_quantizer, m.weight
-                    point = wq._view(wq.scale, w).clamp_min(1e-8) * (
-                        self._frozen_codes[i] - wq._view(wq.zero_point, w).round()
-                    )
-                    w.copy_(torch.where(self._frozen[i], point.to(w.dtype), w))
+                    w = m.weight
+                    scale, zp = m.weight_quantizer.grid(w)
+                    w.copy_(torch.where(self._frozen[i], (scale * (self._frozen_codes[i] - zp)).to(w.dtype), w))
                     codes = torch.where(self._frozen[i], self._frozen_codes[i], codes)
             self._codes[i] = codes
 

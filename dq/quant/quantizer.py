@@ -313,12 +313,17 @@ class UniformQuantizer(_QuantizerBase):
         scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
         return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
 
+    def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(Δ, round(z))` of weight `x`'s grid as `forward` uses them (Δ clamped to `SCALE_MIN`), detached, in
+        float32, shaped to broadcast over `x`: grid point `c` is `Δ (c - round(z))` for `c` in `[qmin, qmax]`."""
+        scale = self._view(self.scale, x).detach().float().clamp_min(SCALE_MIN)
+        return scale, self._view(self.zero_point, x).detach().float().round()
+
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
         """The integer grid code `clamp(round(x/Δ) + round(z), qmin, qmax)` of each element of weight `x` (as floats,
         in float32); `forward(x)` is `Δ · (codes(x) - round(z))`."""
-        scale = self._view(self.scale, x).float().clamp_min(SCALE_MIN)
-        zp = self._view(self.zero_point, x).float().round()
+        scale, zp = self.grid(x)
         return torch.clamp(torch.round(x.float() / scale) + zp, self.qmin, self.qmax)
 
 
