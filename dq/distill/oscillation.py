@@ -47,7 +47,9 @@ def dampening_loss(layers: Iterable[QuantLayerMixin]) -> Tensor:
         wq, w = m.weight_quantizer, m.weight
         scale, zp = wq.grid(w)  # [C_out, 1, ...]
         lo, hi = scale * (wq.qmin - zp), scale * (wq.qmax - zp)
-        dist = (torch.minimum(torch.maximum(w, lo), hi) - wq(w).detach()) / scale
+        with torch.no_grad():
+            centre = wq(w)  # the target: no graph through the quantizer
+        dist = (torch.minimum(torch.maximum(w, lo), hi) - centre) / scale
         part = dist.pow(2).sum()
         total = part if total is None else total + part
         count += w.numel()
