@@ -11,7 +11,7 @@ from torch import nn
 
 from dq.distill import BlockwiseDistillation
 from dq.distill.calibration import build_calibration_set
-from dq.distill.oscillation import OscillationTracker, dampened_layers, dampening_loss
+from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
 from dq.quant import QuantConv2d, QuantizerSpec, QuantLinear, QuantSpec, UniformQuantizer, quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,9 +163,9 @@ def test_bkd_freezing_freezes_oscillating_weights(teacher, calib) -> None:
     assert max(frozen) > 0
 
 
-def test_dampened_layers_are_the_trained_weights_on_an_active_grid() -> None:
+def test_trained_weight_layers_are_the_trained_weights_on_an_active_grid() -> None:
     trained, frozen, off = (linear(torch.randn(3, 4)) for _ in range(3))
     frozen.weight.requires_grad_(False)
     off.weight_quantizer.enabled = False
     parent = nn.Sequential(trained, frozen, off)
-    assert dampened_layers([parent, trained]) == [trained]  # deduplicated
+    assert trained_weight_layers([parent, trained]) == [trained]  # deduplicated

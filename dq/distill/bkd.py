@@ -33,7 +33,7 @@ from dq.distill.base import (
 from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
-from dq.distill.oscillation import OscillationTracker, dampened_layers, dampening_loss
+from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
 from dq.quant import step_context
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class BlockwiseDistillation(QuantDistillation):
         if self.revert_worse:
             self._untrained = [(p, p.detach().clone()) for p in params]
         self._block = k
-        layers = dampened_layers(map(self.student.get_submodule, self.blocks[k].modules))
+        layers = trained_weight_layers(map(self.student.get_submodule, self.blocks[k].modules))
         self._oscillation = OscillationTracker(layers, freeze_threshold=self.freeze)
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)

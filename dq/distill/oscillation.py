@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from dq.quant import QuantLayerMixin, adapter
 
-__all__ = ["OscillationTracker", "dampening_loss", "dampened_layers"]
+__all__ = ["OscillationTracker", "dampening_loss", "trained_weight_layers"]
 
 
-def dampened_layers(modules: Iterable[nn.Module]) -> list[QuantLayerMixin]:
+def trained_weight_layers(modules: Iterable[nn.Module]) -> list[QuantLayerMixin]:
     """The quantized layers in `modules` (and below) whose latent weight is a trained Parameter on an active grid:
     weight quantizer enabled and initialised, no low-rank adapter (`dq.quant.lora`), `requires_grad`. Deduplicated,
     in module order."""
