@@ -180,6 +180,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
 
     start = time.perf_counter()
+    callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet
     student = quantize_student(cfg, teacher, scheduler)
     calib = calibration_set(cfg, teacher, scheduler)
     # a partial, then the objects: instantiate would turn the CalibrationSet dataclass into a DictConfig
@@ -194,7 +195,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     trainer_kwargs["enable_progress_bar"] = bool(trainer_kwargs.get("enable_progress_bar", True) and cfg.eval.progress)
     trainer = pl.Trainer(
         **trainer_kwargs, logger=loggers or False,
-        callbacks=build_callbacks(cfg.get("callbacks")) + progress_bar(trainer_kwargs["enable_progress_bar"]),
+        callbacks=callbacks + progress_bar(trainer_kwargs["enable_progress_bar"]),
         default_root_dir=str(run_dir), enable_checkpointing=False,
     )  # fmt: skip
 

@@ -95,6 +95,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise ConfigError(f"{key}={value!r} is invalid: a learning rate must be a number >= 0 (0 freezes it).")
+    rates = {key: OmegaConf.select(cfg, key) for key in RATES if OmegaConf.select(cfg, key) is not None}
+    if rates and not any(rates.values()):  # the distillation classes refuse it too, but only after calibration
+        raise ConfigError(
+            f"{', '.join(f'{k}=0' for k in rates)}: nothing would train. For post-training quantization without "
+            "training use distill=none."
+        )
     batch, n_calib = OmegaConf.select(cfg, "distill.batch_size"), OmegaConf.select(cfg, "calib.n_calib")
     if isinstance(batch, int) and isinstance(n_calib, int) and batch > n_calib:
         raise ConfigError(

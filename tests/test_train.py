@@ -233,6 +233,10 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.lr_bits=0"], r"distill.lr_bits=0 is invalid: the weight bit-width"),
         (["distill.act_drop_prob=1.5"], r"distill.act_drop_prob=1.5 is invalid: a number \[0, 1\)"),
         (["distill.dampen=-0.5"], r"distill.dampen=-0.5 is invalid: a number \[0, inf\), the weight of oscillation"),
+        (["distill.freeze=1"], r"distill.freeze=1 is invalid: a number \[0, 1\), the oscillation frequency"),
+        (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"],
+         r"distill.lr_weight=0, distill.lr_weight_qparams=0, distill.lr_act_qparams=0, distill.lr_lora=0: nothing "
+         r"would train. For post-training quantization without training use distill=none"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
         (["callbacks.weight_dilation.s_max=0"], r"callbacks.weight_dilation.s_max=0 is invalid: a number >= 1"),
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
