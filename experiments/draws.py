@@ -1,0 +1,157 @@
+"""Summarise runs over calibration draws: each setting's PSNR to the teacher and FID by calib.seed with their means,
+FID as a multiple of FP, training seconds and peak memory; with `--against`, each setting's paired PSNR change
+against a base setting on the draws both have.
+
+    python experiments/draws.py TABLE.csv [TABLE.csv ...] [--against "bits=w4a8" --against "bits=w4a4"] [--out OUT]
+
+TABLE.csv: tables written by `experiments/collect.py` (`experiments/tables/*.csv`). A setting is a run's overrides
+without `calib.seed=N`; a run without that override is calib.seed 1, the default (conf/calib/default.yaml). Each
+setting is paired with the `--against` setting whose overrides are the largest subset of its own (`bits=w4a8
+callbacks=tpq` with `bits=w4a8`). The FP FID is the teacher row's. Seconds, memory and PSNR in the tables are as
+`dq-train` measured them; this script only does the arithmetic the README and BENCHMARKS quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEED = re.compile(r"^calib\.seed=(\d+)$")
+DEFAULT_SEED = 1  # conf/calib/default.yaml
+
+
+@dataclass
+class Setting:
+    """The runs of one setting, by calib.seed."""
+
+    overrides: tuple[str, ...]
+    psnr: dict[int, float] = field(default_factory=dict)
+    fid: dict[int, float] = field(default_factory=dict)
+    train_s: dict[int, float] = field(default_factory=dict)
+    peak_mb: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.overrides) or "(defaults)"
+
+
+def split_overrides(text: str) -> tuple[tuple[str, ...], int]:
+    """A run's overrides -> (the setting's overrides, sorted, without calib.seed; the calib.seed)."""
+    seed, rest = DEFAULT_SEED, []
+    for token in text.split():
+        if m := SEED.match(token):
+            seed = int(m.group(1))
+        else:
+            rest.append(token)
+    return tuple(sorted(rest)), seed
+
+
+def number(text: str) -> float | None:
+    return float(text) if text not in ("", None) else None
+
+
+def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting]]:
+    """FP FID and the settings of collect.py tables; a second run of one setting and draw is refused."""
+    fp: float | None = None
+    settings: dict[tuple[str, ...], Setting] = {}
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: pass tables written by experiments/collect.py (experiments/tables/)")
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row["bits"] == "fp":
+                    fid = number(row["fid"])
+                    if fp is not None and fid is not None and not math.isclose(fid, fp, rel_tol=1e-6):
+                        raise SystemExit(f"{path}: FP FID {fid} differs from {fp} in an earlier table")
+                    fp = fid if fid is not None else fp
+                    continue
+                key, seed = split_overrides(row["overrides"])
+                s = settings.setdefault(key, Setting(key))
+                if seed in s.psnr:
+                    raise SystemExit(f"{path}: setting '{s.name}' has calib.seed={seed} twice ({row['run']})")
+                for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
+                                  ("peak_mb", "peak_mem_mb")):  # fmt: skip
+                    if (value := number(row[col])) is not None:
+                        getattr(s, attr)[seed] = value
+    if fp is None:
+        raise SystemExit("no teacher (fp) row in the tables: its FID is the reference for 'x FP'")
+    return fp, settings
+
+
+def base_of(setting: Setting, bases: list[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The base whose overrides are the largest proper subset of the setting's (None: none is, or it is a base)."""
+    own = set(setting.overrides)
+    fits = [b for b in bases if set(b) < own]
+    return max(fits, key=len) if fits else None
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    """a - b on the draws both have."""
+    return {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
+
+
+def spread(values: dict[int, float]) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values.values()), max(values.values())
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
+
+
+def by_seed(values: dict[int, float], digits: int) -> str:
+    """'26.61 / 26.47 / 23.89 (25.66)': the draws in calib.seed order and their mean."""
+    if not values:
+        return "-"
+    cells = " / ".join(f"{values[s]:.{digits}f}" for s in sorted(values))
+    return f"{cells} ({statistics.fmean(values.values()):.{digits}f})" if len(values) > 1 else cells
+
+
+def with_sd(diff: dict[int, float]) -> str:
+    """Paired differences by draw, their mean and (over two or more draws) their standard deviation."""
+    if not diff:
+        return "-"
+    text = by_seed(diff, 2)
+    return f"{text[:-1]}, SD {statistics.stdev(diff.values()):.2f})" if len(diff) > 1 else text
+
+
+def table(fp: float, settings: dict[tuple[str, ...], Setting], against: list[tuple[str, ...]]) -> str:
+    """Markdown: one row per setting, in the order the tables list them."""
+    head = ["setting", "calib.seed", "PSNR dB (mean)", "FID (mean)", "x FP", "train s", "peak MB"]
+    if against:
+        head += ["paired PSNR change (mean)", "against"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in settings.values():
+        ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
+        row = [s.name, " / ".join(map(str, sorted(s.psnr))), by_seed(s.psnr, 2), by_seed(s.fid, 1), ratio,
+               spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
+        if against:
+            base = base_of(s, against)
+            diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
+            row += [with_sd(diff), " ".join(base) if diff else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tables", nargs="+", type=Path)
+    parser.add_argument("--against", action="append", default=[], help="a base setting's overrides (repeatable)")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    fp, settings = read_tables(args.tables)
+    against = [split_overrides(a)[0] for a in args.against]
+    if missing := [" ".join(a) for a in against if a not in settings]:
+        held = [s.name for s in settings.values()]
+        raise SystemExit(f"--against {missing}: no such setting in the tables; they hold {held}")
+    text = table(fp, settings, against)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""experiments/draws.py: means over calibration draws and paired changes (the README and BENCHMARKS quote them)."""
+
+import csv
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+COLUMNS = ["quantizer", "bits", "overrides", "fid", "psnr_to_teacher", "train_s", "peak_mem_mb", "run"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("draws", REPO / "experiments" / "draws.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["draws"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0) -> Path:
+    """A collect.py-like CSV: the teacher row, then (overrides, fid, psnr) rows."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerow({"quantizer": "fp (teacher)", "bits": "fp", "overrides": "", "fid": fp, "run": "teacher"})
+        for i, (overrides, fid, psnr) in enumerate(rows):
+            run = {"overrides": overrides, "fid": fid, "psnr_to_teacher": psnr, "train_s": 100 + i, "run": f"/r/{i}"}
+            w.writerow({"quantizer": "dilatequant", "bits": "w4a8", "peak_mem_mb": 1000, **run})
+    return path
+
+
+def _cells(out: str, setting: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(f"| {setting} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_means_ratio_and_paired_change_against_the_largest_base(tmp_path, monkeypatch, capsys):
+    base = _table(tmp_path / "base.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0),
+                                          ("bits=w4a8 calib.seed=2", 60.0, 25.0),
+                                          ("bits=w4a8 calib.seed=3", 70.0, 24.0)])  # fmt: skip
+    # the first run names no calib.seed (so 1, the default) and its overrides in another order; seed 4 has no base
+    runs = _table(tmp_path / "runs.csv", [("callbacks=tpq bits=w4a8", 44.0, 27.5),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=2", 66.0, 24.0),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=4", 80.0, 20.0)])  # fmt: skip
+    argv = ["draws.py", str(base), str(runs), "--against", "bits=w4a8", "--out", str(tmp_path / "t.md")]
+    monkeypatch.setattr("sys.argv", argv)
+    _script().main()
+    out = capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text() in out
+    setting, seeds, psnr, fid, ratio, train_s, mem, change, against = _cells(out, "bits=w4a8 callbacks=tpq")
+    assert seeds == "1 / 2 / 4"
+    assert psnr == f"27.50 / 24.00 / 20.00 ({statistics.fmean([27.5, 24.0, 20.0]):.2f})"
+    assert fid == "44.0 / 66.0 / 80.0 (63.3)"
+    assert ratio == f"{(44 + 66 + 80) / 3 / 40:.2f}x"
+    assert train_s == "100-102" and mem == "1000"
+    diffs = [27.5 - 26.0, 24.0 - 25.0]  # seed 4 has no base run
+    assert change == f"1.50 / -1.00 ({statistics.fmean(diffs):.2f}, SD {statistics.stdev(diffs):.2f})"
+    assert against == "bits=w4a8"
+    assert _cells(out, "bits=w4a8")[7] == "-"  # a base is not paired with itself
+    assert "FP classifier-FID 40.00" in out
+
+
+def test_a_setting_pairs_with_the_base_sharing_most_overrides():
+    draws = _script()
+    bases = [("bits=w4a8",), ("bits=w4a4",), ("bits=w4a8", "distill.dampen=1")]
+    setting = draws.Setting(("bits=w4a8", "distill.dampen=1", "distill.freeze=0.02"))
+    assert draws.base_of(setting, bases) == ("bits=w4a8", "distill.dampen=1")
+    assert draws.base_of(draws.Setting(("bits=w4a4", "callbacks=tpq")), bases) == ("bits=w4a4",)
+    assert draws.base_of(draws.Setting(("bits=w8a8",)), bases) is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "fp2", "argv_extra", "message"),
+    [
+        ([("bits=w4a8", 1.0, 1.0), ("bits=w4a8 calib.seed=1", 2.0, 2.0)], 40.0, [], "has calib.seed=1 twice"),
+        ([("bits=w4a8", 1.0, 1.0)], 41.0, [], "FP FID 41.0 differs from 40.0"),
+        ([("bits=w4a8", 1.0, 1.0)], 40.0, ["--against", "bits=w4a4"], r"--against \['bits=w4a4'\]: no such setting"),
+    ],
+)
+def test_bad_tables_are_refused_by_name(rows, fp2, argv_extra, message, tmp_path, monkeypatch):
+    a = _table(tmp_path / "a.csv", [("bits=w4a8 calib.seed=2", 1.0, 1.0)])
+    b = _table(tmp_path / "b.csv", rows, fp=fp2)
+    monkeypatch.setattr("sys.argv", ["draws.py", str(a), str(b), *argv_extra])
+    with pytest.raises(SystemExit, match=message):
+        _script().main()
