@@ -237,6 +237,8 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"],
          r"distill.lr_weight=0, distill.lr_weight_qparams=0, distill.lr_act_qparams=0, distill.lr_lora=0: nothing "
          r"would train. For post-training quantization without training use distill=none"),
+        (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0",
+          "distill.lr_act_step_rel=0"], r"distill.lr_act_step_rel=0: nothing would train"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
         (["callbacks.weight_dilation.s_max=0"], r"callbacks.weight_dilation.s_max=0 is invalid: a number >= 1"),
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
@@ -265,6 +267,12 @@ def test_dq_eval_is_not_told_to_pass_eval_none(tmp_path):
     with pytest.raises(ConfigError, match=r"model.data.path is not set") as e:
         validate(compose_cfg("eval", CIFAR, tmp_path))
     assert "eval=none" not in str(e.value)
+
+
+def test_activation_step_sizes_alone_pass_the_nothing_trains_check(tmp_path):
+    """`lr_act_step_rel` trains the activation step sizes with every absolute rate at 0 (set_optimization agrees)."""
+    rates = ["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"]
+    validate(compose_cfg("train", [*rates, "distill.lr_act_step_rel=0.004"], tmp_path))
 
 
 def test_a_real_model_without_scoring_passes_the_start_up_checks(tmp_path):
