@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SEED = re.compile(r"^calib\.seed=(\d+)$")
+TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
+FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
 DEFAULT_SEED = 1  # conf/calib/default.yaml
 
 
@@ -30,6 +32,7 @@ class Setting:
     """The runs of one setting, by calib.seed."""
 
     overrides: tuple[str, ...]
+    seeds: set[int] = field(default_factory=set)
     psnr: dict[int, float] = field(default_factory=dict)
     fid: dict[int, float] = field(default_factory=dict)
     train_s: dict[int, float] = field(default_factory=dict)
@@ -43,7 +46,7 @@ class Setting:
 def split_overrides(text: str) -> tuple[tuple[str, ...], int]:
     """A run's overrides -> (the setting's overrides, sorted, without calib.seed; the calib.seed)."""
     seed, rest = DEFAULT_SEED, []
-    for token in text.split():
+    for token in TOKEN.findall(text):
         if m := SEED.match(token):
             seed = int(m.group(1))
         else:
@@ -51,8 +54,12 @@ def split_overrides(text: str) -> tuple[tuple[str, ...], int]:
     return tuple(sorted(rest)), seed
 
 
-def number(text: str) -> float | None:
-    return float(text) if text not in ("", None) else None
+def number(text: str | None) -> float | None:
+    """A table cell as a number; None for an empty one or text (`non-finite 3/1000`: a student not scored)."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting]]:
@@ -66,14 +73,20 @@ def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting
             for row in csv.DictReader(f):
                 if row["bits"] == "fp":
                     fid = number(row["fid"])
-                    if fp is not None and fid is not None and not math.isclose(fid, fp, rel_tol=1e-6):
+                    if fp is not None and fid is not None and not math.isclose(fid, fp, rel_tol=FP_TOLERANCE):
                         raise SystemExit(f"{path}: FP FID {fid} differs from {fp} in an earlier table")
                     fp = fid if fid is not None else fp
                     continue
+                if "[eval seed" in row["overrides"]:
+                    raise SystemExit(
+                        f"{path}: run {row['run']} was scored on other evaluation noise ({row['overrides']}): "
+                        "draws.py compares runs scored on one noise against one teacher; leave it out"
+                    )
                 key, seed = split_overrides(row["overrides"])
                 s = settings.setdefault(key, Setting(key))
-                if seed in s.psnr:
+                if seed in s.seeds:
                     raise SystemExit(f"{path}: setting '{s.name}' has calib.seed={seed} twice ({row['run']})")
+                s.seeds.add(seed)
                 for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
                                   ("peak_mb", "peak_mem_mb")):  # fmt: skip
                     if (value := number(row[col])) is not None:
@@ -84,10 +97,16 @@ def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting
 
 
 def base_of(setting: Setting, bases: list[tuple[str, ...]]) -> tuple[str, ...] | None:
-    """The base whose overrides are the largest proper subset of the setting's (None: none is, or it is a base)."""
+    """The base whose overrides are the largest proper subset of the setting's (None: none is, or it is a base); two
+    such bases of one size are refused."""
     own = set(setting.overrides)
     fits = [b for b in bases if set(b) < own]
-    return max(fits, key=len) if fits else None
+    if not fits:
+        return None
+    best = [b for b in fits if len(b) == max(map(len, fits))]
+    if len(best) > 1:
+        raise SystemExit(f"'{setting.name}' fits the bases {[' '.join(b) for b in best]} alike: pass only one")
+    return best[0]
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
@@ -126,7 +145,7 @@ def table(fp: float, settings: dict[tuple[str, ...], Setting], against: list[tup
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in settings.values():
         ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
-        row = [s.name, " / ".join(map(str, sorted(s.psnr))), by_seed(s.psnr, 2), by_seed(s.fid, 1), ratio,
+        row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2), by_seed(s.fid, 1), ratio,
                spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
             base = base_of(s, against)

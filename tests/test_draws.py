@@ -70,6 +70,19 @@ def test_a_setting_pairs_with_the_base_sharing_most_overrides():
     assert draws.base_of(setting, bases) == ("bits=w4a8", "distill.dampen=1")
     assert draws.base_of(draws.Setting(("bits=w4a4", "callbacks=tpq")), bases) == ("bits=w4a4",)
     assert draws.base_of(draws.Setting(("bits=w8a8",)), bases) is None
+    with pytest.raises(SystemExit, match=r"fits the bases \['bits=w4a8', 'callbacks=tpq'\] alike"):
+        draws.base_of(draws.Setting(("bits=w4a8", "callbacks=tpq")), [("bits=w4a8",), ("callbacks=tpq",)])
+
+
+def test_an_unscored_student_and_real_float_noise_in_the_teacher_fid(tmp_path, monkeypatch, capsys):
+    """collect.py writes `non-finite 3/1000` for a student it could not score; the teacher's FID differs in the
+    sixth digit between tables from the same noise."""
+    a = _table(tmp_path / "a.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0)], fp=42.32760238647461)
+    b = _table(tmp_path / "b.csv", [("bits=w4a8 calib.seed=2", "non-finite 3/1000", "")], fp=42.327694)
+    monkeypatch.setattr("sys.argv", ["draws.py", str(a), str(b)])
+    _script().main()
+    seeds, psnr, fid, ratio = _cells(capsys.readouterr().out, "bits=w4a8")[1:5]
+    assert (seeds, psnr, fid, ratio) == ("1 / 2", "26.00", "50.0", f"{50 / 42.32760238647461:.2f}x")
 
 
 @pytest.mark.parametrize(
@@ -78,6 +91,8 @@ def test_a_setting_pairs_with_the_base_sharing_most_overrides():
         ([("bits=w4a8", 1.0, 1.0), ("bits=w4a8 calib.seed=1", 2.0, 2.0)], 40.0, [], "has calib.seed=1 twice"),
         ([("bits=w4a8", 1.0, 1.0)], 41.0, [], "FP FID 41.0 differs from 40.0"),
         ([("bits=w4a8", 1.0, 1.0)], 40.0, ["--against", "bits=w4a4"], r"--against \['bits=w4a4'\]: no such setting"),
+        ([("bits=w4a8 calib.seed=1", "non-finite 1/10", ""), ("bits=w4a8", "", "")], 40.0, [], "calib.seed=1 twice"),
+        ([("bits=w4a8 [eval seed 5, teacher FID 41.00]", 1.0, 1.0)], 40.0, [], r"scored on other evaluation noise"),
     ],
 )
 def test_bad_tables_are_refused_by_name(rows, fp2, argv_extra, message, tmp_path, monkeypatch):
