@@ -269,6 +269,21 @@ def test_dq_eval_is_not_told_to_pass_eval_none(tmp_path):
     assert "eval=none" not in str(e.value)
 
 
+def test_callbacks_are_built_before_calibration(tmp_path, monkeypatch):
+    """A callback refusing its settings in `__init__` stops the run before calibration (minutes on a real model)."""
+
+    def refuse(_cfg):
+        raise ConfigError("callbacks.x.y=1 is invalid")
+
+    def calibrate(*_a, **_k):
+        raise AssertionError("calibration ran before the callbacks were built")
+
+    monkeypatch.setattr("dq.train.build_callbacks", refuse)
+    monkeypatch.setattr("dq.train.calibration_set", calibrate)
+    with pytest.raises(ConfigError, match=r"callbacks.x.y=1 is invalid"):
+        train(compose_cfg("train", ["logger=none", "eval=none"], tmp_path))
+
+
 def test_activation_step_sizes_alone_pass_the_nothing_trains_check(tmp_path):
     """`lr_act_step_rel` trains the activation step sizes with every absolute rate at 0 (set_optimization agrees)."""
     rates = ["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"]
