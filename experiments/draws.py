@@ -21,6 +21,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dq.utils.io import atomic_write_text
+
 SEED = re.compile(r"^calib\.seed=(\d+)$")
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
 FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
@@ -169,7 +171,7 @@ def main() -> None:
     text = table(fp, settings, against)
     print(text)
     if args.out is not None:
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":
