@@ -96,8 +96,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise ConfigError(f"{key}={value!r} is invalid: a learning rate must be a number >= 0 (0 freezes it).")
     # lr_act_step_rel, when set, trains the activation step sizes on its own (as set_optimization counts it)
-    rates = {key: OmegaConf.select(cfg, key) for key in (*RATES, "distill.lr_act_step_rel")
-             if OmegaConf.select(cfg, key) is not None}  # fmt: skip
+    rates = {k: v for k in (*RATES, "distill.lr_act_step_rel") if (v := OmegaConf.select(cfg, k)) is not None}
     if rates and not any(rates.values()):  # the distillation classes refuse it too, but only after calibration
         raise ConfigError(
             f"{', '.join(f'{k}=0' for k in rates)}: nothing would train. For post-training quantization without "
