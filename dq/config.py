@@ -11,10 +11,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
@@ -124,11 +126,30 @@ def _holds_only_hydra_files(*extra: Path) -> bool:
     return record is None or not record.exists() or all(p.name in HYDRA_RECORD for p in record.iterdir())
 
 
+_FOUND_RUN_DIRS: set[Path] = set()  # run directories that existed before Hydra made this command's
+
+
+class NoteFoundRunDir(Callback):
+    """Hydra callback (`hydra.callbacks.found_run_dir` in conf/train.yaml, eval.yaml, pretrain.yaml): before Hydra
+    makes the run directory, notes whether it exists already, so that a refused command never removes a directory
+    the user made, empty or not (`run_dir_is_new`)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            run = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=True)))
+        except Exception:  # Hydra itself then fails on it, with its own message
+            return
+        if run.exists():
+            _FOUND_RUN_DIRS.add(run.resolve())
+
+
 def run_dir_is_new() -> bool:
-    """Whether the run directory holds only what Hydra wrote for this command (its record, an empty log file): called
-    before the command logs anything, it tells a directory this command made from one with an earlier attempt's log
-    or the user's files in it (an empty directory the user made counts as new)."""
-    _, log_file, _ = _run_files()
+    """Whether this command's Hydra made the run directory and it holds only what Hydra wrote (its record, an empty
+    log file): called before the command logs anything, it tells a directory this command made from one the user
+    made (`NoteFoundRunDir`) or with an earlier attempt's log or the user's files in it."""
+    run, log_file, _ = _run_files()
+    if run in _FOUND_RUN_DIRS:
+        return False
     return _holds_only_hydra_files() and (not log_file.exists() or log_file.stat().st_size == 0)
 
 

@@ -519,6 +519,13 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, args, first_
     assert not (tmp_path / "run").exists()  # a refused command leaves no empty run directory among the real ones
 
 
+def test_a_refused_command_keeps_an_empty_run_directory_the_user_made(tmp_path):
+    (tmp_path / "mine").mkdir()
+    done = _cli(tmp_path, "dq.eval", "eval.n_samples=0", f"hydra.run.dir={tmp_path / 'mine'}", "logger=none")
+    assert done.returncode == 2 and "eval.n_samples=0 is invalid" in done.stderr
+    assert "dq-eval eval.n_samples=0" in (tmp_path / "mine" / "eval.log").read_text()  # its attempt is logged there
+
+
 @pytest.mark.parametrize("case", ["fresh", "user file", "earlier attempt", "lock held", "working directory"])
 def test_a_refused_command_removes_only_a_run_directory_it_filled_itself(tmp_path, monkeypatch, case):
     """A refused single run leaves no run directory when Hydra's record and this command's log are all there is;
