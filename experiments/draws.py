@@ -1,14 +1,19 @@
-"""Summarise runs over calibration draws: each setting's PSNR to the teacher and FID by calib.seed with their means,
-FID as a multiple of FP, training seconds and peak memory; with `--against`, each setting's paired PSNR change
-against a base setting on the draws both have.
+"""Summarise runs over calibration draws (or training seeds): each setting's PSNR to the teacher and FID by draw with
+their means and PSNR's standard deviation, FID as a multiple of FP, training seconds and peak memory; with `--against`,
+each setting's PSNR change against a base setting.
 
-    python experiments/draws.py TABLE.csv [TABLE.csv ...] [--against "bits=w4a8" --against "bits=w4a4"] [--out OUT]
+    python experiments/draws.py TABLE.csv [TABLE.csv ...] [--against "bits=w4a8" --against "bits=w4a4"]
+                                [--over calib.seed | seed] [--out OUT]
 
 TABLE.csv: tables written by `experiments/collect.py` (`experiments/tables/*.csv`). A setting is a run's overrides
-without `calib.seed=N`; a run without that override is calib.seed 1, the default (conf/calib/default.yaml). Each
-setting is paired with the `--against` setting whose overrides are the largest subset of its own (`bits=w4a8
-callbacks=tpq` with `bits=w4a8`). The FP FID is the teacher row's. Seconds, memory and PSNR in the tables are as
-`dq-train` measured them; this script only does the arithmetic the README and BENCHMARKS quote.
+without the `--over` seed (default `calib.seed`); a run without that override has its default (calib.seed 1,
+conf/calib/default.yaml; seed 0, conf/train.yaml), and an override that sets the other seed to its default is dropped
+(`calib.seed=1` with `--over seed`). Each setting is compared with the `--against` setting whose overrides are the
+largest subset of its own (`bits=w4a8 callbacks=tpq` with `bits=w4a8`): over calibration draws, paired by draw (both
+runs of a pair trained on the same calibration pairs); over training seeds, unpaired, the difference of the means with
+its standard error (a training seed shares nothing between two settings). The FP FID is the teacher row's. Seconds,
+memory and PSNR in the tables are as `dq-train` measured them; this script only does the arithmetic the README and
+BENCHMARKS quote.
 """
 
 from __future__ import annotations
@@ -23,15 +28,14 @@ from pathlib import Path
 
 from dq.utils.io import atomic_write_text
 
-SEED = re.compile(r"^calib\.seed=(\d+)$")
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
 FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
-DEFAULT_SEED = 1  # conf/calib/default.yaml
+DEFAULT_SEEDS = {"calib.seed": 1, "seed": 0}  # conf/calib/default.yaml, conf/train.yaml
 
 
 @dataclass
 class Setting:
-    """The runs of one setting, by calib.seed."""
+    """The runs of one setting, by the seed they vary over (calib.seed or seed)."""
 
     overrides: tuple[str, ...]
     seeds: set[int] = field(default_factory=set)
@@ -45,13 +49,18 @@ class Setting:
         return " ".join(self.overrides) or "(defaults)"
 
 
-def split_overrides(text: str) -> tuple[tuple[str, ...], int]:
-    """A run's overrides -> (the setting's overrides, sorted, without calib.seed; the calib.seed)."""
-    seed, rest = DEFAULT_SEED, []
+def split_overrides(text: str, over: str = "calib.seed") -> tuple[tuple[str, ...], int]:
+    """A run's overrides -> (the setting's overrides, sorted, without the `over` seed; that seed).
+
+    An override that sets the other seed of DEFAULT_SEEDS to its default is dropped, so a run that names it and
+    one that does not are one setting.
+    """
+    seed, rest = DEFAULT_SEEDS[over], []
     for token in TOKEN.findall(text):
-        if m := SEED.match(token):
-            seed = int(m.group(1))
-        else:
+        key, _, value = token.partition("=")
+        if key == over and value.isdigit():
+            seed = int(value)
+        elif not (key in DEFAULT_SEEDS and value.isdigit() and int(value) == DEFAULT_SEEDS[key]):
             rest.append(token)
     return tuple(sorted(rest)), seed
 
@@ -64,8 +73,8 @@ def number(text: str | None) -> float | None:
         return None
 
 
-def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting]]:
-    """FP FID and the settings of collect.py tables; a second run of one setting and draw is refused."""
+def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dict[tuple[str, ...], Setting]]:
+    """FP FID and the settings of collect.py tables; a second run of one setting and seed is refused."""
     fp: float | None = None
     settings: dict[tuple[str, ...], Setting] = {}
     for path in paths:
@@ -84,10 +93,10 @@ def read_tables(paths: list[Path]) -> tuple[float, dict[tuple[str, ...], Setting
                         f"{path}: run {row['run']} was scored on other evaluation noise ({row['overrides']}): "
                         "draws.py compares runs scored on one noise against one teacher; leave it out"
                     )
-                key, seed = split_overrides(row["overrides"])
+                key, seed = split_overrides(row["overrides"], over)
                 s = settings.setdefault(key, Setting(key))
                 if seed in s.seeds:
-                    raise SystemExit(f"{path}: setting '{s.name}' has calib.seed={seed} twice ({row['run']})")
+                    raise SystemExit(f"{path}: setting '{s.name}' has {over}={seed} twice ({row['run']})")
                 s.seeds.add(seed)
                 for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
                                   ("peak_mb", "peak_mem_mb")):  # fmt: skip
@@ -116,6 +125,20 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
     return {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
 
 
+def unpaired(a: dict[int, float], b: dict[int, float]) -> str:
+    """mean(a) - mean(b) with its standard error (Welch: each side's variance over its count); '-' without two
+    values on each side."""
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    diff = statistics.fmean(a.values()) - statistics.fmean(b.values())
+    se = math.sqrt(statistics.variance(a.values()) / len(a) + statistics.variance(b.values()) / len(b))
+    return f"{diff:+.2f} (SE {se:.2f})"
+
+
+def sd(values: dict[int, float]) -> str:
+    return f"{statistics.stdev(values.values()):.2f}" if len(values) > 1 else "-"
+
+
 def spread(values: dict[int, float]) -> str:
     if not values:
         return "-"
@@ -124,7 +147,7 @@ def spread(values: dict[int, float]) -> str:
 
 
 def by_seed(values: dict[int, float], digits: int) -> str:
-    """'26.61 / 26.47 / 23.89 (25.66)': the draws in calib.seed order and their mean."""
+    """'26.61 / 26.47 / 23.89 (25.66)': the values in seed order and their mean."""
     if not values:
         return "-"
     cells = " / ".join(f"{values[s]:.{digits}f}" for s in sorted(values))
@@ -139,20 +162,25 @@ def with_sd(diff: dict[int, float]) -> str:
     return f"{text[:-1]}, SD {statistics.stdev(diff.values()):.2f})" if len(diff) > 1 else text
 
 
-def table(fp: float, settings: dict[tuple[str, ...], Setting], against: list[tuple[str, ...]]) -> str:
+def table(
+    fp: float, settings: dict[tuple[str, ...], Setting], against: list[tuple[str, ...]], over: str = "calib.seed"
+) -> str:
     """Markdown: one row per setting, in the order the tables list them."""
-    head = ["setting", "calib.seed", "PSNR dB (mean)", "FID (mean)", "x FP", "train s", "peak MB"]
+    head = ["setting", over, "PSNR dB (mean)", "PSNR SD", "FID (mean)", "x FP", "train s", "peak MB"]
     if against:
-        head += ["paired PSNR change (mean)", "against"]
+        head += ["paired PSNR change (mean)" if over == "calib.seed" else "PSNR change of the mean", "against"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in settings.values():
         ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
-        row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2), by_seed(s.fid, 1), ratio,
-               spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
+        row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2), sd(s.psnr), by_seed(s.fid, 1),
+               ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
             base = base_of(s, against)
-            diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
-            row += [with_sd(diff), " ".join(base) if diff else "-"]
+            if over == "calib.seed":
+                change = with_sd(paired(s.psnr, settings[base].psnr)) if base is not None else "-"
+            else:  # training seeds: independent runs, nothing to pair
+                change = unpaired(s.psnr, settings[base].psnr) if base is not None else "-"
+            row += [change, " ".join(base) if change != "-" else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n"
 
@@ -161,14 +189,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tables", nargs="+", type=Path)
     parser.add_argument("--against", action="append", default=[], help="a base setting's overrides (repeatable)")
+    over_help = "the seed a setting's runs vary over: calibration draws (default) or training seeds"
+    parser.add_argument("--over", choices=sorted(DEFAULT_SEEDS), default="calib.seed", help=over_help)
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
-    fp, settings = read_tables(args.tables)
-    against = [split_overrides(a)[0] for a in args.against]
+    fp, settings = read_tables(args.tables, args.over)
+    against = [split_overrides(a, args.over)[0] for a in args.against]
     if missing := [" ".join(a) for a in against if a not in settings]:
         held = [s.name for s in settings.values()]
         raise SystemExit(f"--against {missing}: no such setting in the tables; they hold {held}")
-    text = table(fp, settings, against)
+    text = table(fp, settings, against, args.over)
     print(text)
     if args.out is not None:
         atomic_write_text(args.out, text)

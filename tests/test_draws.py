@@ -50,17 +50,44 @@ def test_means_ratio_and_paired_change_against_the_largest_base(tmp_path, monkey
     _script().main()
     out = capsys.readouterr().out
     assert (tmp_path / "t.md").read_text() in out
-    setting, seeds, psnr, fid, ratio, train_s, mem, change, against = _cells(out, "bits=w4a8 callbacks=tpq")
+    setting, seeds, psnr, psnr_sd, fid, ratio, train_s, mem, change, against = _cells(out, "bits=w4a8 callbacks=tpq")
     assert seeds == "1 / 2 / 4"
     assert psnr == f"27.50 / 24.00 / 20.00 ({statistics.fmean([27.5, 24.0, 20.0]):.2f})"
+    assert psnr_sd == f"{statistics.stdev([27.5, 24.0, 20.0]):.2f}"
     assert fid == "44.0 / 66.0 / 80.0 (63.3)"
     assert ratio == f"{(44 + 66 + 80) / 3 / 40:.2f}x"
     assert train_s == "100-102" and mem == "1000"
     diffs = [27.5 - 26.0, 24.0 - 25.0]  # seed 4 has no base run
     assert change == f"1.50 / -1.00 ({statistics.fmean(diffs):.2f}, SD {statistics.stdev(diffs):.2f})"
     assert against == "bits=w4a8"
-    assert _cells(out, "bits=w4a8")[7] == "-"  # a base is not paired with itself
+    assert _cells(out, "bits=w4a8")[8] == "-"  # a base is not paired with itself
     assert "FP classifier-FID 40.00" in out
+
+
+def test_over_training_seeds_compares_the_means_unpaired(tmp_path, monkeypatch, capsys):
+    """--over seed: a setting's runs are its training seeds (none named: seed 0), calib.seed=1 is the default draw
+    whether named or not, and the change against the base is the difference of the means with Welch's standard error."""
+    runs = _table(tmp_path / "runs.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0),
+                                          ("bits=w4a8 seed=1", 60.0, 25.0),
+                                          ("bits=w4a8 calib.seed=1 seed=2", 70.0, 24.5),
+                                          ("bits=w4a8 calib.seed=2 seed=1", 55.0, 30.0),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=1", 44.0, 27.0),
+                                          ("bits=w4a8 callbacks=tpq seed=3", 46.0, 25.5)])  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs), "--over", "seed", "--against", "bits=w4a8"])
+    _script().main()
+    out = capsys.readouterr().out
+    assert "| setting | seed |" in out and "PSNR change of the mean" in out
+    base = _cells(out, "bits=w4a8")
+    assert base[1:4] == ["0 / 1 / 2", f"26.00 / 25.00 / 24.50 ({statistics.fmean([26.0, 25.0, 24.5]):.2f})",
+                         f"{statistics.stdev([26.0, 25.0, 24.5]):.2f}"]  # fmt: skip
+    assert _cells(out, "bits=w4a8 calib.seed=2")[1:3] == ["1", "30.00"]  # another draw is another setting
+    a, b = [27.0, 25.5], [26.0, 25.0, 24.5]
+    se = (statistics.variance(a) / 2 + statistics.variance(b) / 3) ** 0.5
+    cells = _cells(out, "bits=w4a8 callbacks=tpq")
+    assert cells[8:] == [f"{statistics.fmean(a) - statistics.fmean(b):+.2f} (SE {se:.2f})", "bits=w4a8"]
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs), str(runs), "--over", "seed"])
+    with pytest.raises(SystemExit, match="has seed=0 twice"):
+        _script().main()
 
 
 def test_a_setting_pairs_with_the_base_sharing_most_overrides():
@@ -81,8 +108,8 @@ def test_an_unscored_student_and_real_float_noise_in_the_teacher_fid(tmp_path, m
     b = _table(tmp_path / "b.csv", [("bits=w4a8 calib.seed=2", "non-finite 3/1000", "")], fp=42.327694)
     monkeypatch.setattr("sys.argv", ["draws.py", str(a), str(b)])
     _script().main()
-    seeds, psnr, fid, ratio = _cells(capsys.readouterr().out, "bits=w4a8")[1:5]
-    assert (seeds, psnr, fid, ratio) == ("1 / 2", "26.00", "50.0", f"{50 / 42.32760238647461:.2f}x")
+    seeds, psnr, psnr_sd, fid, ratio = _cells(capsys.readouterr().out, "bits=w4a8")[1:6]
+    assert (seeds, psnr, psnr_sd, fid, ratio) == ("1 / 2", "26.00", "-", "50.0", f"{50 / 42.32760238647461:.2f}x")
 
 
 @pytest.mark.parametrize(
