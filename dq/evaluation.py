@@ -25,6 +25,7 @@ from dq.models import ddim_sample, make_noise
 from dq.quant.quantizer import HALF_DTYPES
 from dq.utils.grid import grid_array, save_png, side_by_side
 from dq.utils.io import atomic_write, atomic_write_text
+from dq.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def evaluate_models(
     With `eval=none` (features `none`) nothing is sampled: results.json holds the method and the cost only."""
     ev = cfg.eval
     if ev.features == "none":
-        return record_without_scores(run_dir, loggers, method, cost)
+        return record_without_scores(run_dir, loggers, method, cost, cfg.device)
     dtype = eval_dtype(cfg)
     teacher.to(dtype)
     if student is not None:
@@ -141,7 +142,7 @@ def evaluate_models(
         t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
     except NonFiniteSamplesError as e:  # keep the run's record (a dq-train run's cost) and say where its student is
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"metric": metric, "method": method, "cost": cost or {}}
+        record = {"metric": metric, "method": method, "cost": cost or {}, "provenance": provenance(cfg.device)}
         atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
         raise NonFiniteSamplesError(f"{e} {run_dir / 'results.json'} keeps the run's record{_kept(run_dir)}.") from None
     if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
@@ -161,6 +162,7 @@ def evaluate_models(
     results["metric"] = metric
     results["method"] = method
     results["cost"] = cost or {}
+    results["provenance"] = provenance(cfg.device)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
@@ -189,10 +191,10 @@ def _kept(run_dir: Path) -> str:
 
 
 def record_without_scores(
-    run_dir: Path, loggers: list[Logger], method: dict[str, Any], cost: dict[str, Any] | None
+    run_dir: Path, loggers: list[Logger], method: dict[str, Any], cost: dict[str, Any] | None, device: str = "cpu"
 ) -> dict[str, Any]:
-    """`eval=none`: write results.json with the method and the cost, and close the loggers."""
-    results = {"metric": {"features": "none"}, "method": method, "cost": cost or {}}
+    """`eval=none`: write results.json with the method, the cost and the provenance, and close the loggers."""
+    results = {"metric": {"features": "none"}, "method": method, "cost": cost or {}, "provenance": provenance(device)}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     log_results(loggers, results, None)

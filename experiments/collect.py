@@ -10,6 +10,8 @@ input in float, and the evaluation seed with its teacher's FID where a run was s
 (the teacher row's).
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
+`code` says what made a run's numbers, from its `provenance`: the commit (`+` where the checkout differed from it),
+the CPU's vector instruction set and, on a GPU, its name; empty for runs from before dq recorded it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def overrides(run: Path) -> str:
 
 
 COLUMNS = ["quantizer", "bits", "temporal", "distill", "callbacks", "overrides", "fid", "is", "psnr_to_teacher",
-           "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "run"]  # fmt: skip
+           "sample_time_ratio", "train_s", "peak_mem_mb", "peak_gpu_mem_mb", "reverted_blocks", "code",
+           "run"]  # fmt: skip
 
 
 def marks(method: dict, given: str = "") -> list[str]:
@@ -61,6 +64,17 @@ def block_mse(run: Path, block: str) -> str:
             trained = h.get("mse_trained", h["mse_after"])
             return f"{h['mse_before']:.3g} -> {trained:.3g}" + (" reverted" if h.get("kept") == "untrained" else "")
     return ""
+
+
+def code(provenance: dict) -> str:
+    """`6b8435c+ AVX2`: the short commit (`+`: the checkout differed from it), the CPU's instruction set, a GPU's
+    name; "" for a run without a provenance record."""
+    if not provenance:
+        return ""
+    git = provenance.get("git") or {}
+    commit = git.get("commit", "")[:7] + ("+" if git.get("dirty") else "") if git else "installed"
+    device = provenance.get("device", "cpu")
+    return " ".join([commit, provenance.get("cpu_capability", "")] + ([device] if device != "cpu" else [])).strip()
 
 
 def unscored(scores: dict, metric: dict) -> str:
@@ -90,7 +104,8 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
             "psnr_to_teacher": s.get("psnr_to_teacher", ""),
             "sample_time_ratio": s.get("sample_time_ratio", ""), "train_s": cost.get("train_s", ""),
             "peak_mem_mb": cost.get("peak_mem_mb", ""), "peak_gpu_mem_mb": cost.get("peak_gpu_mem_mb", ""),
-            "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "run": str(path.parent),
+            "reverted_blocks": " ".join(cost.get("reverted_blocks", [])), "code": code(r.get("provenance", {})),
+            "run": str(path.parent),
         } | ({"block_mse": block_mse(path.parent, block)} if block else {}))  # fmt: skip
     if teacher is not None and all(r["quantizer"] != "fp" for r in out):
         out.insert(0, dict.fromkeys(COLUMNS, "") | {"quantizer": "fp (teacher)", "bits": "fp", "fid": teacher["fid"],

@@ -83,3 +83,18 @@ def test_a_student_that_sampled_nan_says_so_in_the_fid_cell(tmp_path):
     (run / "results.json").write_text(json.dumps(results))
     (row,) = [r for r in _collect().rows([tmp_path]) if r["run"] == str(run)]
     assert row["fid"] == "non-finite 3/40" and row["psnr_to_teacher"] == ""
+
+
+def test_the_code_column_names_commit_instruction_set_and_gpu(tmp_path):
+    for name, record in [
+        ("a", {"git": {"commit": "6b8435cd55503e19", "dirty": False}, "cpu_capability": "AVX2", "device": "cpu"}),
+        ("b", {"git": {"commit": "6b8435cd55503e19", "dirty": True}, "cpu_capability": "AVX512", "device": "cpu"}),
+        ("c", {"git": None, "cpu_capability": "AVX2", "device": "NVIDIA H200"}),
+        ("d", None),  # a run from before dq recorded its provenance
+    ]:
+        _run(tmp_path / name, 0, 42.3, {}, [])
+        if record is not None:
+            results = json.loads((tmp_path / name / "results.json").read_text())
+            (tmp_path / name / "results.json").write_text(json.dumps(results | {"provenance": record}))
+    codes = [r["code"] for r in _collect().rows([tmp_path])]
+    assert codes == ["", "6b8435c AVX2", "6b8435c+ AVX512", "installed AVX2 NVIDIA H200", ""]

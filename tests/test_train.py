@@ -39,6 +39,7 @@ from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 from dq.utils.loggers import WandbLogger
 from dq.utils.progress import ConsoleHandler
+from dq.utils.provenance import git_state, provenance
 from dq.validation import accepted_settings, check_appended, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +64,7 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     assert {"fid", "is", "sample_s"} <= saved["teacher"].keys() and saved["student"]["fid"] > 0
     assert saved["method"]["distill"] == "bkd" and saved["method"]["callbacks"] == ["weight_dilation", "tpq"]
     assert saved["cost"]["blocks"] == 17 and saved["cost"]["steps"] == 34 and saved["cost"]["peak_mem_mb"] > 0
+    assert saved["provenance"] == provenance("cpu")  # which code, torch and CPU made these numbers
     assert (run / "samples.png").stat().st_size > 0
     assert json.loads((run / "dilation.json").read_text())["summary"]["layers"] > 0
     meta = json.loads((run / "checkpoints" / "last.json").read_text())
@@ -99,6 +101,7 @@ def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_blo
     saved = json.loads((run / "results.json").read_text())
     assert saved == json.loads(json.dumps(results)) and "teacher" not in saved and "student" not in saved
     assert saved["metric"] == {"features": "none"} and saved["method"]["distill"] == "bkd"
+    assert saved["provenance"]["git"] == git_state() and saved["provenance"]["device"] == "cpu"
     blocks = json.loads((run / "checkpoints" / "last.json").read_text())["blocks"]
     assert list(saved["cost"]["block_s"]) == blocks and all(s > 0 for s in saved["cost"]["block_s"].values())
     assert saved["cost"]["train_s"] >= sum(saved["cost"]["block_s"].values())

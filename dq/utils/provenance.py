@@ -1,0 +1,61 @@
+"""What produced a run's numbers: dq's version and commit, torch, the CPU's instruction set, threads and device.
+
+`results.json` keeps it as `provenance`. One configuration trained on an AVX2-only and on an AVX-512 machine, or
+at two commits, can differ by a dB of PSNR (BENCHMARKS.md, "The ablation at the current code"), so a table that
+mixes runs must be able to tell them apart.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dq
+
+__all__ = ["git_state", "provenance"]
+
+_GIT_TIMEOUT_S = 10
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """`git -C root args...`'s stdout stripped; None where git is missing, fails or hangs."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=_GIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(package_dir: Path | None = None) -> dict[str, Any] | None:
+    """`{"commit": <sha>, "dirty": <the working tree differs from it>}` of the checkout dq runs from; None for an
+    installed copy.
+
+    Only a checkout whose top level holds this very package counts: a virtual environment inside some other
+    repository must not lend dq that repository's commit.
+    """
+    package_dir = Path(dq.__file__).resolve().parent if package_dir is None else package_dir.resolve()
+    root = package_dir.parent
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return None
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain")
+    if commit is None:
+        return None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def provenance(device: str = "cpu") -> dict[str, Any]:
+    """dq's version and git state, torch's version, the CPU's vector instruction set, intra-op threads and device."""
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    return {
+        "dq": dq.__version__,
+        "git": git_state(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: float order differs
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(torch.device(device)) if on_gpu else "cpu",
+    }

@@ -1,0 +1,48 @@
+"""dq.utils.provenance: results.json says which code, torch and hardware made a run's numbers."""
+
+import subprocess
+from pathlib import Path
+
+import torch
+from conftest import REPO
+
+import dq
+from dq.utils.provenance import git_state, provenance
+
+
+def _git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_checkout_dq_runs_from_is_named_by_its_commit_and_whether_it_differs():
+    state = git_state()
+    assert state == {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))}
+
+
+def test_a_changed_file_makes_the_checkout_dirty(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "dq").mkdir(parents=True)
+    (repo / "dq" / "__init__.py").write_text("x = 1\n")
+    _git("init", "-q", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty", cwd=repo)
+    _git("add", ".", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "dq", cwd=repo)
+    assert git_state(repo / "dq") == {"commit": _git("rev-parse", "HEAD", cwd=repo), "dirty": False}
+    (repo / "dq" / "__init__.py").write_text("x = 2\n")
+    assert git_state(repo / "dq")["dirty"] is True
+
+
+def test_a_copy_outside_a_checkout_or_inside_another_repository_has_no_commit(tmp_path):
+    assert git_state(tmp_path / "site-packages" / "dq") is None  # not a git repository at all
+    venv_copy = tmp_path / "venv" / "lib" / "site-packages" / "dq"  # installed into a venv inside another repo
+    venv_copy.mkdir(parents=True)
+    _git("init", "-q", cwd=tmp_path)
+    assert git_state(venv_copy) is None
+
+
+def test_provenance_names_versions_instruction_set_threads_and_device():
+    record = provenance("cpu")
+    assert record["dq"] == dq.__version__ and record["torch"] == torch.__version__
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu_capability"]
+    assert record["threads"] == torch.get_num_threads() and record["device"] == "cpu"
+    assert record["git"] == git_state()
