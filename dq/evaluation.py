@@ -35,6 +35,12 @@ def eval_dtype(cfg: DictConfig) -> torch.dtype:
     return getattr(torch, cfg.eval.get("dtype") or "float32")
 
 
+def eval_seed(cfg: DictConfig) -> int:
+    """The evaluation noise's seed: `eval.seed` (by default the run's `seed`), or `seed` in configs without it."""
+    seed = cfg.eval.get("seed")
+    return cfg.seed if seed is None else seed
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """`float16` for `torch.float16`: the spelling of `eval.dtype`."""
     return str(dtype).removeprefix("torch.")
@@ -61,7 +67,7 @@ def teacher_samples(
     measured in another run (other threads, other load) must not be compared with this run's (`teacher_time`).
     """
     fields = {
-        "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": cfg.seed,
+        "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": eval_seed(cfg),
         "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
     }  # fmt: skip
     # the fingerprint covers the teacher's dtype (eval.dtype): a float16 teacher's samples have their own key
@@ -132,11 +138,12 @@ def evaluate_models(
     teacher.to(dtype)
     if student is not None:
         student.to(dtype)
-    noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), cfg.seed)
+    seed = eval_seed(cfg)
+    noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
     metrics = build_metrics(cfg)
     results: dict[str, Any] = {}
     metric = {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
-              "seed": cfg.seed, "dtype": dtype_name(dtype)}  # fmt: skip
+              "seed": seed, "dtype": dtype_name(dtype)}  # fmt: skip
 
     try:
         t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
@@ -147,7 +154,7 @@ def evaluate_models(
         raise NonFiniteSamplesError(f"{e} {run_dir / 'results.json'} keeps the run's record{_kept(run_dir)}.") from None
     if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
         t_s = teacher_time(cfg, teacher, scheduler, noise)
-    results["teacher"] = {**metrics.score(t_samples, cfg.seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
+    results["teacher"] = {**metrics.score(t_samples, seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
     grid = grid_array(t_samples[: ev.grid_n])
     bad = 0
     if student is not None:
@@ -156,7 +163,7 @@ def evaluate_models(
         if bad := non_finite_count(s_samples):  # no scores; the timing and the teacher's scores are still recorded
             results["student"] = {"non_finite_samples": bad, **timing}
         else:
-            results["student"] = {**metrics.score(s_samples, cfg.seed), "psnr_to_teacher": psnr(s_samples, t_samples),
+            results["student"] = {**metrics.score(s_samples, seed), "psnr_to_teacher": psnr(s_samples, t_samples),
                                   **timing}  # fmt: skip
         grid = side_by_side(grid, grid_array(s_samples[: ev.grid_n].nan_to_num(0.0)))  # NaN grey, inf white / black
     results["metric"] = metric

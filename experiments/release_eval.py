@@ -49,7 +49,8 @@ def main() -> None:
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
     with open_dict(cfg):
         cfg.run_dir, cfg.eval.progress = str(args.out), False
-        cfg.seed = cfg.seed if args.seed is None else args.seed
+        if args.seed is not None:  # the run's noise unless told: eval.seed where its config has one, else seed
+            cfg.seed = cfg.eval.seed = args.seed
     teacher, scheduler = load_teacher(cfg.model.path)
     student = load_quantized(args.run / "student", device=cfg.device)
     on = [(name, q) for name, q in [*weight_quantizers(student), *act_quantizers(student)] if q.enabled]

@@ -32,7 +32,7 @@ from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
 from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir, run_dir_is_new
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.errors import CheckpointError, ConfigError, MissingFileError
-from dq.evaluation import method_of
+from dq.evaluation import eval_seed, evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
@@ -91,6 +91,28 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
         assert steps and steps <= {2 * k, 2 * k + 1}, (k, sorted(steps))
         assert sum(bool(r.get(f"block/{k:02d}/mse_after")) for r in rows) == 1
     assert sum(bool(r.get("block/00/reverted")) for r in rows) == 1
+
+
+def test_the_evaluation_noise_follows_eval_seed_which_is_the_training_seed_unless_set(tmp_path, monkeypatch):
+    """`dq-train seed=3 eval.seed=0` trains with seed 3 and scores on seed 0's noise, like every seed-0 run."""
+    drawn = []
+
+    class Drawn(Exception):
+        pass
+
+    def noise(n: int, shape: tuple, seed: int):
+        drawn.append(seed)
+        raise Drawn  # nothing past the noise matters here
+
+    monkeypatch.setattr("dq.evaluation.make_noise", noise)
+    for overrides, expected in [([], 0), (["seed=3"], 3), (["seed=3", "eval.seed=0"], 0), (["eval.seed=5"], 5)]:
+        cfg = compose_cfg("train", overrides, tmp_path)
+        assert eval_seed(cfg) == expected
+        with pytest.raises(Drawn):
+            evaluate_models(cfg, torch.nn.Linear(1, 1), None, None, tmp_path, [], {})
+    assert drawn == [0, 3, 0, 5]
+    assert eval_seed(compose_cfg("eval", ["seed=2"], tmp_path)) == 2  # dq-eval: `seed` is the noise, as before
+    assert eval_seed(OmegaConf.create({"seed": 4, "eval": {"features": "classifier"}})) == 4  # a config from before
 
 
 def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_block(tiny_teacher_dir, tmp_path):
@@ -230,6 +252,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["eval.n_samples=1", "eval.batch_size=1"], r"eval.n_samples=1 with eval.is_splits=10: FID needs at least 2"),
         (["eval.n_samples=16", "eval.is_splits=100"], r"IS at least one sample per split"),
         (["seed=-1"], r"seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+        (["eval.seed=-1"], r"eval.seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
         (["calib.seed=4294967296"], r"calib.seed=4294967296 is invalid"),
         (["distill.revert_worse=maybe"], r"distill.revert_worse='maybe' is invalid: must be true or false"),
         (["eval.progress=1"], r"eval.progress=1 is invalid: must be true or false"),
