@@ -8,10 +8,12 @@ each setting's PSNR change against a base setting.
 TABLE.csv: tables written by `experiments/collect.py` (`experiments/tables/*.csv`). A setting is a run's overrides
 without the `--over` seed (default `calib.seed`); a run without that override has its default (calib.seed 1,
 conf/calib/default.yaml; seed 0, conf/train.yaml), and an override that sets the other seed to its default is dropped
-(`calib.seed=1` with `--over seed`). Each setting is compared with the `--against` setting whose overrides are the
-largest subset of its own (`bits=w4a8 callbacks=tpq` with `bits=w4a8`): over calibration draws, paired by draw (both
-runs of a pair trained on the same calibration pairs); over training seeds, unpaired, the difference of the means with
-its standard error (a training seed shares nothing between two settings). The FP FID is the teacher row's. Seconds,
+(`calib.seed=1` with `--over seed`). Each setting is paired, seed by seed, with the `--against` setting whose
+overrides are the largest subset of its own (`bits=w4a8 callbacks=tpq` with `bits=w4a8`): over calibration draws the
+two runs of a pair trained on the same calibration pairs; over training seeds they were scored on the same noise
+(`eval.seed` is the run's `seed` unless set). The FP FID is the teacher row's; over training seeds a run that drew
+its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
+mean of the runs' ratios. Seconds,
 memory and PSNR in the tables are as `dq-train` measured them; this script only does the arithmetic the README and
 BENCHMARKS quote.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from dq.utils.io import atomic_write_text
 
+OTHER_NOISE = re.compile(r"^\[eval seed (\d+), teacher FID ([0-9.]+)\]$")  # collect.py's mark of another noise
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
 FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
 DEFAULT_SEEDS = {"calib.seed": 1, "seed": 0}  # conf/calib/default.yaml, conf/train.yaml
@@ -41,6 +44,7 @@ class Setting:
     seeds: set[int] = field(default_factory=set)
     psnr: dict[int, float] = field(default_factory=dict)
     fid: dict[int, float] = field(default_factory=dict)
+    teacher_fid: dict[int, float] = field(default_factory=dict)  # runs scored on another noise than the table's
     train_s: dict[int, float] = field(default_factory=dict)
     peak_mb: dict[int, float] = field(default_factory=dict)
 
@@ -88,16 +92,20 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
                         raise SystemExit(f"{path}: FP FID {fid} differs from {fp} in an earlier table")
                     fp = fid if fid is not None else fp
                     continue
-                if "[eval seed" in row["overrides"]:
+                marks = [m for t in TOKEN.findall(row["overrides"]) if (m := OTHER_NOISE.match(t))]
+                if marks and over == "calib.seed":
                     raise SystemExit(
                         f"{path}: run {row['run']} was scored on other evaluation noise ({row['overrides']}): "
                         "draws.py compares runs scored on one noise against one teacher; leave it out"
                     )
-                key, seed = split_overrides(row["overrides"], over)
+                text = " ".join(t for t in TOKEN.findall(row["overrides"]) if not OTHER_NOISE.match(t))
+                key, seed = split_overrides(text, over)
                 s = settings.setdefault(key, Setting(key))
                 if seed in s.seeds:
                     raise SystemExit(f"{path}: setting '{s.name}' has {over}={seed} twice ({row['run']})")
                 s.seeds.add(seed)
+                if marks:  # over training seeds each seed drew its own noise (eval.seed = seed): its own teacher
+                    s.teacher_fid[seed] = float(marks[0].group(2))
                 for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
                                   ("peak_mb", "peak_mem_mb")):  # fmt: skip
                     if (value := number(row[col])) is not None:
@@ -123,16 +131,6 @@ def base_of(setting: Setting, bases: list[tuple[str, ...]]) -> tuple[str, ...] |
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
     """a - b on the draws both have."""
     return {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
-
-
-def unpaired(a: dict[int, float], b: dict[int, float]) -> str:
-    """mean(a) - mean(b) with its standard error (Welch: each side's variance over its count); '-' without two
-    values on each side."""
-    if len(a) < 2 or len(b) < 2:
-        return "-"
-    diff = statistics.fmean(a.values()) - statistics.fmean(b.values())
-    se = math.sqrt(statistics.variance(a.values()) / len(a) + statistics.variance(b.values()) / len(b))
-    return f"{diff:+.2f} (SE {se:.2f})"
 
 
 def sd(values: dict[int, float]) -> str:
@@ -168,19 +166,19 @@ def table(
     """Markdown: one row per setting, in the order the tables list them."""
     head = ["setting", over, "PSNR dB (mean)", "PSNR SD", "FID (mean)", "x FP", "train s", "peak MB"]
     if against:
-        head += ["paired PSNR change (mean)" if over == "calib.seed" else "PSNR change of the mean", "against"]
+        head += ["paired PSNR change (mean)", "against"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in settings.values():
-        ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
+        if s.teacher_fid:  # each run against the teacher of its own noise
+            ratio = f"{statistics.fmean(f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()):.2f}x"
+        else:
+            ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
         row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2), sd(s.psnr), by_seed(s.fid, 1),
                ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
             base = base_of(s, against)
-            if over == "calib.seed":
-                change = with_sd(paired(s.psnr, settings[base].psnr)) if base is not None else "-"
-            else:  # training seeds: independent runs, nothing to pair
-                change = unpaired(s.psnr, settings[base].psnr) if base is not None else "-"
-            row += [change, " ".join(base) if change != "-" else "-"]
+            diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
+            row += [with_sd(diff), " ".join(base) if diff else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n"
 

@@ -64,29 +64,34 @@ def test_means_ratio_and_paired_change_against_the_largest_base(tmp_path, monkey
     assert "FP classifier-FID 40.00" in out
 
 
-def test_over_training_seeds_compares_the_means_unpaired(tmp_path, monkeypatch, capsys):
-    """--over seed: a setting's runs are its training seeds (none named: seed 0), calib.seed=1 is the default draw
-    whether named or not, and the change against the base is the difference of the means with Welch's standard error."""
+def test_over_training_seeds_pairs_by_seed_and_scores_each_run_against_its_own_teacher(tmp_path, monkeypatch, capsys):
+    """--over seed: a setting's runs are its training seeds (none named: seed 0); calib.seed=1 is the default draw
+    whether named or not; a run that drew its own evaluation noise (collect.py's mark) is measured against its own
+    teacher; pairs are the runs of one seed (one noise)."""
+    own = {1: "[eval seed 1, teacher FID 30.00]", 2: "[eval seed 2, teacher FID 50.00]"}
     runs = _table(tmp_path / "runs.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0),
-                                          ("bits=w4a8 seed=1", 60.0, 25.0),
-                                          ("bits=w4a8 calib.seed=1 seed=2", 70.0, 24.5),
-                                          ("bits=w4a8 calib.seed=2 seed=1", 55.0, 30.0),
+                                          (f"bits=w4a8 seed=1 {own[1]}", 45.0, 25.0),
+                                          (f"bits=w4a8 calib.seed=1 seed=2 {own[2]}", 70.0, 24.5),
+                                          (f"bits=w4a8 calib.seed=2 seed=1 {own[1]}", 55.0, 30.0),
                                           ("bits=w4a8 callbacks=tpq calib.seed=1", 44.0, 27.0),
-                                          ("bits=w4a8 callbacks=tpq seed=3", 46.0, 25.5)])  # fmt: skip
+                                          (f"bits=w4a8 callbacks=tpq seed=2 {own[2]}", 46.0, 25.5)])  # fmt: skip
     monkeypatch.setattr("sys.argv", ["draws.py", str(runs), "--over", "seed", "--against", "bits=w4a8"])
     _script().main()
     out = capsys.readouterr().out
-    assert "| setting | seed |" in out and "PSNR change of the mean" in out
+    assert "| setting | seed |" in out
     base = _cells(out, "bits=w4a8")
     assert base[1:4] == ["0 / 1 / 2", f"26.00 / 25.00 / 24.50 ({statistics.fmean([26.0, 25.0, 24.5]):.2f})",
                          f"{statistics.stdev([26.0, 25.0, 24.5]):.2f}"]  # fmt: skip
+    assert base[5] == f"{statistics.fmean([50 / 40, 45 / 30, 70 / 50]):.2f}x"  # each run against its own teacher
     assert _cells(out, "bits=w4a8 calib.seed=2")[1:3] == ["1", "30.00"]  # another draw is another setting
-    a, b = [27.0, 25.5], [26.0, 25.0, 24.5]
-    se = (statistics.variance(a) / 2 + statistics.variance(b) / 3) ** 0.5
+    diffs = [27.0 - 26.0, 25.5 - 24.5]
     cells = _cells(out, "bits=w4a8 callbacks=tpq")
-    assert cells[8:] == [f"{statistics.fmean(a) - statistics.fmean(b):+.2f} (SE {se:.2f})", "bits=w4a8"]
+    assert cells[8:] == [f"1.00 / 1.00 ({statistics.fmean(diffs):.2f}, SD 0.00)", "bits=w4a8"]
     monkeypatch.setattr("sys.argv", ["draws.py", str(runs), str(runs), "--over", "seed"])
     with pytest.raises(SystemExit, match="has seed=0 twice"):
+        _script().main()
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs)])  # over calibration draws other noise is still refused
+    with pytest.raises(SystemExit, match="scored on other evaluation noise"):
         _script().main()
 
 
