@@ -13,9 +13,8 @@ overrides are the largest subset of its own (`bits=w4a8 callbacks=tpq` with `bit
 two runs of a pair trained on the same calibration pairs; over training seeds they were scored on the same noise
 (`eval.seed` is the run's `seed` unless set). The FP FID is the teacher row's; over training seeds a run that drew
 its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
-mean of the runs' ratios. Seconds,
-memory and PSNR in the tables are as `dq-train` measured them; this script only does the arithmetic the README and
-BENCHMARKS quote.
+mean of the runs' ratios. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this script only
+does the arithmetic the README and BENCHMARKS quote.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from dq.utils.io import atomic_write_text
 
-OTHER_NOISE = re.compile(r"^\[eval seed (\d+), teacher FID ([0-9.]+)\]$")  # collect.py's mark of another noise
+OTHER_NOISE = re.compile(r"^\[eval seed \d+, teacher FID ([0-9.]+)\]$")  # collect.py's mark of another noise
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
 FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
 DEFAULT_SEEDS = {"calib.seed": 1, "seed": 0}  # conf/calib/default.yaml, conf/train.yaml
@@ -105,7 +104,7 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
                     raise SystemExit(f"{path}: setting '{s.name}' has {over}={seed} twice ({row['run']})")
                 s.seeds.add(seed)
                 if marks:  # over training seeds each seed drew its own noise (eval.seed = seed): its own teacher
-                    s.teacher_fid[seed] = float(marks[0].group(2))
+                    s.teacher_fid[seed] = float(marks[0].group(1))
                 for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
                                   ("peak_mb", "peak_mem_mb")):  # fmt: skip
                     if (value := number(row[col])) is not None:

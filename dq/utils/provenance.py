@@ -1,8 +1,8 @@
 """What produced a run's numbers: dq's version and commit, torch, the CPU's instruction set, threads and device.
 
-`results.json` keeps it as `provenance`. One configuration trained on an AVX2-only and on an AVX-512 machine, or
-at two commits, can differ by a dB of PSNR (BENCHMARKS.md, "The ablation at the current code"), so a table that
-mixes runs must be able to tell them apart.
+`results.json` keeps it as `provenance`. One configuration trained with one commit's code on two machines differed
+by up to a dB of PSNR per run (BENCHMARKS.md, "Why Weight Dilation's W4A8 gain moved"), so a table that mixes runs
+must be able to tell them apart.
 """
 
 from __future__ import annotations
