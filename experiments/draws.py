@@ -91,13 +91,14 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
                         raise SystemExit(f"{path}: FP FID {fid} differs from {fp} in an earlier table")
                     fp = fid if fid is not None else fp
                     continue
-                marks = [m for t in TOKEN.findall(row["overrides"]) if (m := OTHER_NOISE.match(t))]
+                tokens = TOKEN.findall(row["overrides"])
+                marks = [m for t in tokens if (m := OTHER_NOISE.match(t))]
                 if marks and over == "calib.seed":
                     raise SystemExit(
                         f"{path}: run {row['run']} was scored on other evaluation noise ({row['overrides']}): "
                         "draws.py compares runs scored on one noise against one teacher; leave it out"
                     )
-                text = " ".join(t for t in TOKEN.findall(row["overrides"]) if not OTHER_NOISE.match(t))
+                text = " ".join(t for t in tokens if not OTHER_NOISE.match(t))
                 key, seed = split_overrides(text, over)
                 s = settings.setdefault(key, Setting(key))
                 if seed in s.seeds:

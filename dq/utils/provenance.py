@@ -41,10 +41,9 @@ def git_state(package_dir: Path | None = None) -> dict[str, Any] | None:
     top = _git(root, "rev-parse", "--show-toplevel")
     if top is None or Path(top).resolve() != root:
         return None
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain")
-    if commit is None:
+    if (commit := _git(root, "rev-parse", "HEAD")) is None:
         return None
+    status = _git(root, "status", "--porcelain")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
