@@ -24,7 +24,7 @@ from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
 from dq.quant.quantizer import HALF_DTYPES
 from dq.utils.grid import grid_array, save_png, side_by_side
-from dq.utils.io import atomic_write, atomic_write_text
+from dq.utils.io import atomic_write_text, write_cache
 from dq.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ def teacher_samples(
         )
     if cfg.eval.get("cache_teacher_samples", True):
         meta = {"fields": json.dumps(fields, default=str)}
-        atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta))
+        write_cache(
+            path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta), "teacher-sample cache"
+        )
     return samples, sample_s
 
 

@@ -170,6 +170,13 @@ def test_cache_round_trip_without_rebuild(tmp_path: Path, calib: CalibrationSet)
     assert calibration_cache_path(tmp_path, {**FIELDS, "seed": 1}) != path
 
 
+def test_a_cache_that_cannot_be_written_still_gives_the_set(tmp_path: Path, calib: CalibrationSet) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    with pytest.warns(CalibrationCacheWarning, match="continuing uncached"):
+        assert_same(calib, load_or_build_calibration(blocker, FIELDS, CountingBuild(calib)))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

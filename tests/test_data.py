@@ -41,3 +41,30 @@ def test_image_folder(tmp_path):
     x = load_image_folder(tmp_path, size=8, channels=3)
     assert x.shape == (3, 3, 8, 8)
     assert torch.allclose(x[1], torch.full_like(x[1], 50 / 127.5 - 1))
+
+
+def test_a_folders_reference_key_follows_its_images_and_how_they_are_read(tmp_path):
+    """FID statistics are cached under this key: a folder that gained an image, or read in grey instead of colour,
+    must not reuse the old ones."""
+    import os
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from dq.data import reference_name
+
+    for i in range(2):
+        Image.fromarray(np.full((10, 12, 3), 50 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    data = OmegaConf.create({"name": "image_folder", "path": str(tmp_path), "size": 8, "channels": 3, "limit": None})
+    key = reference_name(data)
+    assert reference_name(data) == key
+    assert reference_name(OmegaConf.merge(data, {"channels": 1})) != key
+    assert reference_name(OmegaConf.merge(data, {"limit": 1})) != key
+    first_two = reference_name(OmegaConf.merge(data, {"limit": 2}))
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "2.png")
+    grown = reference_name(data)
+    assert grown != key
+    assert reference_name(OmegaConf.merge(data, {"limit": 2})) == first_two  # the two images it reads are unchanged
+    os.utime(tmp_path / "2.png", ns=(1, 1))  # replaced in place: another modification time
+    assert reference_name(data) != grown

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dq.utils.io import atomic_write, atomic_write_text, read_json_object
+from dq.utils.io import atomic_write, atomic_write_text, read_json_object, write_cache
 
 
 def test_read_json_object_gives_the_object_or_nothing(tmp_path: Path) -> None:
@@ -28,3 +28,14 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Pa
     with pytest.raises(RuntimeError, match="killed"):
         atomic_write(path, crash)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_cache_that_cannot_be_written_warns_and_carries_on(tmp_path: Path) -> None:
+    blocker = tmp_path / "cache"  # DQ_CACHE set to a file: every directory under it fails (root ignores chmod)
+    blocker.write_text("not a directory")
+    path = blocker / "ref_stats" / "x.safetensors"
+    with pytest.warns(UserWarning, match=r"reference statistics cache '.*x\.safetensors'.*continuing uncached"):
+        assert write_cache(path, lambda tmp: Path(tmp).write_text("data"), "reference statistics cache") is False
+    assert blocker.read_text() == "not a directory"
+    assert write_cache(tmp_path / "ok" / "x", lambda tmp: Path(tmp).write_text("data"), "cache") is True
+    assert (tmp_path / "ok" / "x").read_text() == "data"

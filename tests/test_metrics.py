@@ -60,6 +60,19 @@ def test_reference_cache_reused_and_corrupt_cache_rebuilt(tmp_path):
     assert len(calls) == 2 and c.score(x) == a.score(x)
 
 
+def test_reference_statistics_are_computed_when_the_cache_cannot_be_written(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    train = load_mnist_split(0)["train"][0][:500]
+    m = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    with pytest.warns(UserWarning, match="continuing uncached"):
+        assert m.load_or_set_reference(blocker, "mnist-test", lambda: train) is False
+    fresh = SampleMetrics("classifier", classifier_path=str(CLASSIFIER))
+    fresh.set_reference(train)
+    x = load_mnist_split(0)["holdout"][0][:200]
+    assert m.score(x) == fresh.score(x)
+
+
 def test_inception_without_extra_or_weights_is_a_clear_error(tmp_path):
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 

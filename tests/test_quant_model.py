@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from pathlib import Path
 
 import conftest
 import pytest
@@ -399,6 +400,27 @@ def test_save_load_round_trip_is_bit_exact(make, tmp_path):
     assert all(q.initialized for _, q in act_quantizers(loaded))
     with torch.no_grad():
         assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
+
+
+def test_a_save_killed_half_way_leaves_the_earlier_student_whole(tmp_path, monkeypatch):
+    """Each file is written beside its place and renamed in: a save killed while writing the weights (a re-run into
+    a finished run directory, OOM, SIGTERM) leaves the earlier save loadable, with no truncated file or temporary."""
+    first = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    save_quantized(first, tmp_path / "student")
+    first.save_config(tmp_path / "diffusers")  # save_quantized's config.json is diffusers' own
+    assert (tmp_path / "student" / "config.json").read_text() == (tmp_path / "diffusers" / "config.json").read_text()
+
+    def killed(state, path, metadata=None):
+        Path(path).write_bytes(b"half a safetensors file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dq.quant.io.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=8, act_bits=8)), tmp_path / "student")
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == [
+        "config.json", "model.safetensors", "quant_spec.json"
+    ]  # fmt: skip
+    assert_close(load_quantized(tmp_path / "student").state_dict(), first.state_dict(), atol=0, rtol=0)
 
 
 def test_load_errors_name_the_file(tmp_path):

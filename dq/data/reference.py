@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from dq.data.folder import load_image_folder
+from dq.data.folder import folder_digest, load_image_folder
 from dq.data.mnist import load_mnist_split
 from dq.errors import ConfigError
 
@@ -24,7 +24,9 @@ def reference_images(data: DictConfig) -> torch.Tensor:
 
 
 def reference_name(data: DictConfig) -> str:
-    """A cache key part naming the reference data set."""
+    """A cache key part naming the reference data set: for a folder, also how it is read and what it holds now."""
     if data.name == "mnist":
         return f"mnist-train-seed{data.get('seed', 0)}"
-    return f"folder-{str(data.path).replace('/', '_')}-{data.size}-{data.get('limit')}"
+    limit = data.get("limit")
+    read = f"{data.size}-{data.channels}ch-{limit}"
+    return f"folder-{str(data.path).replace('/', '_')}-{read}-{folder_digest(data.path, limit)}"

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dq.models.sampling import make_noise
 from dq.paths import cache_dir
-from dq.utils.io import atomic_write
+from dq.utils.io import write_cache
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -401,14 +401,9 @@ def load_or_build_calibration(
         raise ValueError(f"The freshly built calibration set is invalid: {problem}.")
     metadata = {"key_fields": _canonical_json(_full_key_fields(key_fields))}
     tensors = calib.to_tensors()
-    try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    except OSError as e:
-        warnings.warn(
-            f"Could not write calibration cache '{path}' ({e}); continuing uncached.",
-            CalibrationCacheWarning,
-            stacklevel=2,
-        )
+    write_cache(
+        path, lambda tmp: save_file(tensors, tmp, metadata=metadata), "calibration cache", CalibrationCacheWarning
+    )
     return calib
 
 

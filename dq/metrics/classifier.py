@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dq.errors import CheckpointError, MissingFileError
-from dq.utils.io import atomic_write_text
+from dq.utils.io import atomic_write, atomic_write_text
 
 INPUT_SHAPE = (1, 28, 28)  # the images it scores: MNIST's, [C, H, W]
 
@@ -43,7 +43,8 @@ class MNISTClassifier(nn.Module):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "model.safetensors"))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        atomic_write(d / "model.safetensors", lambda tmp: save_file(state, tmp))
         atomic_write_text(d / "config.json", json.dumps(self.config, indent=2))
 
     @classmethod

@@ -23,7 +23,7 @@ from torchmetrics.image.inception import InceptionScore
 
 from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import MNISTClassifier
-from dq.utils.io import atomic_write
+from dq.utils.io import write_cache
 
 CLASSIFIER_PATH_UNSET = (
     "eval.classifier_path is not set: eval.features=classifier scores with the shipped classifier, the default of "
@@ -148,7 +148,7 @@ class SampleMetrics:
         images = load_images()
         self.set_reference(images)
         states = {k: getattr(self.fid, k).detach().cpu().contiguous() for k in _REF_STATES}
-        atomic_write(path, lambda tmp: save_file(states, tmp))
+        write_cache(path, lambda tmp: save_file(states, tmp), "reference statistics cache")
         return False
 
     @torch.no_grad()

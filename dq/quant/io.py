@@ -31,6 +31,7 @@ from dq.quant.model import (
     quantize_model,
 )
 from dq.quant.spec import QuantSpec
+from dq.utils.io import atomic_write, atomic_write_text
 
 __all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "SPEC_NAME", "WEIGHTS_NAME"]
 
@@ -40,11 +41,13 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def save_quantized(model: nn.Module, directory: str | Path) -> Path:
+def save_quantized(model: nn.Module, directory: str | Path, teacher: str | None = None) -> Path:
     """Write a quantized diffusers model to `directory`.
 
     Files: `config.json` (the diffusers model config), `quant_spec.json` (spec, timestep table, per-quantizer
-    num_steps, which layers and attention modules are quantized) and `model.safetensors` (the full state dict).
+    num_steps, which layers and attention modules are quantized, and `teacher`, the full-precision model's
+    `teacher_fingerprint` where given, so that dq-eval compares the student with the model it came from) and
+    `model.safetensors` (the full state dict).
 
     Returns:
         The directory.
@@ -61,7 +64,6 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_config(directory)
 
     table = getattr(model, TIMESTEPS_BUFFER, None)
     layers, attention = [], []
@@ -79,10 +81,13 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "num_steps": {name: q.num_steps for name, q in act_quantizers(model)},
         "quantized_layers": layers,
         "quantized_attention": attention,
+        "teacher": teacher,
     }
-    (directory / SPEC_NAME).write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    # each file whole or not at all (a save killed half-way leaves the earlier file, never a truncated one)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / SPEC_NAME, json.dumps(meta, indent=2))
+    atomic_write(directory / model.config_name, model.to_json_file)  # what diffusers' save_config writes
     return directory
 
 

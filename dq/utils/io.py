@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_cache(
+    path: str | Path, write: Callable[[str], None], what: str, category: type[Warning] = UserWarning
+) -> bool:
+    """`atomic_write` for a cache, which only saves time: where it cannot be written (a read-only or full `DQ_CACHE`)
+    warn and go on without it rather than lose the run. True when written."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        warnings.warn(f"Could not write the {what} '{path}' ({e}); continuing uncached.", category, stacklevel=3)
+        return False
+    return True
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
