@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
+from dq.distill.calibration import teacher_fingerprint
 from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, load_teacher
@@ -26,6 +27,7 @@ from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_layers, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
 from dq.utils.loggers import ending_wandb_run
+from dq.utils.provenance import code_at_start
 from dq.validation import validate
 
 log = logging.getLogger("dq.eval")  # not __name__, which is __main__ under python -m
@@ -37,6 +39,7 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the teacher and the student (built from the config, none for `quantizer=fp`, or a saved one from
     `student_dir`), evaluate both from one noise."""
+    code_at_start()  # results.json's provenance names the code as the run starts, whatever is committed later
     validate(cfg)
     if cfg.eval.features == "none":
         raise ConfigError("eval=none scores nothing: dq-eval needs eval=fid_is (the default) or eval=inception.")
@@ -61,8 +64,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         teacher, scheduler = load_teacher(cfg.model.path)
         check_sample_shape(teacher, cfg.model.sample_shape)
         check_inference_steps(scheduler, cfg.model.num_inference_steps)
+        teacher_digest = teacher_fingerprint(teacher) if student_dir is not None else None  # on the CPU, as saved
         teacher.to(cfg.device)
-        saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device)
+        saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device, teacher_digest)
         if saved is not None:
             check_steps(saved, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
         elif cfg.quantizer.name != "fp":
@@ -78,12 +82,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
 
 
-def load_student(student_dir: Path, teacher: Any, device: str) -> Any:
-    """The student saved in `student_dir`, checked to take the teacher's inputs."""
+def load_student(student_dir: Path, teacher: Any, device: str, teacher_digest: str | None = None) -> Any:
+    """The student saved in `student_dir`, checked to take the teacher's inputs and, where both are known, to come
+    from this teacher (`teacher_digest`: its `teacher_fingerprint` on the CPU)."""
     if not (student_dir / SPEC_NAME).is_file():
         raise MissingFileError(
             f"student_dir={student_dir} holds no saved student ({SPEC_NAME} missing): pass the student/ folder of a "
             "dq-train run."
+        )
+    saved_teacher = read_json_object(student_dir / SPEC_NAME).get("teacher")  # students saved before: no record
+    if None not in (saved_teacher, teacher_digest) and saved_teacher != teacher_digest:
+        raise ConfigError(
+            f"student_dir={student_dir} was quantized from another teacher than model.path: its {SPEC_NAME} records "
+            "a teacher whose weights differ (a retrained or other model), so PSNR to the teacher and the FID ratio "
+            "would compare it with a model it never learned from. Pass the model.path of the run that trained it."
         )
     student = load_quantized(student_dir, device=device)
     keys = ("in_channels", "out_channels", "sample_size")

@@ -35,6 +35,7 @@ from dq.student import calibration_set, check_layers, check_spec, quantize_stude
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
+from dq.utils.provenance import code_at_start
 from dq.utils.signals import sigterm_exits_143
 from dq.validation import validate
 
@@ -85,6 +86,9 @@ def fingerprint_parts(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any)
             part = part.get(section) if isinstance(part, dict) else None
         if isinstance(part, dict) and part.get(key, value) == value:
             part.pop(key, None)
+    # mixed precision trains another student; float32, Lightning's default and every run's before this key, is out
+    if (precision := str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))) not in ("32", "32-true"):
+        parts["trainer.precision"] = precision
     return parts
 
 
@@ -150,6 +154,7 @@ def peak_memory() -> dict[str, float]:
 @ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
+    code_at_start()  # results.json's provenance names the code as the run starts, whatever is committed later
     validate(cfg)
     if cfg.quantizer.name == "fp":
         raise ConfigError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
@@ -172,6 +177,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     teacher, scheduler = load_teacher(cfg.model.path)
     check_sample_shape(teacher, cfg.model.sample_shape)
     check_inference_steps(scheduler, cfg.model.num_inference_steps)
+    teacher_digest = teacher_fingerprint(teacher)  # on the CPU, as loaded: what dq-eval checks a saved student by
     teacher.to(cfg.device)
     check_layers(cfg, teacher)
     parts = fingerprint_parts(cfg, teacher, scheduler)
@@ -227,7 +233,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
-    save_quantized(student, run_dir / "student")
+    save_quantized(student, run_dir / "student", teacher=teacher_digest)
     cost = {
         "train_s": train_s,
         **peak_memory(),

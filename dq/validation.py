@@ -93,8 +93,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
     for key in RATES:
         value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-            raise ConfigError(f"{key}={value!r} is invalid: a learning rate must be a number >= 0 (0 freezes it).")
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if value is not None and (not number or not math.isfinite(value) or value < 0):  # nan, inf: no rate
+            raise ConfigError(
+                f"{key}={value!r} is invalid: a learning rate must be a finite number >= 0 (0 freezes it)."
+            )
     # lr_act_step_rel, when set, trains the activation step sizes on its own (as set_optimization counts it)
     rates = {k: v for k in (*RATES, "distill.lr_act_step_rel") if (v := OmegaConf.select(cfg, k)) is not None}
     if rates and not any(rates.values()):  # the distillation classes refuse it too, but only after calibration
@@ -298,12 +301,12 @@ def check_pretrain(cfg: DictConfig) -> None:
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
     parts = (OmegaConf.select(cfg, k) for k in ("trainer", "pretrain.trainer"))
     merged = {k: v for part in parts if part is not None for k, v in OmegaConf.to_container(part, resolve=True).items()}
-    check_trainer_values(OmegaConf.create({"trainer": merged}))
+    check_trainer_values(OmegaConf.create({"trainer": merged}), one_process=False)  # plain Lightning training
 
 
-def check_trainer_values(cfg: DictConfig) -> None:
+def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
     """Refuse at start-up a `trainer.<key>` value `pl.Trainer` refuses: one made now, with nothing to run, says what
-    the real one would say after calibration."""
+    the real one would say after calibration. `one_process`: also refuse several devices or nodes (dq-train)."""
     trainer = OmegaConf.select(cfg, "trainer")
     if not isinstance(trainer, DictConfig):
         return
@@ -317,6 +320,13 @@ def check_trainer_values(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer: pytorch_lightning.Trainer refuses these settings: {e}") from e
     finally:
         quiet.setLevel(level)
+    if one_process and dry.world_size > 1:
+        raise ConfigError(
+            f"trainer.devices={kwargs.get('devices', 'auto')}, trainer.num_nodes={kwargs.get('num_nodes', 1)}: "
+            f"{dry.world_size} processes. dq-train distils one block at a time in one process (each process would "
+            "train the same block and write the run directory's checkpoints); use trainer.devices=1. On a GPU, "
+            "several runs at once share one card (experiments/parallel_runs.sh)."
+        )
     if str(dry.precision) in ("16-true", "bf16-true"):
         raise ConfigError(
             f"trainer.precision={kwargs.get('precision')} casts the student to half precision, so its latent weights "

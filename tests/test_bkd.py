@@ -43,11 +43,12 @@ def make_student(teacher: UNet2DModel, calib, weight_bits: int = 4) -> UNet2DMod
     return student
 
 
-def fit(module: pl.LightningModule, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
+def fit(module: pl.LightningModule, callbacks: list[pl.Callback] = (), **trainer_kw) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=module.max_steps, max_epochs=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks),
         default_root_dir=module.run_dir,  # dilation.json goes there, never into the working directory
+        **trainer_kw,
     )  # fmt: skip
     trainer.fit(module)
     return trainer
@@ -246,6 +247,17 @@ def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
     assert not any(p.requires_grad for p in module.student.parameters())
 
 
+def test_log_every_n_steps_zero_logs_each_blocks_last_step_only(teacher, calib):
+    """Lightning's "never log" (and what trainer.barebones sets) divided by zero in every training step."""
+    module = bkd(teacher, calib, iters=3)
+    logged: list[dict] = []
+    module.log_block = lambda values, step: logged.append(values)
+    fit(module, log_every_n_steps=0)
+    assert len(module.history) == len(module.blocks)
+    losses = [key for values in logged for key in values if key.endswith("/loss")]
+    assert losses == [f"block/{k:02d}/loss" for k in range(len(module.blocks))]
+
+
 @pytest.mark.parametrize("act_drop_prob", [0.0, 0.5])
 def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, act_drop_prob: float):
     def run(run_dir: Path, fail_at_block: int | None = None) -> BlockwiseDistillation:
@@ -339,6 +351,8 @@ def test_model_kd_and_no_distillation(teacher, calib):
         (ModelDistillation, {"batch_size": 0}, "batch_size"),
         (ModelDistillation, {"lr_schedule": "step"}, "lr_schedule"),
         (BlockwiseDistillation, {"lr_act_qparams": -1e-4}, "lr_act_qparams"),
+        (BlockwiseDistillation, {"lr_weight": float("nan")}, "lr_weight"),  # would drop the group: weights frozen
+        (ModelDistillation, {"lr_weight_qparams": float("inf")}, "lr_weight_qparams"),
         (BlockwiseDistillation, {"lr_weight": 0, "lr_weight_qparams": 0, "lr_act_qparams": 0}, "lr_weight"),
         (BlockwiseDistillation, {"lr_bits": 1}, "lr_bits"),
         (ModelDistillation, {"lr_bits": "4"}, "lr_bits"),

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
+from dq.distill.calibration import teacher_fingerprint
 from dq.errors import ConfigError, NonFiniteSamplesError
 from dq.eval import evaluate
 from dq.models import load_teacher
@@ -118,7 +119,7 @@ def _saved_ptq_run(tmp_path):
     teacher, scheduler = load_teacher(cfg.model.path)
     student, _ = build_student(cfg, teacher, scheduler)
     run = tmp_path / "trained"
-    save_quantized(student, run / "student")
+    save_quantized(student, run / "student", teacher=teacher_fingerprint(teacher))
     (run / "results.json").write_text(json.dumps({"method": {"quantizer": "ptq_minmax", "bits": "w4a8"}}))
     return run, evaluate(cfg)["student"]
 
@@ -180,6 +181,10 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=rf"student_dir={student} was calibrated for 3 sampling steps.*steps=3"):
         over = ["logger=none", f"student_dir={student}", "model.num_inference_steps=4"]
         evaluate(compose_cfg("eval", _fast() + over, tmp_path / "d"))
+    spec = json.loads((student / "quant_spec.json").read_text())
+    (student / "quant_spec.json").write_text(json.dumps({**spec, "teacher": "0" * 64}))  # a retrained teacher's
+    with pytest.raises(ValueError, match=rf"student_dir={student} was quantized from another teacher than model.path"):
+        evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={student}"], tmp_path / "e"))
 
 
 @pytest.mark.parametrize(

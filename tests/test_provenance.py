@@ -7,7 +7,8 @@ import torch
 from conftest import REPO
 
 import dq
-from dq.utils.provenance import git_state, provenance
+from dq.utils import provenance as provenance_module
+from dq.utils.provenance import code_at_start, git_state, provenance
 
 
 def _git(*args: str, cwd: Path = REPO) -> str:
@@ -46,3 +47,16 @@ def test_provenance_names_versions_instruction_set_threads_and_device():
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu_capability"]
     assert record["threads"] == torch.get_num_threads() and record["device"] == "cpu"
     assert record["git"] == git_state()
+
+
+def test_the_git_state_is_the_one_the_run_started_with(monkeypatch):
+    """A session commits while a batch of runs trains: each run's record names the code it imported, not the commit
+    that was current when its results.json was written."""
+    states = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}])
+    monkeypatch.setattr(provenance_module, "git_state", lambda: next(states))
+    code_at_start.cache_clear()
+    try:
+        assert code_at_start()["commit"] == "a" * 40  # dq-train / dq-eval call it first thing
+        assert provenance("cpu")["git"] == {"commit": "a" * 40, "dirty": False}  # later: still the start's
+    finally:
+        code_at_start.cache_clear()

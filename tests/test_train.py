@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
 from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir, run_dir_is_new
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
+from dq.distill.calibration import teacher_fingerprint
 from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import eval_seed, evaluate_models, method_of
 from dq.models import load_teacher
@@ -80,6 +81,8 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     out = student(x, t).sample
     assert torch.equal(load_quantized(run / "student")(x, t).sample, out)
     assert not torch.equal(out, teacher(x, t).sample)
+    spec = json.loads((run / "student" / "quant_spec.json").read_text())
+    assert spec["teacher"] == teacher_fingerprint(teacher)  # what dq-eval student_dir=... checks model.path by
 
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     logged = {k for r in rows for k, v in r.items() if v}
@@ -192,6 +195,10 @@ def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_
     assert config_fingerprint(older, teacher, scheduler) == base  # before QALoRA and TPQ's shared start existed
     shared = compose_cfg("train", [*fast(tiny_teacher_dir), "callbacks.tpq.init=shared"], tmp_path)
     assert config_fingerprint(shared, teacher, scheduler) != base
+    fp32 = compose_cfg("train", [*fast(tiny_teacher_dir), "+trainer.precision=32-true"], tmp_path)
+    assert config_fingerprint(fp32, teacher, scheduler) == base  # Lightning's default, spelled out
+    mixed = compose_cfg("train", [*fast(tiny_teacher_dir), "+trainer.precision=bf16-mixed"], tmp_path)
+    assert config_fingerprint(mixed, teacher, scheduler) != base  # a resume must not mix precisions across blocks
     scheduler.register_to_config(beta_end=0.03)  # another noise schedule draws other calibration trajectories
     assert config_fingerprint(compose_cfg("train", fast(tiny_teacher_dir), tmp_path), teacher, scheduler) != base
 
@@ -243,7 +250,9 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         ([*CIFAR, "model.data.path=/png", "eval=inception"], r"eval.inception_weights_path is not set"),
         ([*CIFAR, "model.data.path=/png", "eval=inception", "eval.inception_weights_path=/w.pth"],
          r"eval=inception needs torch_fidelity and torchvision, not installed here: pip install 'dq\[inception\]'"),
-        (["distill.lr_weight=-1"], r"distill.lr_weight=-1 is invalid: a learning rate must be a number >= 0"),
+        (["distill.lr_weight=-1"], r"distill.lr_weight=-1 is invalid: a learning rate must be a finite number >= 0"),
+        (["distill.lr_weight=nan"], r"distill.lr_weight=nan is invalid: a learning rate must be a finite number"),
+        (["distill.lr_act_qparams=inf"], r"distill.lr_act_qparams=inf is invalid"),
         (["distill.lr_act_qparams=fast"], r"distill.lr_act_qparams='fast' is invalid"),
         (["distill.lr_schedule=linear"], r"distill.lr_schedule='linear' is not one of \['cosine', 'constant'\]"),
         (["calib.n_calib=64", "distill.batch_size=100"], r"distill.batch_size=100 is larger than the calibration set"),
@@ -270,6 +279,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
         (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),
         (["trainer.devices=0"], r"Trainer refuses these settings: `Trainer\(devices=0\)` value is not a valid"),
+        (["trainer.devices=2"], r"trainer.devices=2, trainer.num_nodes=1: 2 processes. dq-train distils one block"),
         (["+trainer.precision=banana"], r"Trainer refuses these settings: Precision 'banana' is invalid"),
         (["+trainer.precision=bf16-true"], r"trainer.precision=bf16-true casts the student to half precision.*use "
                                            r"bf16-mixed"),

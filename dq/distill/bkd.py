@@ -307,7 +307,8 @@ class BlockwiseDistillation(QuantDistillation):
         opt.step()
         self._oscillation.update()
         self.log("distill/loss", mse.detach(), prog_bar=True)
-        if i % self.trainer.log_every_n_steps == 0 or i == self.iters_per_block - 1:
+        every = self.trainer.log_every_n_steps  # 0 (Lightning's "never", barebones): the block's last step only
+        if (every and i % every == 0) or i == self.iters_per_block - 1:
             self.log_block({f"block/{k:02d}/loss": mse.item()}, int(batch[0]))
         self.log("distill/block", float(k), prog_bar=True)
         if i == self.iters_per_block - 1:

@@ -7,6 +7,7 @@ must be able to tell them apart.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 import dq
 
-__all__ = ["git_state", "provenance"]
+__all__ = ["code_at_start", "git_state", "provenance"]
 
 _GIT_TIMEOUT_S = 10
 
@@ -47,12 +48,19 @@ def git_state(package_dir: Path | None = None) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+@functools.cache
+def code_at_start() -> dict[str, Any] | None:
+    """`git_state()` as of this process's first call, which dq-train and dq-eval make as they start: the code a run
+    imported, not what the checkout holds when it ends (a commit made while it trains is not its code)."""
+    return git_state()
+
+
 def provenance(device: str = "cpu") -> dict[str, Any]:
     """dq's version and git state, torch's version, the CPU's vector instruction set, intra-op threads and device."""
     on_gpu = device.startswith("cuda") and torch.cuda.is_available()
     return {
         "dq": dq.__version__,
-        "git": git_state(),
+        "git": code_at_start(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: float order differs
         "threads": torch.get_num_threads(),
