@@ -284,10 +284,12 @@ class QuantDistillation(pl.LightningModule):
         cosine_factor(0, 1, lr_schedule)  # validates the name
         named = {"lr_weight": lr_weight, "lr_lora": lr_lora, "lr_weight_qparams": lr_weight_qparams,
                  "lr_act_qparams": lr_act_qparams}  # fmt: skip
+        if bad := [f"distill.{k}={v}" for k, v in named.items() if not math.isfinite(v)]:  # NaN would drop the group
+            raise ValueError(f"{', '.join(bad)}: learning rates must be finite numbers")
         if lr_act_step_rel is not None:
             named["lr_act_step_rel"] = lr_act_step_rel
-        if bad := [f"distill.{k}={v}" for k, v in named.items() if not (math.isfinite(v) and v >= 0)]:
-            raise ValueError(f"{', '.join(bad)}: learning rates must be finite and >= 0 (0 freezes that group)")
+        if bad := [f"distill.{k}={v}" for k, v in named.items() if v < 0]:
+            raise ValueError(f"{', '.join(bad)}: learning rates must be >= 0 (0 freezes that group)")
         if lr_act_step_rel is not None and not 0 <= lr_act_step_rel < 1:  # also refuses NaN
             raise ValueError(
                 f"distill.lr_act_step_rel={lr_act_step_rel} must be in [0, 1): it is the fraction of its own value an "
