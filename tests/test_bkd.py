@@ -21,10 +21,11 @@ from dq.distill import (
     lr_factor,
     param_groups,
 )
-from dq.distill.base import RelativeAdam, calibrate_student, weight_bits
+from dq.distill.base import RelativeAdam, calibrate_student, step_sizes, weight_bits
 from dq.distill.calibration import build_calibration_set
 from dq.errors import CheckpointError
-from dq.quant import QuantSpec, act_quantizers, quantize_model, step_context
+from dq.quant import QuantSpec, act_quantizers, quantize_model, step_context, weight_quantizers
+from dq.quant.quantizer import SCALE_MIN
 
 LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
 
@@ -176,6 +177,29 @@ def test_relative_adam_keeps_signs_at_large_rates():
         p.grad = torch.ones(2)  # always push down: Adam's plain move is ~ -0.9 a step
         opt.step()
     assert torch.all(p > 0) and torch.all(p < torch.tensor([3e-3, 0.5]) * 1e-3)
+
+
+def test_a_step_size_pushed_past_zero_stays_at_scale_min_and_can_grow_back():
+    """Fake quantization clamps Δ at SCALE_MIN and passes no gradient below it: a Δ that one absolute Adam step took
+    below zero never moved again (35 of a W4A8 efficientdm student's step sizes, at its act rate of 5e-4)."""
+    delta, zero_point = torch.nn.Parameter(torch.tensor([4e-3, 0.5])), torch.nn.Parameter(torch.tensor([0.5, 0.5]))
+    opt = RelativeAdam([{"params": [delta, zero_point], "lr": 5e-3}], step_sizes=[delta])
+    delta.grad, zero_point.grad = torch.ones(2), torch.ones(2)  # push both down by ~lr
+    opt.step()
+    assert delta.detach().tolist() == pytest.approx([SCALE_MIN, 0.495], rel=1e-6)  # not -1e-3
+    assert zero_point.detach().tolist() == pytest.approx([0.495, 0.495])  # zero-points may go below zero
+    for _ in range(5):
+        delta.grad, zero_point.grad = -torch.ones(2), torch.zeros(2)
+        opt.step()
+    assert delta[0] > 1e-3  # a gradient reaches it again and it grows back
+
+
+def test_distillation_keeps_every_quantizer_step_size_in_the_floor(teacher, calib):
+    module = bkd(teacher, calib)
+    opt = module.make_adam()
+    expected = {id(q.scale) for _, q in act_quantizers(module.student)}
+    expected |= {id(q.scale) for _, q in weight_quantizers(module.student)}
+    assert {id(p) for p in opt.step_sizes} == expected == {id(p) for p in step_sizes(module.student)}
 
 
 @pytest.mark.parametrize(

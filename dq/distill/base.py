@@ -32,6 +32,7 @@ from dq.quant import (
     calibrate_activations,
     stored_weight,
 )
+from dq.quant.quantizer import SCALE_MIN
 
 __all__ = [
     "NoDistillation",
@@ -41,6 +42,7 @@ __all__ = [
     "calibrate_student",
     "lr_factor",
     "param_groups",
+    "step_sizes",
 ]
 
 # optimizer groups; biases and norm affines go with weights; "lora": adapters (QALoRA); "@rel": activation step
@@ -155,21 +157,39 @@ def param_groups(
     ]
 
 
-class RelativeAdam(torch.optim.Adam):
-    """Adam whose groups marked `"relative": True` take steps relative to each element's own value.
+def step_sizes(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable step sizes Δ of `module`'s weight and activation quantizers."""
+    quantizers = (m for m in module.modules() if isinstance(m, UniformQuantizer | TemporalQuantizer))
+    return [q.scale for q in quantizers if isinstance(q.scale, nn.Parameter)]
 
-    Such an element becomes `p * exp(-lr * m̂ / (√v̂ + ε))` instead of `p - lr * m̂ / (√v̂ + ε)`: a step of Adam's
+
+class RelativeAdam(torch.optim.Adam):
+    """Adam whose groups marked `"relative": True` take steps relative to each element's own value, and which keeps
+    the step sizes it is given at `SCALE_MIN` or above.
+
+    A relative element becomes `p * exp(-lr * m̂ / (√v̂ + ε))` instead of `p - lr * m̂ / (√v̂ + ε)`: a step of Adam's
     size on `log |p|` (Adam's moments still see the gradient in `p`), so a step size of 1e-4 and one of 1e-1 both
     change by about `lr` of themselves, and none changes sign. Other groups are plain Adam.
+
+    `step_sizes`: put back to `SCALE_MIN` after a step that took them below it. Fake quantization clamps Δ there, and
+    the clamp passes no gradient below it, so a Δ that an absolute step moved past zero (an 8-bit softmax's Δ ≈ 0.004
+    at EfficientDM's rate of 5e-4 per step) stayed stuck for good, its activation quantized to about 0.
     """
+
+    def __init__(self, params: Any, step_sizes: Iterable[Tensor] = (), **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.step_sizes = list(step_sizes)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One Adam step; then each relative element is put at `old * exp(new - old)`."""
+        """One Adam step; then each relative element is put at `old * exp(new - old)`, each step size at
+        `max(Δ, SCALE_MIN)`."""
         before = [(p, p.detach().clone()) for g in self.param_groups if g.get("relative") for p in g["params"]]
         loss = super().step(closure)
         for p, old in before:  # Adam moved p by d = new - old; as a step on log|p|: old * exp(d)
             p.copy_(old * torch.exp(p - old))
+        for p in self.step_sizes:
+            p.clamp_(min=SCALE_MIN)
         return loss
 
 
@@ -313,7 +333,7 @@ class QuantDistillation(pl.LightningModule):
         """`RelativeAdam` over the student's `param_groups` (rates scaled per weight bit-width, activation step sizes
         relative when `lr_act_step_rel` is set), each group remembering its `base_lr` for `schedule_lr`."""
         groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel)
-        return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups])
+        return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups], step_sizes=step_sizes(self.student))
 
     def schedule_lr(self, i: int, n: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant) in `optimizer` (default:
