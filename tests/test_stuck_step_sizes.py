@@ -1,0 +1,41 @@
+"""experiments/stuck_step_sizes.py: the count of step sizes at or below SCALE_MIN that BENCHMARKS quotes."""
+
+import importlib.util
+import subprocess
+import sys
+
+import torch
+from conftest import REPO
+from safetensors.torch import save_file
+
+from dq.quant.quantizer import SCALE_MIN
+
+SCRIPT = REPO / "experiments" / "stuck_step_sizes.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("stuck_step_sizes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counts_the_step_sizes_at_or_below_scale_min_by_quantizer(tmp_path):
+    student = tmp_path / "run_a" / "student"
+    student.mkdir(parents=True)
+    state = {
+        "conv.act_quantizer.scale": torch.tensor([0.1, SCALE_MIN, -3e-4, 0.2]),  # two stuck
+        "conv.weight_quantizer.scale": torch.tensor([[0.03], [0.02]]),
+        "attn.processor.prob_quantizer.scale": torch.tensor([-1e-3]),
+        "conv.act_quantizer.zero_point": torch.tensor([-5.0]),  # a zero-point below zero is no step size
+        "conv.weight": torch.zeros(2, 2),
+    }
+    save_file(state, str(student / "model.safetensors"))
+    (student / "quant_spec.json").write_text("{}")
+    assert _module().stuck(student) == (7, 3, ["attn.processor.prob_quantizer: 1", "conv.act_quantizer: 2"])  # sorted
+    out = tmp_path / "table.md"
+    printed = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--out", str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "| run_a | 7 | 3 | attn.processor.prob_quantizer: 1; conv.act_quantizer: 2 |" in printed
+    assert out.read_text() == printed
