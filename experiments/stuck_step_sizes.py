@@ -2,11 +2,12 @@
 
     python experiments/stuck_step_sizes.py ROOT [ROOT ...] [--out experiments/tables/NAME.md]
 
-Every `student/` below the roots (as dq-train saves it) is one row: how many step-size elements its weight and
-activation quantizers hold, how many sit at or below SCALE_MIN, and the quantizers they belong to. Fake quantization
-clamps Δ at SCALE_MIN and passes no gradient below it, so before 5d5b51b a Δ that an absolute Adam step took there
-never moved again (Adam's momentum kept it going the same way): the count at the end of training is then every Δ that
-ever crossed. From 5d5b51b the optimizer puts such a Δ back at SCALE_MIN, where gradients reach it again.
+Every `student/` below the roots (as dq-train saves it) is one row, named `<root>/<run>`: how many step-size elements
+its weight and activation quantizers hold, how many sit at or below SCALE_MIN, and the quantizers they belong to. Fake
+quantization clamps Δ at SCALE_MIN and passes no gradient below it, so before 5d5b51b a Δ that an absolute Adam step
+took there never moved again (Adam's momentum kept it going the same way): the count at the end of training is then
+every Δ that ever crossed (but in blocks BKD put back, `distill.revert_worse`). From 5d5b51b the optimizer puts such a Δ
+back at SCALE_MIN, where gradients reach it again.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ def main() -> None:
     parser.add_argument("roots", nargs="+", type=Path, help="directories holding dq-train runs")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
-    students = sorted(p.parent for root in args.roots for p in root.rglob(SPEC_NAME) if p.parent.name == "student")
+    students = [  # (root, student/), each root's runs sorted
+        (root, p.parent) for root in args.roots for p in sorted(root.rglob(SPEC_NAME)) if p.parent.name == "student"
+    ]
     if not students:
         raise SystemExit(f"no student/{SPEC_NAME} below {', '.join(map(str, args.roots))}")
     rows = ["| run | step sizes | at or below SCALE_MIN | quantizers (count) |", "|---|---|---|---|"]
-    for student in students:
+    for root, student in students:
         total, n, where = stuck(student)
         shown = "; ".join(where[:6]) + (f"; {len(where) - 6} more" if len(where) > 6 else "")
-        rows.append(f"| {student.parent.name} | {total} | {n} | {shown} |")
+        rows.append(f"| {student.parent.relative_to(root.parent)} | {total} | {n} | {shown} |")
     table = "\n".join(rows) + "\n"
     print(table, end="")
     if args.out is not None:

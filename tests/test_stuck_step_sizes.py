@@ -37,5 +37,6 @@ def test_counts_the_step_sizes_at_or_below_scale_min_by_quantizer(tmp_path):
     printed = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), "--out", str(out)], capture_output=True, text=True, check=True
     ).stdout
-    assert "| run_a | 7 | 3 | attn.processor.prob_quantizer: 1; conv.act_quantizer: 2 |" in printed
+    label = f"{tmp_path.name}/run_a"  # the run below its root, so that two roots' runs of one name stay apart
+    assert f"| {label} | 7 | 3 | attn.processor.prob_quantizer: 1; conv.act_quantizer: 2 |" in printed
     assert out.read_text() == printed
