@@ -177,10 +177,9 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     teacher, scheduler = load_teacher(cfg.model.path)
     check_sample_shape(teacher, cfg.model.sample_shape)
     check_inference_steps(scheduler, cfg.model.num_inference_steps)
-    teacher_digest = teacher_fingerprint(teacher)  # on the CPU, as loaded: what dq-eval checks a saved student by
-    teacher.to(cfg.device)
     check_layers(cfg, teacher)
-    parts = fingerprint_parts(cfg, teacher, scheduler)
+    parts = fingerprint_parts(cfg, teacher, scheduler)  # the teacher hashed once, on the CPU as loaded (dq-eval too)
+    teacher.to(cfg.device)
     fingerprint = _digest(parts)
     check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
@@ -233,7 +232,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
-    save_quantized(student, run_dir / "student", teacher=teacher_digest)
+    save_quantized(student, run_dir / "student", teacher=parts["teacher"])
     cost = {
         "train_s": train_s,
         **peak_memory(),
