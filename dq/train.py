@@ -53,6 +53,7 @@ NEUTRAL_OPTIONS: dict[str, object] = {
     "callbacks.tpq.init": "per_step",
     "distill.dampen": 0.0,
     "distill.freeze": 0.0,
+    "distill.lr_zero_point": None,
 }
 
 

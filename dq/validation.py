@@ -38,7 +38,13 @@ CHOICES = {
     "model.data.name": DATASETS,
 }
 # learning rates that must be numbers >= 0 (0 freezes a group)
-RATES = ("distill.lr_weight", "distill.lr_weight_qparams", "distill.lr_act_qparams", "distill.lr_lora")
+RATES = (
+    "distill.lr_weight",
+    "distill.lr_weight_qparams",
+    "distill.lr_act_qparams",
+    "distill.lr_lora",
+    "distill.lr_zero_point",
+)
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",

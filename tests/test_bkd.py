@@ -147,6 +147,39 @@ def test_param_groups_put_activation_step_sizes_in_a_relative_group(teacher, cal
     assert "act_qparams@rel" not in {g["name"] for g in param_groups(student, lrs, act_step_rel=0)}  # 0: frozen
 
 
+def test_param_groups_put_zero_points_in_a_group_of_their_own(teacher, calib):
+    student = make_student(teacher, calib, weight_bits=8)  # weight rates scaled: zero-points are not
+    lrs = {"weights": 1.0, "weight_qparams": 2.0, "act_qparams": 3.0}
+    groups = {g["name"]: g for g in param_groups(student, lrs, lr_bits=4, zero_point_lr=0.05)}
+    names = {id(p): n for n, p in student.named_parameters()}
+    of = lambda g: {names[id(p)] for p in groups[g]["params"]}  # noqa: E731
+    zero_points = {n for n in names.values() if n.endswith(".zero_point")}
+    assert zero_points and of("zero_points") == zero_points and groups["zero_points"]["lr"] == 0.05
+    assert not any(n.endswith(".zero_point") for g in groups if g != "zero_points" for n in of(g))
+    assert sorted(n for g in groups.values() for n in of(g["name"])) == sorted(names.values())  # each once
+    assert "zero_points" not in {g["name"] for g in param_groups(student, lrs, zero_point_lr=0)}  # 0: frozen
+    assert "conv_in.act_quantizer.zero_point" in {
+        names[id(p)] for g in param_groups(student, lrs) if g["name"] == "act_qparams" for p in g["params"]
+    }  # None: with the step sizes, as before
+
+
+@pytest.mark.parametrize("lr_zero_point", [None, 0.1])
+def test_zero_points_change_their_rounded_value_only_at_a_rate_of_their_own(teacher, calib, lr_zero_point):
+    """Adam moves a parameter by about lr per step: at the step sizes' 1e-4 a zero-point (grid steps; the forward
+    pass uses round(z)) stays put over a block, at 0.1 some move by the half step that changes round(z)."""
+    module = bkd(teacher, calib, iters=20, revert_worse=False, lr_zero_point=lr_zero_point)
+    calibrate_student(module.student, calib, 8, progress=False)
+    quantizers = [*act_quantizers(module.student), *weight_quantizers(module.student)]
+    before = {n: q.zero_point.detach().clone() for n, q in quantizers}
+    fit(module)
+    drift = max((q.zero_point - before[n]).abs().max().item() for n, q in quantizers)
+    changed = sum(int((q.zero_point.round() != before[n].round()).sum()) for n, q in quantizers)
+    if lr_zero_point is None:
+        assert 0 < drift < 20 * 1e-4 * 1.01 and changed == 0
+    else:
+        assert drift > 0.5 and changed > 0
+
+
 def test_relative_adam_moves_each_element_by_its_own_fraction():
     """Against plain Adam on a copy: a relative element becomes old * exp(plain Adam's move); other groups are plain."""
     init = torch.tensor([1e-4, 3e-3, 0.1, 2.0])
@@ -217,6 +250,15 @@ def test_all_rates_zero_is_refused_naming_every_rate(teacher, calib):
     with pytest.raises(ValueError, match="lr_act_step_rel=0: nothing would train"):
         bkd(teacher, calib, **zero, lr_act_step_rel=0.0)
     bkd(teacher, calib, **zero, lr_act_step_rel=0.01)  # only the relative step sizes train: allowed
+    with pytest.raises(ValueError, match="lr_zero_point=0: nothing would train"):
+        bkd(teacher, calib, **zero, lr_zero_point=0.0)
+    bkd(teacher, calib, **zero, lr_zero_point=0.05)  # only the zero-points train: allowed
+
+
+@pytest.mark.parametrize(("bad", "message"), [(-0.1, "must be >= 0"), (float("inf"), "finite")])
+def test_lr_zero_point_out_of_range_is_refused(teacher, calib, bad: float, message: str):
+    with pytest.raises(ValueError, match=f"distill.lr_zero_point=.*{message}"):
+        bkd(teacher, calib, lr_zero_point=bad)
 
 
 def test_model_kd_takes_the_relative_rate(teacher, calib):

@@ -275,6 +275,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0",
           "distill.lr_act_step_rel=0"], r"distill.lr_act_step_rel=0: nothing would train"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
+        (["distill.lr_zero_point=inf"], r"distill.lr_zero_point=inf is invalid: a learning rate must be a finite"),
         (["callbacks.weight_dilation.s_max=0"], r"callbacks.weight_dilation.s_max=0 is invalid: a number >= 1"),
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
         (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),

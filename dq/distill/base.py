@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 # optimizer groups; biases and norm affines go with weights; "lora": adapters (QALoRA); "@rel": activation step
-# sizes at a relative rate
-GROUPS = ("weights", "lora", "weight_qparams", "act_qparams", "act_qparams@rel")
+# sizes at a relative rate; "zero_points": every zero-point, at a rate of its own (in grid units)
+GROUPS = ("weights", "lora", "weight_qparams", "act_qparams", "act_qparams@rel", "zero_points")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,7 +103,11 @@ def weight_bits(module: nn.Module) -> int | None:
 
 
 def param_groups(
-    module: nn.Module, lrs: dict[str, float], lr_bits: int | None = None, act_step_rel: float | None = None
+    module: nn.Module,
+    lrs: dict[str, float],
+    lr_bits: int | None = None,
+    act_step_rel: float | None = None,
+    zero_point_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Adam parameter groups of `module`: latent weights (+ biases, norm affines), adapters, weight Δ/z, activation Δ/z.
 
@@ -118,6 +122,10 @@ def param_groups(
         act_step_rel: When given, the activation step sizes leave group `"act_qparams"` for group
             `"act_qparams@rel"` with this rate and `"relative": True`: `RelativeAdam` moves each of them by about
             this fraction of its own value per step. None: they train at `lrs["act_qparams"]` like zero-points.
+        zero_point_lr: When given, the zero-points of weight and activation quantizers leave their groups for group
+            `"zero_points"` at this rate. A zero-point counts grid steps and the forward pass uses `round(z)`, so at
+            the step-size rates (1e-4 .. 1e-3 per step, Adam's steps being about `lr` long) it never moves by the
+            half step that would change it; this rate is in grid steps per step. None: they stay in their groups.
 
     Returns:
         `[{"name", "params", "lr"}]` (and `"relative"`) for the groups with parameters and a positive lr.
@@ -131,7 +139,10 @@ def param_groups(
             kind.update({id(p): "lora" for p in m.parameters(recurse=False)})
         if isinstance(m, TemporalQuantizer) and act_step_rel is not None and isinstance(m.scale, nn.Parameter):
             kind[id(m.scale)] = "act_qparams@rel"
-    lrs = {"lora": 0.0, **lrs, "act_qparams@rel": act_step_rel or 0.0}
+        quantizer = isinstance(m, UniformQuantizer | TemporalQuantizer)
+        if quantizer and zero_point_lr is not None and isinstance(m.zero_point, nn.Parameter):
+            kind[id(m.zero_point)] = "zero_points"
+    lrs = {"lora": 0.0, **lrs, "act_qparams@rel": act_step_rel or 0.0, "zero_points": zero_point_lr or 0.0}
     bits = weight_bits(module)
     scaled: set[int] = set()  # ids of the bit-scaled parameters
     if lr_bits is not None and bits is not None and bits != lr_bits:
@@ -296,14 +307,18 @@ class QuantDistillation(pl.LightningModule):
         lr_bits: int | None = None,
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
+        lr_zero_point: float | None = None,
     ) -> None:
         """Validate and keep the minibatch size, the groups' learning rates / schedule, the weight bit-width the
-        rates are for and the relative rate of activation step sizes (`param_groups`; BKD, model KD)."""
+        rates are for, the relative rate of activation step sizes and the zero-points' own rate (`param_groups`;
+        BKD, model KD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         cosine_factor(0, 1, lr_schedule)  # validates the name
         named = {"lr_weight": lr_weight, "lr_lora": lr_lora, "lr_weight_qparams": lr_weight_qparams,
                  "lr_act_qparams": lr_act_qparams}  # fmt: skip
+        if lr_zero_point is not None:
+            named["lr_zero_point"] = lr_zero_point
         if bad := [f"distill.{k}={v}" for k, v in named.items() if not math.isfinite(v)]:  # NaN would drop the group
             raise ValueError(f"{', '.join(bad)}: learning rates must be finite numbers")
         if lr_act_step_rel is not None:
@@ -327,12 +342,14 @@ class QuantDistillation(pl.LightningModule):
         self.lrs = {"weights": lr_weight, "lora": lr_lora, "weight_qparams": lr_weight_qparams,
                     "act_qparams": lr_act_qparams}  # fmt: skip
         self.lr_act_step_rel = lr_act_step_rel
+        self.lr_zero_point = lr_zero_point
         self.lr_schedule = lr_schedule
 
     def make_adam(self) -> RelativeAdam:
         """`RelativeAdam` over the student's `param_groups` (rates scaled per weight bit-width, activation step sizes
-        relative when `lr_act_step_rel` is set), each group remembering its `base_lr` for `schedule_lr`."""
-        groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel)
+        relative when `lr_act_step_rel` is set, zero-points apart when `lr_zero_point` is), each group remembering
+        its `base_lr` for `schedule_lr`."""
+        groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel, self.lr_zero_point)
         return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups], step_sizes=step_sizes(self.student))
 
     def schedule_lr(self, i: int, n: int, optimizer: torch.optim.Optimizer | None = None) -> None:

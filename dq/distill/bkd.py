@@ -81,6 +81,8 @@ class BlockwiseDistillation(QuantDistillation):
         lr_lora: Learning rate of the adapters of the `lora` callback (QALoRA; EfficientDM); 0 without it.
         lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
+        lr_zero_point: Learning rate of every zero-point, in grid steps per step (`param_groups`); None: they train
+            with their step sizes, at `lr_weight_qparams` / `lr_act_qparams`, where `round(z)` never changes.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
             higher than before (its history entry then says `"kept": "untrained"`).
         act_drop_prob: QDrop: in each training step every activation element of the block stays full precision
@@ -109,6 +111,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_bits: int | None = 4,
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
+        lr_zero_point: float | None = None,
         revert_worse: bool = True,
         act_drop_prob: float = 0.0,
         dampen: float = 0.0,
@@ -120,7 +123,8 @@ class BlockwiseDistillation(QuantDistillation):
             raise ValueError(f"iters_per_block={iters_per_block} must be >= 1")
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
-                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora)  # fmt: skip
+                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora,
+                              lr_zero_point=lr_zero_point)  # fmt: skip
         if not 0 <= act_drop_prob < 1:  # also refuses NaN
             raise ValueError(
                 f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "

@@ -37,6 +37,8 @@ class ModelDistillation(QuantDistillation):
         lr_lora: Learning rate of the adapters of the `lora` callback (QALoRA; EfficientDM); 0 without it.
         lr_act_step_rel: Activation step sizes move by about this fraction of their own value per step
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
+        lr_zero_point: Learning rate of every zero-point, in grid steps per step (`param_groups`); None: they train
+            with their step sizes, at `lr_weight_qparams` / `lr_act_qparams`, where `round(z)` never changes.
         **kwargs: `QuantDistillation` arguments.
     """
 
@@ -54,6 +56,7 @@ class ModelDistillation(QuantDistillation):
         lr_bits: int | None = 4,
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
+        lr_zero_point: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -61,7 +64,8 @@ class ModelDistillation(QuantDistillation):
             raise ValueError(f"iters={iters} must be >= 1")
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
-                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora)  # fmt: skip
+                              lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora,
+                              lr_zero_point=lr_zero_point)  # fmt: skip
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
