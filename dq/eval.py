@@ -58,6 +58,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     if student_dir is None and cfg.quantizer.name != "fp":
         check_spec(cfg)
+        if cfg.quantizer.get("spec", {}).get("learnable"):  # dq-eval would score it untrained, without WD / TPQ
+            raise ConfigError(
+                f"quantizer={cfg.quantizer.name} is a trained method (quantizer.spec.learnable=true): train it with "
+                f"dq-train quantizer={cfg.quantizer.name} (or its experiment=...), then score the run with dq-eval "
+                "student_dir=<run>/student. dq-eval builds post-training students only (quantizer=ptq_minmax), or this "
+                "spec untrained with quantizer.spec.learnable=false."
+            )
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):  # one writer per run directory

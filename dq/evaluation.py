@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dq.data import reference_images, reference_name
-from dq.distill.calibration import teacher_fingerprint
+from dq.distill.calibration import resolve_n_traj, teacher_fingerprint
 from dq.errors import NonFiniteSamplesError
 from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
@@ -39,6 +39,21 @@ def eval_seed(cfg: DictConfig) -> int:
     """The evaluation noise's seed: `eval.seed` (by default the run's `seed`), or `seed` in configs without it."""
     seed = cfg.eval.get("seed")
     return cfg.seed if seed is None else seed
+
+
+def calibration_noise_overlap(cfg: DictConfig) -> str | None:
+    """A warning when the evaluation noise repeats the calibration trajectories' (`eval.seed` = `calib.seed`):
+    `make_noise` draws a prefix-stable sequence, so the first `n_traj` evaluation samples then start from the very
+    noise whose trajectories' `x_t` the student was fitted on, which flatters it. None otherwise."""
+    calib, n_samples = cfg.get("calib"), OmegaConf.select(cfg, "eval.n_samples")
+    if calib is None or n_samples is None or calib.get("seed") is None or eval_seed(cfg) != calib.seed:
+        return None
+    n_traj = resolve_n_traj(calib.n_calib, cfg.model.num_inference_steps, calib.get("n_traj"))
+    return (
+        f"eval.seed={eval_seed(cfg)} equals calib.seed={calib.seed}: the first {min(n_traj, n_samples)} of the "
+        f"{n_samples} evaluation samples start from the noise of the calibration trajectories the student was fitted "
+        "on, which flatters it; pass another eval.seed (the defaults score seed 0's noise against calib.seed 1)"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -27,7 +27,7 @@ from dq.config import build_loggers, cli_errors, keep_hydra_record, register_res
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.errors import ConfigError
-from dq.evaluation import evaluate_models, method_of
+from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
@@ -184,6 +184,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     fingerprint = _digest(parts)
     check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
+    if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
+        log.warning(overlap)
 
     start = time.perf_counter()
     callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet

@@ -93,6 +93,16 @@ def test_ptq_student_is_scored_against_teacher_from_identical_noise(tmp_path):
     assert w8["student"]["psnr_to_teacher"] > student["psnr_to_teacher"]  # 8 bits damage less than 4
 
 
+@pytest.mark.parametrize("quantizer", ["dilatequant", "qat_lsq", "ptq_recon", "efficientdm"])
+def test_a_trained_method_is_refused_rather_than_scored_untrained(quantizer, tmp_path):
+    """dq-eval builds a student without training, WD or TPQ: `quantizer=dilatequant` was scored as a plain
+    untrained PTQ student and recorded as `dilatequant` in results.json."""
+    cfg = compose_cfg("eval", _fast() + ["logger=none", f"quantizer={quantizer}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"quantizer={quantizer} is a trained method.*dq-train quantizer={quantizer}"):
+        evaluate(cfg)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_teacher_samples_are_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     import dq.evaluation as evaluation
 

@@ -36,6 +36,27 @@ def test_identical_seeds_identical_results(metrics):
     assert metrics.score(x, seed=3) == metrics.score(x, seed=3)
 
 
+def test_inception_score_against_plain_formula(metrics):
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split, mean and population std over splits (Salimans et al.'s code and
+    torch-fidelity; torchmetrics' own std divides by n - 1), on the shuffle torchmetrics draws for the seed."""
+    from dq.metrics import MNISTClassifier
+
+    x = load_mnist_split(0)["holdout"][0][:300]
+    with torch.no_grad():
+        logits = MNISTClassifier.load(CLASSIFIER)(x).double()
+    torch.manual_seed(5)
+    logits = logits[torch.randperm(len(logits))]
+    scores = []
+    for chunk in logits.chunk(10):
+        p, log_p = chunk.softmax(1), chunk.log_softmax(1)
+        scores.append(torch.exp((p * (log_p - p.mean(0, keepdim=True).log())).sum(1).mean()))
+    scores = torch.stack(scores)
+    got = metrics.score(x, seed=5)
+    assert got["is"] == pytest.approx(float(scores.mean()), rel=1e-5)
+    assert got["is_std"] == pytest.approx(float(scores.std(correction=0)), rel=1e-4)
+    assert got["is_std"] < float(scores.std(correction=1)) * 0.99
+
+
 def test_reference_cache_reused_and_corrupt_cache_rebuilt(tmp_path):
     train = load_mnist_split(0)["train"][0][:500]
     calls = []

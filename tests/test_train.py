@@ -732,3 +732,18 @@ def test_accepted_settings_follow_kwargs_through_dq_and_stop_where_they_leave_it
     assert {"iters_per_block", "revert_worse", "calib_batch_size", "name"} <= accepted_settings(BlockwiseDistillation)
     assert "iters_per_block" not in accepted_settings(ModelDistillation)
     assert {"save_dir", "log_model", "entity", "tags"} <= accepted_settings(WandbLogger)  # Lightning's and wandb.init's
+
+
+def test_evaluation_noise_that_repeats_the_calibration_trajectories_is_named(tmp_path):
+    """make_noise is prefix-stable: with eval.seed = calib.seed the first n_traj evaluation samples start from the
+    calibration trajectories' noise (one run of train_seed_scatter.txt, seed=1 on calib.seed 1, did)."""
+    from dq.evaluation import calibration_noise_overlap
+    from dq.models import make_noise
+
+    assert torch.equal(make_noise(21, (1, 28, 28), 1), make_noise(1000, (1, 28, 28), 1)[:21])
+    assert calibration_noise_overlap(compose_cfg("train", [], tmp_path / "a")) is None  # seed 0, calib.seed 1
+    assert calibration_noise_overlap(compose_cfg("train", ["seed=1", "eval.seed=0"], tmp_path / "b")) is None
+    said = calibration_noise_overlap(compose_cfg("train", ["seed=1"], tmp_path / "c"))
+    assert said and said.startswith("eval.seed=1 equals calib.seed=1: the first 21 of the 1000 evaluation samples")
+    said = calibration_noise_overlap(compose_cfg("train", ["eval.seed=1", "calib.n_traj=205"], tmp_path / "d"))
+    assert said and "the first 205 of the 1000" in said

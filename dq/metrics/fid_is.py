@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -168,6 +169,10 @@ class SampleMetrics:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # IS shuffles before splitting
             is_mean, is_std = (float(v) for v in self.isc.compute())
+        # torchmetrics returns the splits' sample std (n - 1); the IS literature (Salimans et al.'s code,
+        # torch-fidelity) reports the population std (n): rescale
+        splits = int(self.isc.splits)
+        is_std *= math.sqrt((splits - 1) / splits) if splits > 1 else 0.0
         return {"fid": fid, "is": is_mean, "is_std": is_std}
 
 
