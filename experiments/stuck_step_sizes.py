@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from dq.quant.io import SPEC_NAME, WEIGHTS_NAME
+from dq.quant.io import SPEC_NAME, WEIGHTS_NAME, saved_students
 from dq.quant.quantizer import SCALE_MIN
 from dq.utils.io import atomic_write_text
 
@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("roots", nargs="+", type=Path, help="directories holding dq-train runs")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = parser.parse_args()
-    students = [  # (root, student/), each root's runs sorted
-        (root, p.parent) for root in args.roots for p in sorted(root.rglob(SPEC_NAME)) if p.parent.name == "student"
-    ]
+    students = saved_students(args.roots)
     if not students:
         raise SystemExit(f"no student/{SPEC_NAME} below {', '.join(map(str, args.roots))}")
     rows = ["| run | step sizes | at or below SCALE_MIN | quantizers (count) |", "|---|---|---|---|"]

@@ -7,6 +7,7 @@ temporal quantizers expanded as saved, and the whole state dict loaded strictly.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,17 @@ from dq.quant.model import (
 from dq.quant.spec import QuantSpec
 from dq.utils.io import atomic_write, atomic_write_text
 
-__all__ = ["save_quantized", "load_quantized", "CONFIG_NAME", "SPEC_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "saved_students", "CONFIG_NAME", "SPEC_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 SPEC_NAME = "quant_spec.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+def saved_students(roots: Iterable[Path]) -> list[tuple[Path, Path]]:
+    """`(root, student directory)` of every `student/` that dq-train saved below `roots`, each root's sorted."""
+    return [(root, p.parent) for root in roots for p in sorted(root.rglob(SPEC_NAME)) if p.parent.name == "student"]
 
 
 def save_quantized(model: nn.Module, directory: str | Path, teacher: str | None = None) -> Path:
