@@ -1,23 +1,15 @@
 """experiments/stuck_step_sizes.py: the count of step sizes at or below SCALE_MIN that BENCHMARKS quotes."""
 
-import importlib.util
 import subprocess
 import sys
 
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 from safetensors.torch import save_file
 
 from dq.quant.quantizer import SCALE_MIN
 
 SCRIPT = REPO / "experiments" / "stuck_step_sizes.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("stuck_step_sizes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_counts_the_step_sizes_at_or_below_scale_min_by_quantizer(tmp_path):
@@ -32,7 +24,8 @@ def test_counts_the_step_sizes_at_or_below_scale_min_by_quantizer(tmp_path):
     }
     save_file(state, str(student / "model.safetensors"))
     (student / "quant_spec.json").write_text("{}")
-    assert _module().stuck(student) == (7, 3, ["attn.processor.prob_quantizer: 1", "conv.act_quantizer: 2"])  # sorted
+    expected = (7, 3, ["attn.processor.prob_quantizer: 1", "conv.act_quantizer: 2"])  # sorted
+    assert load_script("stuck_step_sizes").stuck(student) == expected
     out = tmp_path / "table.md"
     printed = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), "--out", str(out)], capture_output=True, text=True, check=True

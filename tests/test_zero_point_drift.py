@@ -1,22 +1,14 @@
 """experiments/zero_point_drift.py: how far trained zero-points sit from the whole numbers they start on."""
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 from safetensors.torch import save_file
 
 SCRIPT = REPO / "experiments" / "zero_point_drift.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("zero_point_drift", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_reports_the_farthest_zero_point_from_a_whole_number_by_kind(tmp_path):
@@ -30,7 +22,7 @@ def test_reports_the_farthest_zero_point_from_a_whole_number_by_kind(tmp_path):
     }
     save_file(state, str(student / "model.safetensors"))
     (student / "quant_spec.json").write_text("{}")
-    got = _module().drift(student)
+    got = load_script("zero_point_drift").drift(student)
     assert got.keys() == {"weight", "activation"}
     assert got["weight"][0] == 2 and got["weight"][1] == pytest.approx(0.3, abs=1e-5)
     assert got["activation"][0] == 4 and got["activation"][1] == pytest.approx(0.06, abs=1e-5)
