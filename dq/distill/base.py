@@ -135,13 +135,12 @@ def param_groups(
         group = "weight_qparams" if isinstance(m, UniformQuantizer) else "act_qparams"
         if isinstance(m, UniformQuantizer | TemporalQuantizer):
             kind.update({id(p): group for p in m.parameters(recurse=False)})
+            if zero_point_lr is not None and isinstance(m.zero_point, nn.Parameter):
+                kind[id(m.zero_point)] = "zero_points"
         if isinstance(m, LowRankDelta):
             kind.update({id(p): "lora" for p in m.parameters(recurse=False)})
         if isinstance(m, TemporalQuantizer) and act_step_rel is not None and isinstance(m.scale, nn.Parameter):
             kind[id(m.scale)] = "act_qparams@rel"
-        quantizer = isinstance(m, UniformQuantizer | TemporalQuantizer)
-        if quantizer and zero_point_lr is not None and isinstance(m.zero_point, nn.Parameter):
-            kind[id(m.zero_point)] = "zero_points"
     lrs = {"lora": 0.0, **lrs, "act_qparams@rel": act_step_rel or 0.0, "zero_points": zero_point_lr or 0.0}
     bits = weight_bits(module)
     scaled: set[int] = set()  # ids of the bit-scaled parameters
