@@ -1,8 +1,6 @@
 """experiments/bench_scale.py: its stand-in has the architecture of the paper's DDPM CIFAR-10 model."""
 
-import importlib.util
-
-from conftest import REPO
+from conftest import load_script
 
 from dq.distill.blocks import partition_blocks
 from dq.models import load_teacher
@@ -11,9 +9,7 @@ from dq.models import load_teacher
 def test_bench_scale_stand_in_has_the_architecture_of_ddpm_cifar10(tmp_path):
     """experiments/bench_scale.py times dq-train on google/ddpm-cifar10-32's architecture: 35.7M parameters, and the
     blocks dq distills it in."""
-    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "experiments" / "bench_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_scale")
     assert bench.write_standin(tmp_path / "m") == 35_746_307
     teacher, scheduler = load_teacher(tmp_path / "m")
     names = [b.name for b in partition_blocks(teacher)]

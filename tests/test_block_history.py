@@ -1,19 +1,15 @@
 """experiments/block_history.py: per-block MSE ratios and oscillating shares of BKD runs (BENCHMARKS quotes them)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("block_history", REPO / "experiments" / "block_history.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("block_history")
 
 
 def _run(path: Path, entries: list[dict]) -> Path:

@@ -1,17 +1,13 @@
 """experiments/collect.py: the rows a table gets from run directories (the benchmark tables come from it)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import REPO
+from conftest import load_script
 
 
 def _collect():
-    spec = importlib.util.spec_from_file_location("collect", REPO / "experiments" / "collect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("collect")
 
 
 def _run(path: Path, seed: int, teacher_fid: float, method: dict, overrides: list[str]) -> None:

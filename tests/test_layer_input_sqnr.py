@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import REPO
+from conftest import load_script
 
 from dq.quant.quantizer import fake_quant_, mse_search
 
-spec = importlib.util.spec_from_file_location("layer_input_sqnr", REPO / "experiments" / "layer_input_sqnr.py")
-lis = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lis)
+lis = load_script("layer_input_sqnr")
 
 
 @pytest.mark.parametrize("n", [1, 16, 48])

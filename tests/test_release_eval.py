@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_cfg
+from conftest import compose_cfg, load_script
 from omegaconf import OmegaConf
 from test_train import fast
 
@@ -19,11 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def release_eval(monkeypatch: pytest.MonkeyPatch, *argv: str | Path) -> None:
-    spec = importlib.util.spec_from_file_location("release_eval", REPO / "experiments" / "release_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", ["release_eval.py", *map(str, argv)])
-    module.main()
+    load_script("release_eval").main()
 
 
 @pytest.fixture
