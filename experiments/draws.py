@@ -1,6 +1,6 @@
 """Summarise runs over calibration draws (or training seeds): each setting's PSNR to the teacher and FID by draw with
 their means and PSNR's standard deviation, FID as a multiple of FP, training seconds and peak memory; with `--against`,
-each setting's PSNR change against a base setting.
+each setting's PSNR change against a base setting, with its 95% confidence interval over the draws.
 
     python experiments/draws.py TABLE.csv [TABLE.csv ...] [--against "bits=w4a8" --against "bits=w4a4"]
                                 [--over calib.seed | seed] [--out OUT]
@@ -26,6 +26,8 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scipy import stats  # mlxtend's dependency, so always installed
 
 from dq.utils.io import atomic_write_text
 
@@ -153,11 +155,16 @@ def by_seed(values: dict[int, float], digits: int) -> str:
 
 
 def with_sd(diff: dict[int, float]) -> str:
-    """Paired differences by draw, their mean and (over two or more draws) their standard deviation."""
+    """Paired differences by draw, their mean and (over two or more draws) their standard deviation and the half-width
+    of the mean's 95% confidence interval (Student's t with n - 1 degrees of freedom: the draws are independent)."""
     if not diff:
         return "-"
     text = by_seed(diff, 2)
-    return f"{text[:-1]}, SD {statistics.stdev(diff.values()):.2f})" if len(diff) > 1 else text
+    if len(diff) < 2:
+        return text
+    n, s = len(diff), statistics.stdev(diff.values())
+    half = stats.t.ppf(0.975, n - 1) * s / math.sqrt(n)
+    return f"{text[:-1]}, SD {s:.2f}, 95% CI ±{half:.2f})"
 
 
 def table(

@@ -1,23 +1,17 @@
 """experiments/draws.py: means over calibration draws and paired changes (the README and BENCHMARKS quote them)."""
 
 import csv
-import importlib.util
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import load_script
 
 COLUMNS = ["quantizer", "bits", "overrides", "fid", "psnr_to_teacher", "train_s", "peak_mem_mb", "run"]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("draws", REPO / "experiments" / "draws.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["draws"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("draws")
 
 
 def _table(path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0) -> Path:
@@ -58,7 +52,10 @@ def test_means_ratio_and_paired_change_against_the_largest_base(tmp_path, monkey
     assert ratio == f"{(44 + 66 + 80) / 3 / 40:.2f}x"
     assert train_s == "100-102" and mem == "1000"
     diffs = [27.5 - 26.0, 24.0 - 25.0]  # seed 4 has no base run
-    assert change == f"1.50 / -1.00 ({statistics.fmean(diffs):.2f}, SD {statistics.stdev(diffs):.2f})"
+    half = 12.7062 * statistics.stdev(diffs) / 2**0.5  # t(0.975, 1 degree of freedom) from a printed table
+    assert (
+        change == f"1.50 / -1.00 ({statistics.fmean(diffs):.2f}, SD {statistics.stdev(diffs):.2f}, 95% CI ±{half:.2f})"
+    )
     assert against == "bits=w4a8"
     assert _cells(out, "bits=w4a8")[8] == "-"  # a base is not paired with itself
     assert "FP classifier-FID 40.00" in out
@@ -86,7 +83,7 @@ def test_over_training_seeds_pairs_by_seed_and_scores_each_run_against_its_own_t
     assert _cells(out, "bits=w4a8 calib.seed=2")[1:3] == ["1", "30.00"]  # another draw is another setting
     diffs = [27.0 - 26.0, 25.5 - 24.5]
     cells = _cells(out, "bits=w4a8 callbacks=tpq")
-    assert cells[8:] == [f"1.00 / 1.00 ({statistics.fmean(diffs):.2f}, SD 0.00)", "bits=w4a8"]
+    assert cells[8:] == [f"1.00 / 1.00 ({statistics.fmean(diffs):.2f}, SD 0.00, 95% CI ±0.00)", "bits=w4a8"]
     monkeypatch.setattr("sys.argv", ["draws.py", str(runs), str(runs), "--over", "seed"])
     with pytest.raises(SystemExit, match="has seed=0 twice"):
         _script().main()
