@@ -21,7 +21,7 @@ from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
-from dq.quant import load_quantized
+from dq.quant import act_quantizers, load_quantized
 from dq.quant.io import SPEC_NAME
 from dq.quant.model import TIMESTEPS_BUFFER
 from dq.student import build_student, check_layers, check_spec, sampler_timesteps
@@ -115,12 +115,21 @@ def load_student(student_dir: Path, teacher: Any, device: str, teacher_digest: s
 
 
 def check_steps(student: Any, student_dir: Path, timesteps: Any) -> None:
-    """The saved student's per-step quantizers hold one range per sampling step of its run: sample with those."""
+    """A saved student's per-step quantizers hold one range per sampling step of its run: sample with those steps (a
+    student with shared ranges samples with any schedule)."""
     table = getattr(student, TIMESTEPS_BUFFER, None)
-    if table is not None and (len(table) != len(timesteps) or not bool((table.cpu() == timesteps.cpu()).all())):
+    if table is None or not any(q.num_steps > 1 for _, q in act_quantizers(student)):
+        return
+    if len(table) != len(timesteps):
         raise ConfigError(
             f"student_dir={student_dir} was calibrated for {len(table)} sampling steps and model.num_inference_steps"
             f" gives {len(timesteps)} other ones: pass model.num_inference_steps={len(table)}."
+        )
+    if not bool((table.cpu() == timesteps.cpu()).all()):
+        raise ConfigError(
+            f"student_dir={student_dir} was calibrated for the timesteps {table.tolist()}, and the scheduler of "
+            f"model.path gives {timesteps.tolist()} at the same number of steps: its scheduler_config.json differs "
+            "(timestep_spacing, steps_offset) from the one the student was trained with. Use that model's scheduler."
         )
 
 

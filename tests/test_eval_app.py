@@ -2,21 +2,22 @@ import copy
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEACHER, compose_cfg
+from conftest import TEACHER, compose_cfg, tiny_unet
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
 from dq.distill.calibration import teacher_fingerprint
 from dq.errors import ConfigError, NonFiniteSamplesError
-from dq.eval import evaluate
+from dq.eval import check_steps, evaluate
 from dq.models import load_teacher
 from dq.paths import PACKAGE_DIR, conf_dir
-from dq.quant import QuantSpec, save_quantized
+from dq.quant import QuantSpec, expand_act_quantizers, quantize_model, save_quantized
 from dq.quant.model import quantizable_layers
 from dq.student import build_student
 
@@ -121,10 +122,11 @@ def test_teacher_samples_are_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, mon
     assert calls == ["teacher", "teacher timing", "teacher"] and again["fid"] == pytest.approx(first["fid"])
 
 
-def _saved_ptq_run(tmp_path):
-    """A run directory like dq-train's: student/ (a W4A8 min-max PTQ student) and a results.json beside it; also
-    returns the scores dq-eval gave the same student when it built it."""
+def _saved_ptq_run(tmp_path, temporal: bool = False):
+    """A run directory like dq-train's: student/ (a W4A8 min-max PTQ student, per-step ranges if `temporal`) and a
+    results.json beside it; also returns the scores dq-eval gave the same student when it built it."""
     over = _fast() + ["logger=none", "quantizer=ptq_minmax", "bits=w4a8", "calib.n_calib=30"]
+    over += [f"quantizer.temporal={str(temporal).lower()}"]
     cfg = compose_cfg("eval", over, tmp_path / "built")
     teacher, scheduler = load_teacher(cfg.model.path)
     student, _ = build_student(cfg, teacher, scheduler)
@@ -179,7 +181,7 @@ def test_the_eval_run_directory_is_named_after_what_is_scored(overrides, folder)
 
 
 def test_student_dir_mistakes_name_the_field(tmp_path):
-    run, _ = _saved_ptq_run(tmp_path)
+    run, _ = _saved_ptq_run(tmp_path, temporal=True)
     student = run / "student"
     with pytest.raises(ValueError, match=rf"model.path`={student} is a quantized student.*student_dir="):
         evaluate(compose_cfg("eval", _fast() + ["logger=none", f"model.path={student}"], tmp_path / "a"))
@@ -191,10 +193,28 @@ def test_student_dir_mistakes_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=rf"student_dir={student} was calibrated for 3 sampling steps.*steps=3"):
         over = ["logger=none", f"student_dir={student}", "model.num_inference_steps=4"]
         evaluate(compose_cfg("eval", _fast() + over, tmp_path / "d"))
+    offset = tmp_path / "offset"  # the same teacher, its schedule shifted by one: 3 steps at [667, 334, 1]
+    shutil.copytree(TEACHER, offset)
+    config = json.loads((offset / "scheduler" / "scheduler_config.json").read_text())
+    (offset / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "steps_offset": 1}))
+    with pytest.raises(ValueError, match=r"calibrated for the timesteps \[666, 333, 0\].*scheduler_config.json"):
+        over = ["logger=none", f"student_dir={student}", f"model.path={offset}"]
+        evaluate(compose_cfg("eval", _fast() + over, tmp_path / "d2"))
     spec = json.loads((student / "quant_spec.json").read_text())
     (student / "quant_spec.json").write_text(json.dumps({**spec, "teacher": "0" * 64}))  # a retrained teacher's
     with pytest.raises(ValueError, match=rf"student_dir={student} was quantized from another teacher than model.path"):
         evaluate(compose_cfg("eval", _fast() + ["logger=none", f"student_dir={student}"], tmp_path / "e"))
+
+
+def test_only_per_step_students_are_tied_to_their_schedule(tmp_path):
+    """dq-eval samples a student with shared ranges at any step count; one with per-step ranges at its own."""
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(), timesteps=torch.tensor([666, 333, 0]))
+    four = torch.tensor([750, 500, 250, 0])
+    check_steps(model, tmp_path, four)  # shared ranges: nothing to refuse
+    expand_act_quantizers(model)
+    with pytest.raises(ConfigError, match="calibrated for 3 sampling steps.*num_inference_steps=3"):
+        check_steps(model, tmp_path, four)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from dq.quant import (
     step_context,
     weight_quantizers,
 )
+from dq.quant.model import TIMESTEPS_BUFFER
 
 TIMESTEPS = torch.tensor([666, 333, 0])  # DDIM-3 of a 1000-step schedule
 
@@ -238,6 +239,7 @@ def test_quant_attention_processor_with_cross_attention_mask():
 def test_timesteps_map_to_per_sample_step_indices():
     model = tiny_unet()
     quantize_model(model, QuantSpec(), timesteps=TIMESTEPS)
+    expand_act_quantizers(model)  # per-step quantizers read the index (shared ones set none: any schedule works)
     set_quant_state(model, weights=False, acts=False)
     ctx = step_context(model)
     assert isinstance(ctx, StepContext)
@@ -365,6 +367,19 @@ def test_ddim_pipeline_runs_quantized_shipped_teacher():
     assert out.images.shape == (2, 28, 28, 1) and 0 <= out.images.min() <= out.images.max() <= 1
     with pytest.raises(ValueError, match="not in the timestep table"):
         pipe(batch_size=1, num_inference_steps=4, output_type="np")  # a TPQ model is tied to its schedule
+
+
+def test_a_model_with_shared_ranges_samples_with_any_schedule():
+    """Only per-step quantizers tie a model to its timestep table: one with shared ranges (qat_lsq, ptq_recon) keeps
+    the table it was built with and still samples at another step count, with no step index set."""
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8), temporal=False)
+    seen = []
+    model.register_forward_hook(lambda m, a, o: seen.append(step_context(m).index))
+    pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 8, 8, 1) and seen == [None] * 4
+    assert getattr(model, TIMESTEPS_BUFFER).tolist() == TIMESTEPS.tolist()  # three steps
 
 
 def test_saving_the_pipeline_refuses_instead_of_dropping_the_quantizers(tmp_path):
@@ -674,6 +689,7 @@ def test_calling_without_a_timestep_and_a_cast_fractional_table_are_named():
         model(sample=inputs(model)["sample"])
     euler = tiny_unet()
     quantize_model(euler, QuantSpec(), timesteps=torch.tensor([999.0, 874.125, 0.0]))
+    expand_act_quantizers(euler)
     euler.to(torch.bfloat16)
     with torch.no_grad(), pytest.raises(TypeError, match=r"timestep table was cast to torch.bfloat16"):
         euler(torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16), 874.125)

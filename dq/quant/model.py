@@ -192,8 +192,8 @@ def _step_index_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     check_attention_processors(module)
     ctx: StepContext = module._dq_step_context
     table: Tensor | None = getattr(module, TIMESTEPS_BUFFER)
-    if table is None:
-        ctx.index = None
+    if table is None or not any(q.num_steps > 1 for _, q in act_quantizers(module)):
+        ctx.index = None  # no table, or shared ranges only: any schedule samples alike
         return None
     sample = args[0] if len(args) > 0 else kwargs.get("sample")
     timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
