@@ -94,24 +94,37 @@ def fingerprint_parts(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any)
 
 
 def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str) -> None:
-    """Refuse, before anything in the run changes, block checkpoints written by another configuration; name the keys
-    that differ when the run kept its `config.json` (older runs did not). Write that file for a fresh run, and keep
-    the accepted command's Hydra record (`keep_hydra_record`)."""
+    """Refuse, before anything in the run changes, block checkpoints written by another configuration, or (a run
+    without them: distill=model_kd / none) a finished student trained with another one; name the keys that differ
+    when the run kept its `config.json` (older runs did not). Write that file for a fresh run, and keep the accepted
+    command's Hydra record (`keep_hydra_record`)."""
     saved = checkpoint_fingerprint(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
-    if saved is None or saved == fingerprint:
+    # a finished run without block checkpoints (distill=model_kd / none): its student is not replaced by another one
+    finished = saved is None and (checkpoint_dir.parent / "student").is_dir()
+    if saved == fingerprint or (saved is None and not (finished and _differs(config_file, parts))):
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         keep_hydra_record()
         return
-    old = read_json_object(config_file)  # {}: a run started before dq kept the file, or a damaged one
-    changed = _changed_keys(old, json.loads(json.dumps(parts, default=str))) if old else []
+    changed = _differs(config_file, parts)
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
+    if finished:
+        raise ConfigError(
+            f"{checkpoint_dir.parent} holds a student trained with another configuration{what}; nothing was changed. "
+            "Use a new run directory, or re-run with the settings of that run to train it again."
+        )
     raise ConfigError(
         f"{checkpoint_dir} holds blocks trained with another configuration{what}; nothing was changed. Re-run with "
         f"the settings of that run to resume it, use a new run directory, or delete {checkpoint_dir} to start over."
     )
+
+
+def _differs(config_file: Path, parts: dict[str, Any]) -> list[str]:
+    """The keys in which a run's kept `config.json` differs from `parts` ([]: the same, or no readable file)."""
+    old = read_json_object(config_file)  # {}: a run started before dq kept the file, or a damaged one
+    return _changed_keys(old, json.loads(json.dumps(parts, default=str))) if old else []
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -159,6 +172,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     if cfg.quantizer.name == "fp":
         raise ConfigError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
+    tpq = "tpq" in (cfg.get("callbacks") or {})
+    if (temporal := cfg.quantizer.get("temporal")) is not None and bool(temporal) != tpq:
+        raise ConfigError(
+            f"quantizer.temporal={str(temporal).lower()} (quantizer={cfg.quantizer.name}), but dq-train makes "
+            f"activation ranges per step with the TPQ callback, which the callbacks {list(cfg.get('callbacks') or {})} "
+            f"{'include' if tpq else 'leave out'}: pass quantizer.temporal={str(tpq).lower()}, or callbacks "
+            f"{'without' if tpq else 'with'} tpq, so that results.json records what trained."
+        )
     check_spec(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     reset_peak_memory()

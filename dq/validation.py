@@ -80,6 +80,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
+    model = OmegaConf.select(cfg, "model")
+    if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "path"):
+        raise ConfigError(
+            f"model.path is not set: model={model.get('name', '?')} loads from a local diffusers directory (unet/ and "
+            "scheduler/); pass model.path=<that directory>. dq never downloads models."
+        )
     if OmegaConf.select(cfg, "eval.features") == "none" and OmegaConf.select(cfg, "eval.name") != "none":
         raise ConfigError("eval.features=none skips the evaluation: pass eval=none (the config group) instead.")
     _check_whole_numbers(cfg, COUNTS, SEEDS)
@@ -141,6 +147,7 @@ def validate(cfg: DictConfig) -> None:
         )
     check_adapters(cfg)
     check_settings(cfg)
+    check_callbacks(cfg)
     check_trainer(cfg)
     if HydraConfig.initialized():
         check_appended(cfg, HydraConfig.get().overrides.task)
@@ -276,6 +283,25 @@ def _setting_hint(path: str, node: DictConfig, unknown: list[str], settings: lis
 # pl.Trainer arguments that dq-train sets itself: from the distillation (steps), the callbacks and logger groups, the
 # run directory, and dq's own per-block checkpoints
 TRAINER_SET_BY_DQ = ("max_steps", "max_epochs", "callbacks", "logger", "default_root_dir", "enable_checkpointing")
+# pl.Trainer arguments that end a fit early without marking it interrupted: dq-train would save and score a student
+# whose later blocks (or steps) never trained, under the config's step count
+TRAINER_CUTS_SHORT = ("max_time", "limit_train_batches", "fast_dev_run", "overfit_batches")
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """Refuse callback settings that would break the run after calibration or write outside the run directory."""
+    steps, table = OmegaConf.select(cfg, "callbacks.tpq.num_steps"), OmegaConf.select(cfg, "model.num_inference_steps")
+    if steps is not None and table is not None and steps != table:
+        raise ConfigError(
+            f"callbacks.tpq.num_steps={steps!r} is invalid: TPQ keeps one range per sampling step, so leave it null "
+            f"(model.num_inference_steps, here {table}) or set model.num_inference_steps instead."
+        )
+    name = OmegaConf.select(cfg, "callbacks.weight_dilation.filename")
+    if name is not None and (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")):
+        raise ConfigError(
+            f"callbacks.weight_dilation.filename={name!r} is invalid: a plain file name (dilation.json), written into "
+            "the run directory."
+        )
 
 
 def check_trainer(cfg: DictConfig) -> None:
@@ -295,6 +321,12 @@ def check_trainer(cfg: DictConfig) -> None:
             "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
             "drop the override."
         )
+    if short := [k for k in trainer if k in TRAINER_CUTS_SHORT]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in short)}: would end the distillation early and save a student whose "
+            "later blocks never trained; shorten it with distill.iters_per_block (distill=bkd) or distill.iters "
+            "instead, and drop the override."
+        )
 
 
 def check_pretrain(cfg: DictConfig) -> None:
@@ -305,6 +337,13 @@ def check_pretrain(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "pretrain.module.lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
+    trainer, own = (OmegaConf.select(cfg, k) or {} for k in ("trainer", "pretrain.trainer"))
+    if both := [k for k in trainer if k in own]:  # pretrain.trainer wins when both are passed to pl.Trainer
+        ours = ", ".join(f"pretrain.trainer.{k}" for k in both)
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in both)}: pretrain={OmegaConf.select(cfg, 'pretrain.name')} sets it in "
+            f"pretrain.trainer, which dq-pretrain passes last: override {ours} instead."
+        )
     parts = (OmegaConf.select(cfg, k) for k in ("trainer", "pretrain.trainer"))
     merged = {k: v for part in parts if part is not None for k, v in OmegaConf.to_container(part, resolve=True).items()}
     check_trainer_values(OmegaConf.create({"trainer": merged}), one_process=False)  # plain Lightning training

@@ -387,6 +387,21 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "csv" not in p.parts} == before
 
 
+def test_a_finished_run_without_block_checkpoints_is_not_replaced_by_another_configuration(tiny_teacher_dir, tmp_path):
+    """distill=model_kd / none keep no block checkpoints: another configuration into the same run directory would
+    have replaced the student, results.json and the Hydra record without a word; the same one trains again."""
+    run = tmp_path / "run"
+    over = [o for o in fast(tiny_teacher_dir) if o.split(".")[0] not in ("distill", "eval")]
+    over += ["logger=none", "distill=none", "eval=none"]
+    train(compose_cfg("train", over, run))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    refused = rf"{run} holds a student trained with another configuration \(bits.act_bits, bits.name differ\)"
+    with pytest.raises(ConfigError, match=refused):
+        train(compose_cfg("train", [*over, "bits=w4a4"], run))
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    train(compose_cfg("train", over, run))  # the same command again is accepted
+
+
 def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_frees_it(tiny_teacher_dir, tmp_path):
     """Two processes writing one run directory corrupt its CSV log; the second is refused up front. A holder that
     is killed (SIGKILL, no clean-up) leaves no stale lock: the OS releases it with the process."""
@@ -682,6 +697,18 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
         (["distill._target_=dq.distill.Blockwise"], "distill._target_=dq.distill.Blockwise names no class of dq"),
         (["+trainer.gradient_clip=1"], "trainer.gradient_clip: not an argument of pytorch_lightning.Trainer"),
         (["+trainer.max_steps=5"], "trainer.max_steps: set by dq-train itself"),
+        (["+trainer.max_time=00:00:01:00"], "trainer.max_time: would end the distillation early"),
+        (["+trainer.limit_train_batches=0.5"], "trainer.limit_train_batches: would end the distillation early"),
+        (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run: would end the distillation early"),
+        (["+callbacks.tpq.num_steps=10"], "callbacks.tpq.num_steps=10 is invalid: TPQ keeps one range per sampling"),
+        (["+callbacks.weight_dilation.filename=../d.json"], "callbacks.weight_dilation.filename='../d.json' is inv"),
+        (["+callbacks.weight_dilation.filename=/tmp/d.json"], "a plain file name (dilation.json), written into"),
+        (["model=ddpm_cifar10", "eval=none"], "model.path is not set: model=ddpm_cifar10 loads from a local diffusers"),
+        (["quantizer=ptq_minmax"], "quantizer.temporal=false (quantizer=ptq_minmax), but dq-train makes activation"),
+        (
+            ["quantizer=ptq_minmax", "quantizer.temporal=true", "callbacks=none"],
+            "[] leave out: pass quantizer.temporal=false",
+        ),
     ],
 )
 def test_a_setting_the_class_does_not_take_is_named_before_any_work(tmp_path, monkeypatch, overrides, message):
