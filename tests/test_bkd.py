@@ -320,14 +320,16 @@ def test_log_every_n_steps_zero_logs_each_blocks_last_step_only(teacher, calib):
     module.log_block = lambda values, step: logged.append(values)
     fit(module, log_every_n_steps=0)
     assert len(module.history) == len(module.blocks)
-    losses = [key for values in logged for key in values if key.endswith("/loss")]
+    losses = [key for values in logged for key in values if key.startswith("block/") and key.endswith("/loss")]
     assert losses == [f"block/{k:02d}/loss" for k in range(len(module.blocks))]
 
 
 @pytest.mark.parametrize("act_drop_prob", [0.0, 0.5])
 def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, act_drop_prob: float):
-    def run(run_dir: Path, fail_at_block: int | None = None) -> BlockwiseDistillation:
+    def run(run_dir: Path, fail_at_block: int | None = None, logged: list | None = None) -> BlockwiseDistillation:
         module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", act_drop_prob=act_drop_prob)
+        if logged is not None:
+            module.log_block = lambda values, step: logged.append((step, values))
         callbacks = [WeightDilation(), TemporalParallelQuantizer()]
         if fail_at_block is not None:
             callbacks.append(Crash(fail_at_block * module.iters_per_block))
@@ -346,8 +348,11 @@ def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, a
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path / "resumed", fail_at_block=5)
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "last.json").read_text())["finished_blocks"] == 5
-    resumed = run(tmp_path / "resumed")
+    logged: list[tuple[int, dict]] = []
+    resumed = run(tmp_path / "resumed", logged=logged)
     assert resumed.start_step == 5 * 2
+    # the loss curve goes on at the run's own steps (Lightning's own step counter starts again at 0)
+    assert [step for step, values in logged if "distill/loss" in values] == list(range(10, 34))
     a, b = straight.student.state_dict(), resumed.student.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(q.num_steps == 3 for _, q in act_quantizers(resumed.student))

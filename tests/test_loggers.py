@@ -34,6 +34,18 @@ def test_a_resumed_csv_log_appends_under_a_merged_header(tmp_path):
     ]
 
 
+def test_a_log_set_aside_by_an_attempt_killed_while_starting_is_put_back(tmp_path):
+    """The earlier rows are renamed aside while Lightning's writer starts (it deletes metrics.csv), never held in
+    memory only: a kill in that moment leaves them on disk, and the next attempt puts them back."""
+    _attempt(ResumableCSVLogger, tmp_path, {"block/00/loss": 0.5}, step=0)
+    log = tmp_path / "csv" / "metrics.csv"
+    log.replace(log.with_name("metrics.csv.kept"))  # where a kill mid-start leaves them
+    _attempt(ResumableCSVLogger, tmp_path, {"block/01/loss": 0.25}, step=1)
+    with log.open(newline="") as f:
+        assert [(r["step"], r["block/00/loss"]) for r in csv.DictReader(f)] == [("0", "0.5"), ("1", "")]
+    assert sorted(p.name for p in log.parent.iterdir()) == ["metrics.csv"]  # nothing left aside
+
+
 def test_lightnings_own_csv_logger_would_drop_the_earlier_rows(tmp_path):
     """Why dq has its own: the stock logger deletes metrics.csv when a second attempt starts."""
     _attempt(CSVLogger, tmp_path, {"block/00/loss": 0.5}, step=0)

@@ -310,11 +310,13 @@ class BlockwiseDistillation(QuantDistillation):
         self.manual_backward(loss)
         opt.step()
         self._oscillation.update()
-        self.log("distill/loss", mse.detach(), prog_bar=True)
+        # the bar only: Lightning's step restarts at 0 in a resumed run, the run's own step (batch[0]) does not
+        self.log("distill/loss", mse.detach(), prog_bar=True, logger=False)
+        self.log("distill/block", float(k), prog_bar=True, logger=False)
         every = self.trainer.log_every_n_steps  # 0 (Lightning's "never", barebones): the block's last step only
         if (every and i % every == 0) or i == self.iters_per_block - 1:
-            self.log_block({f"block/{k:02d}/loss": mse.item()}, int(batch[0]))
-        self.log("distill/block", float(k), prog_bar=True)
+            value = mse.item()
+            self.log_block({f"block/{k:02d}/loss": value, "distill/loss": value, "distill/block": k}, int(batch[0]))
         if i == self.iters_per_block - 1:
             self.finish_block(k)
         return loss.detach()

@@ -30,12 +30,14 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is not None:
             return self._experiment
         path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
-        kept = path.read_bytes() if path.is_file() else None
+        aside = path.with_name(f"{path.name}.kept")  # renamed, not read into memory: a kill meanwhile loses nothing
+        if path.is_file() and not aside.exists():  # (one left by such a kill is the earlier rows: it is kept)
+            path.replace(aside)
         with warnings.catch_warnings():  # "Previous log files in this directory will be deleted": not here
             warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")
             writer = super().experiment
-        if kept:
-            path.write_bytes(kept)
+        if aside.is_file():
+            aside.replace(path)
             with path.open(newline="") as f:
                 writer.metrics_keys = next(csv.reader(f), [])  # the header; later rows append under it
         return writer
