@@ -77,13 +77,14 @@ def teacher_samples(
 ) -> tuple[torch.Tensor, float | None]:
     """Teacher samples from `noise`, cached on disk: every student of a sweep is compared with the same ones.
 
-    The key covers the teacher's weights, the noise (seed, N, shape), the sampler and its step count. A corrupt
-    cache file is reported and rebuilt. Returns `(samples, seconds)`; `seconds` is None for cached samples: a time
-    measured in another run (other threads, other load) must not be compared with this run's (`teacher_time`).
+    The key covers the teacher's weights, the noise (seed, N, shape), the sampler, its step count and the device.
+    A corrupt cache file is reported and rebuilt. Returns `(samples, seconds)`; `seconds` is None for cached samples:
+    a time measured in another run (other threads, other load) must not be compared with this run's (`teacher_time`).
     """
     fields = {
         "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": eval_seed(cfg),
         "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
+        "device": next(teacher.parameters()).device.type,  # another device's samples differ in the last bits
     }  # fmt: skip
     # the fingerprint covers the teacher's dtype (eval.dtype): a float16 teacher's samples have their own key
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -113,6 +113,7 @@ def test_more_trajectories_follow_the_teacher_and_spread_the_set(unet, scheduler
     a = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0)
     b = calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0, n_traj=10)
     assert a["n_traj"] == 2 and b["n_traj"] == 10  # part of the cache key
+    assert a["device"] == "cpu"  # so is the device the trajectories were sampled on
     assert a == calibration_key_fields(unet, scheduler, 10, STEPS, SHAPE, seed=0, n_traj=2)
 
 

@@ -334,6 +334,8 @@ def calibration_key_fields(
         "n_traj": resolve_n_traj(int(n_calib), int(num_inference_steps), n_traj),
         "encoder_hidden_states": ehs_hash,
         "selection": "step_balanced",
+        # trajectories sampled on another device differ in the last bits: a set is reused on its own device only
+        "device": next(unet.parameters()).device.type,
     }
 
 
