@@ -21,9 +21,9 @@ from dq.errors import ConfigError, MissingFileError
 from dq.evaluation import evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, load_teacher
 from dq.paths import conf_dir, run_dir_lock
-from dq.quant import act_quantizers, load_quantized
+from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
-from dq.quant.model import TIMESTEPS_BUFFER
+from dq.quant.model import TIMESTEPS_BUFFER, has_per_step_ranges
 from dq.student import build_student, check_layers, check_spec, sampler_timesteps
 from dq.utils.io import read_json_object
 from dq.utils.loggers import ending_wandb_run
@@ -118,7 +118,7 @@ def check_steps(student: Any, student_dir: Path, timesteps: Any) -> None:
     """A saved student's per-step quantizers hold one range per sampling step of its run: sample with those steps (a
     student with shared ranges samples with any schedule)."""
     table = getattr(student, TIMESTEPS_BUFFER, None)
-    if table is None or not any(q.num_steps > 1 for _, q in act_quantizers(student)):
+    if table is None or not has_per_step_ranges(student):
         return
     if len(table) != len(timesteps):
         raise ConfigError(

@@ -116,6 +116,12 @@ def act_quantizers(model: nn.Module) -> Iterator[tuple[str, TemporalQuantizer]]:
             yield name, m
 
 
+def has_per_step_ranges(model: nn.Module) -> bool:
+    """Whether any activation quantizer keeps one range per sampling step (TPQ): only those tie the model to its
+    timestep table."""
+    return any(q.num_steps > 1 for _, q in act_quantizers(model))
+
+
 def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuantizer]]:
     """(name, quantizer) of every weight quantizer."""
     for name, m in model.named_modules():
@@ -192,7 +198,7 @@ def _step_index_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     check_attention_processors(module)
     ctx: StepContext = module._dq_step_context
     table: Tensor | None = getattr(module, TIMESTEPS_BUFFER)
-    if table is None or not any(q.num_steps > 1 for _, q in act_quantizers(module)):
+    if table is None or not has_per_step_ranges(module):
         ctx.index = None  # no table, or shared ranges only: any schedule samples alike
         return None
     sample = args[0] if len(args) > 0 else kwargs.get("sample")
