@@ -102,13 +102,13 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
     config_file = checkpoint_dir / "config.json"
     # a finished run without block checkpoints (distill=model_kd / none): its student is not replaced by another one
     finished = saved is None and (checkpoint_dir.parent / "student").is_dir()
-    if saved == fingerprint or (saved is None and not (finished and _differs(config_file, parts))):
+    changed = _differs(config_file, parts) if finished or saved not in (None, fingerprint) else []
+    if saved == fingerprint or (saved is None and not changed):
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         keep_hydra_record()
         return
-    changed = _differs(config_file, parts)
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
     if finished:
         raise ConfigError(
