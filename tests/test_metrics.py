@@ -102,6 +102,46 @@ def test_inception_without_extra_or_weights_is_a_clear_error(tmp_path):
         SampleMetrics("inception", inception_weights_path=str(tmp_path / "missing.pth"))
 
 
+class _StubInception(torch.nn.Module):
+    """Stands in for torchmetrics' Inception-v3 (torch-fidelity is not installed here): takes uint8 RGB, as the real
+    one asserts, and records what it was given."""
+
+    def __init__(self, weights_path: str, feature: str) -> None:
+        super().__init__()
+        self.num_features = 2048 if feature == "2048" else 1008
+        self.proj = torch.nn.Linear(3 * 8 * 8, self.num_features)
+        self.seen = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        self.seen.append(x)
+        return self.proj(x.to(self.proj.weight.dtype).flatten(1) / 255)
+
+
+def test_inception_metrics_build_and_take_rounded_uint8(tmp_path, monkeypatch):
+    """FID and IS both build from the local weights file (IS once failed: torchmetrics' InceptionScore takes no weights
+    path) and see each pixel rounded to the nearest of 256 levels, so a reference image `k / 127.5 - 1` reaches the
+    network as `k` (torchmetrics' normalize=True truncates: 63 of the 256 levels came back one lower)."""
+    import dq.metrics.fid_is as fid_is
+
+    monkeypatch.setattr(fid_is, "_inception_net", _StubInception)
+    monkeypatch.setattr("torchmetrics.utilities.imports._TORCH_FIDELITY_AVAILABLE", True)
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"stub")
+    m = SampleMetrics("inception", inception_weights_path=str(weights))
+    levels = torch.arange(256, dtype=torch.float32)
+    real = (levels.repeat(4)[: 4 * 64].reshape(4, 1, 8, 8) / 127.5 - 1).repeat(5, 1, 1, 1)  # every level, one channel
+    m.set_reference(real)
+    fake = (torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).double()
+    scores = m.score(fake)
+    assert all(torch.isfinite(torch.tensor(v)) for v in scores.values())
+    fed_real = m.fid.inception.seen[0]
+    assert torch.equal(fed_real[:, 0].float(), ((real[:, 0] + 1) * 127.5).round())
+    assert torch.equal(fed_real[:, 0], fed_real[:, 2])
+    plain = ((fake + 1) * 127.5).round().clamp(0, 255)
+    assert torch.equal(m.isc.inception.seen[0][:, 1].double(), plain[:, 0])
+
+
 def test_unknown_features_value():
     with pytest.raises(ValueError, match="eval.features='vgg'"):
         SampleMetrics("vgg")

@@ -47,6 +47,19 @@ class _ClassifierHead(nn.Module):
         return self.classifier.features(x) if self.output == "features" else self.classifier(x)
 
 
+def _inception_net(weights_path: str, feature: str) -> nn.Module:
+    """torchmetrics' Inception-v3 (torch-fidelity's port of the TF graph) from a local weights file, giving `feature`
+    ("2048": the pool features FID uses, "logits_unbiased": the logits IS uses) of uint8 images [N, 3, H, W]."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    # antialias=False: TF1's bilinear resize to 299, as torch-fidelity and the published FID / IS numbers
+    net = NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=[feature], feature_extractor_weights_path=weights_path, antialias=False
+    )
+    net.num_features = 2048 if feature == "2048" else 1008  # torchmetrics reads it instead of a dummy forward
+    return net
+
+
 def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistance, InceptionScore]:
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -61,11 +74,10 @@ def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistan
             "torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth); dq never downloads them."
         )
     path = str(Path(weights_path).expanduser())
-    fid = FrechetInceptionDistance(
-        feature=2048, reset_real_features=False, normalize=True, feature_extractor_weights_path=path, antialias=False
-    )
+    # Both take the uint8 images `SampleMetrics._prep` rounds; torchmetrics' own normalize=True would truncate them
+    fid = FrechetInceptionDistance(feature=_inception_net(path, "2048"), reset_real_features=False)
     fid.set_dtype(torch.float64)
-    isc = InceptionScore(feature="logits_unbiased", normalize=True, feature_extractor_weights_path=path)
+    isc = InceptionScore(feature=_inception_net(path, "logits_unbiased"))
     return fid, isc
 
 
@@ -110,8 +122,7 @@ class SampleMetrics:
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
         if self.features == "classifier":
             return images.to(self.device)
-        x = ((images + 1) / 2).clamp(0, 1)  # Inception metrics with normalize=True take [0, 1] RGB
-        return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).to(self.device)
+        return to_uint8_rgb(images).to(self.device)
 
     @torch.no_grad()
     def set_reference(self, images: torch.Tensor, batch_size: int = 500) -> None:
@@ -174,6 +185,13 @@ class SampleMetrics:
         splits = int(self.isc.splits)
         is_std *= math.sqrt((splits - 1) / splits) if splits > 1 else 0.0
         return {"fid": fid, "is": is_mean, "is_std": is_std}
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] [N, C, H, W] as the uint8 RGB the Inception metrics take: rounded to the nearest of 256
+    levels, as a saved PNG holds them (so `k / 127.5 - 1` comes back as `k`); one channel repeated to three."""
+    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def non_finite_count(images: torch.Tensor) -> int:
