@@ -464,6 +464,14 @@ def test_a_block_that_training_makes_worse_is_put_back(teacher, calib, revert_wo
             assert module.block_mse(k) == pytest.approx(h["mse_before"], rel=1e-6)
 
 
+def test_a_calibration_set_of_another_schedule_is_refused(teacher, calib):
+    """Each pair's step index picks its per-step ranges: it must index the table the student was quantized for."""
+    student = copy.deepcopy(teacher)
+    quantize_model(student, QuantSpec(weight_bits=4, act_bits=8), calib.table.flip(0))
+    with pytest.raises(ValueError, match=r"calibration set was drawn for the timesteps \[.*student was quantized"):
+        BlockwiseDistillation(teacher, student, calib, iters_per_block=1, progress=False, **LRS)
+
+
 def test_a_damaged_block_checkpoint_is_named_not_a_traceback(tmp_path):
     """A checkpoint whose header reads but whose contents do not fit (a count that is no count, another model's
     tensors) was a RuntimeError / ValueError from deep inside the resume."""

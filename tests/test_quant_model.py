@@ -665,6 +665,22 @@ def test_a_timestep_table_other_than_the_calibrated_one_is_refused():
     set_timesteps(fresh, torch.arange(10, 20))  # not yet calibrated: a new table of the same length may be set
 
 
+def test_a_timestep_table_that_repeats_a_timestep_is_refused():
+    """The step index is found by timestep (its first match): PNDM's table [.., 800, 800, ..] would give the later
+    800 the earlier one's ranges."""
+    from diffusers import PNDMScheduler
+
+    pndm = PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True)
+    pndm.set_timesteps(10)
+    assert len(set(pndm.timesteps.tolist())) < len(pndm.timesteps)  # diffusers' PLMS table repeats one
+    with pytest.raises(ValueError, match=r"the timestep table repeats \[\d+\]"):
+        quantize_model(tiny_unet(), QuantSpec(), timesteps=pndm.timesteps)
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(), timesteps=torch.arange(3))
+    with pytest.raises(ValueError, match=r"repeats \[5, 7\]"):
+        set_timesteps(model, [7, 5, 7, 5])
+
+
 @pytest.mark.parametrize("swap", ["slice", "processor"])
 def test_a_float_attention_processor_swapped_in_by_diffusers_is_refused(swap, tmp_path):
     """enable_attention_slicing / set_attention_slice / fuse_qkv_projections / set_attn_processor replace dq's

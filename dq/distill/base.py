@@ -31,6 +31,7 @@ from dq.quant import (
     adapter,
     calibrate_activations,
     stored_weight,
+    timestep_table,
 )
 from dq.quant.quantizer import SCALE_MIN
 
@@ -261,6 +262,13 @@ class QuantDistillation(pl.LightningModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
+        table = timestep_table(student)
+        if table is not None and not torch.equal(table.cpu().double(), calib.table.double()):
+            # calib.step_index picks each pair's per-step (TPQ) ranges: it must index the student's table
+            raise ValueError(
+                f"the calibration set was drawn for the timesteps {calib.table.tolist()}, the student was quantized "
+                f"for {table.tolist()}: build both from one scheduler (model.num_inference_steps)"
+            )
         self.automatic_optimization = False
         self.teacher = teacher.requires_grad_(False)
         self.student = student

@@ -21,6 +21,7 @@ from dq.quant.model import (
     quantize_model,
     set_quant_state,
     set_timesteps,
+    timestep_table,
     step_context,
     timestep_to_index,
     weight_quantizers,
@@ -69,6 +70,7 @@ __all__ = [
     "set_timesteps",
     "step_context",
     "stored_weight",
+    "timestep_table",
     "timestep_to_index",
     "weight_quantizers",
 ]
