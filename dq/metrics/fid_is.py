@@ -54,7 +54,7 @@ def _inception_net(weights_path: str, feature: str) -> nn.Module:
 
     # antialias=False: TF1's bilinear resize to 299, as torch-fidelity and the published FID / IS numbers
     net = NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=[feature], feature_extractor_weights_path=weights_path, antialias=False
+        "inception-v3-compat", [feature], feature_extractor_weights_path=weights_path, antialias=False
     )
     net.num_features = 2048 if feature == "2048" else 1008  # torchmetrics reads it instead of a dummy forward
     return net

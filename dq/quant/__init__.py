@@ -21,8 +21,8 @@ from dq.quant.model import (
     quantize_model,
     set_quant_state,
     set_timesteps,
-    timestep_table,
     step_context,
+    timestep_table,
     timestep_to_index,
     weight_quantizers,
 )

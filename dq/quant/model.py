@@ -256,8 +256,8 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
                 f"{table.numel()} timesteps: give the table of {temporal[0].num_steps} steps they were built for"
             )
         if temporal and any(q.initialized for q in temporal) and old is not None:
-            moved = old.numel() != table.numel() or (old.cpu().double() - table.cpu().double()).abs().max() > TIMESTEP_ATOL
-            if moved:
+            moved = old.numel() != table.numel()
+            if moved or (old.cpu().double() - table.cpu().double()).abs().max() > TIMESTEP_ATOL:
                 raise ValueError(
                     f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
                     "table would give each step another step's ranges. Sample with that schedule, or quantize and "
