@@ -438,6 +438,22 @@ def test_a_save_killed_half_way_leaves_the_earlier_student_whole(tmp_path, monke
     assert_close(load_quantized(tmp_path / "student").state_dict(), first.state_dict(), atol=0, rtol=0)
 
 
+def test_files_of_two_saves_are_refused_not_paired(tmp_path, monkeypatch):
+    """A save over an earlier one killed after the weights, before the spec, leaves new weights beside the old
+    quant_spec.json: with the same tensor shapes strict loading would pair them silently."""
+    save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8)), tmp_path)
+
+    def killed(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dq.quant.io.atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=6, act_bits=8)), tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"model.safetensors and .*quant_spec.json come from two different saves"):
+        load_quantized(tmp_path)
+
+
 def test_load_errors_name_the_file(tmp_path):
     model = tiny_unet()
     quantize_model(model, QuantSpec())

@@ -7,6 +7,7 @@ temporal quantizers expanded as saved, and the whole state dict loaded strictly.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers.models.attention_processor import Attention
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -88,10 +89,13 @@ def save_quantized(model: nn.Module, directory: str | Path, teacher: str | None 
         "quantized_layers": layers,
         "quantized_attention": attention,
         "teacher": teacher,
+        "save_id": (save_id := uuid.uuid4().hex),  # also in the weights' metadata: the two files of one save
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    # each file whole or not at all (a save killed half-way leaves the earlier file, never a truncated one)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    # each file whole or not at all (a save killed half-way leaves the earlier file, never a truncated one); a save
+    # killed between two files leaves files of two saves, which `save_id` tells apart
+    metadata = {"format": "pt", "dq_save_id": save_id}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
     atomic_write_text(directory / SPEC_NAME, json.dumps(meta, indent=2))
     atomic_write(directory / model.config_name, model.to_json_file)  # what diffusers' save_config writes
     return directory
@@ -175,9 +179,16 @@ def _rebuild(
         q.expand_steps(int(meta["num_steps"][name]))
 
     try:
+        with safe_open(str(weights), "pt") as f:
+            weights_id = (f.metadata() or {}).get("dq_save_id")
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
+    if weights_id and meta.get("save_id") and weights_id != meta["save_id"]:  # both absent in saves before save_id
+        raise CheckpointError(
+            f"{weights} and {directory / SPEC_NAME} come from two different saves (one killed part-way?): save the "
+            "model again with dq.quant.save_quantized, or re-run the dq-train run that wrote it"
+        )
     saved_dtypes = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith(TIMESTEPS_BUFFER)}
     if len(saved_dtypes) == 1 and (dtype := saved_dtypes.pop()) != model.dtype:  # saved in float16 / float64 / ...
         model.to(dtype)
