@@ -431,6 +431,19 @@ def _swap_to_fake_quant(model: nn.Module) -> None:
         setattr(owner, child, _FakeQuantLayer(getattr(owner, child)))
 
 
+def test_factors_that_would_move_a_row_range_are_an_error_not_returned(monkeypatch) -> None:
+    """Without the one-ulp reductions the cast factors push some weight past its row's range (a changed Δ_w): an
+    error naming the channels, where before the function returned them."""
+    import dq.quant.dilation as dilation
+
+    w = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0))
+    d = w * dilation_factors(w).view(1, -1, 1, 1)
+    assert torch.equal(d.amin((1, 2, 3)), w.amin((1, 2, 3))) and torch.equal(d.amax((1, 2, 3)), w.amax((1, 2, 3)))
+    monkeypatch.setattr(dilation, "_MAX_NUDGES", 0)
+    with pytest.raises(ArithmeticError, match=r"input channels \[\d+.*after 0 one-ulp reductions"):
+        dilation_factors(w)
+
+
 def test_fold_report_unet2d() -> None:
     report = fold_report(_tiny_unet())
     assert set(report) == set(layer_names(_tiny_unet()))
@@ -452,6 +465,17 @@ def test_fold_report_unet2d() -> None:
     ]:
         assert report[layer].startswith("not foldable") and why in report[layer], (layer, report[layer])
     assert not any("no fold rule" in v for v in report.values())
+
+
+def test_fold_report_of_a_quantized_unet_does_not_fold_into_a_quantized_v() -> None:
+    """dq's attention quantizes V before probs @ V: 1/s folded into to_v's rows would reach V's quantizer."""
+    from dq.quant import QuantSpec, quantize_model
+
+    model = _tiny_unet()
+    quantize_model(model, QuantSpec())
+    report, a = fold_report(model), "down_blocks.1.attentions.0"
+    assert report[f"{a}.to_out.0"].startswith("not foldable") and "V is quantized" in report[f"{a}.to_out.0"]
+    assert report[f"{a}.to_q"].startswith(f"foldable into {a}.group_norm")
 
 
 def test_fold_report_cond_unet() -> None:
@@ -561,7 +585,12 @@ def test_dilate_after_quantize_model(name: str) -> None:
     y0 = _run(model)
     groups, report = shared_input_groups(model), fold_report(model)
     quantize_model(model, QuantSpec(weight_bits=4, act_bits=8))
-    assert shared_input_groups(model) == groups and fold_report(model) == report
+    assert shared_input_groups(model) == groups
+    v_quantized = {n for n in report if n.endswith(".to_out.0")}  # no longer folds into to_v: V is quantized now
+    assert {n: v for n, v in fold_report(model).items() if n not in v_quantized} == {
+        n: v for n, v in report.items() if n not in v_quantized
+    }
+    assert all(fold_report(model)[n].startswith("not foldable: V is quantized") for n in v_quantized)
     params0 = {n: (q.scale.detach().clone(), q.zero_point.detach().clone()) for n, q in weight_quantizers(model)}
     n_dilated = sum(int((dilate_([model.get_submodule(n) for n in g]) > 1).sum()) for g in groups)
     assert n_dilated > 10

@@ -4,6 +4,7 @@ from conftest import CLASSIFIER
 
 from dq.data import load_mnist_split
 from dq.metrics import SampleMetrics, psnr, sqnr_db
+from dq.metrics.fid_is import PSNR_CAP_DB
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,15 @@ def test_psnr_against_plain_formula():
     mse = ((a - b) ** 2).flatten(1).mean(1).double()
     expected = (10 * torch.log10(4.0 / mse)).mean().item()
     assert psnr(b, a) == pytest.approx(expected, rel=1e-6)  # torchmetrics keeps data_range in float32
+
+
+def test_psnr_of_an_identical_image_is_capped_not_infinite():
+    a = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    b = a.clone()
+    b[1] += 0.01
+    noisy = 10 * torch.log10(torch.tensor(4.0, dtype=torch.float64) / 1e-4).item()
+    assert psnr(a, a) == PSNR_CAP_DB
+    assert psnr(b, a) == pytest.approx((PSNR_CAP_DB + noisy) / 2, rel=1e-6)
 
 
 def test_sqnr_against_plain_formula():

@@ -60,8 +60,9 @@ def contiguous_io(io: BlockIO) -> BlockIO:
 class BlockwiseDistillation(QuantDistillation):
     """Train the quantized student block by block to match the teacher's block outputs (MSE).
 
-    One Adam holds every block's parameters in three groups (latent weights with biases and norm affines,
-    weight step sizes / zero-points, activation step sizes / zero-points); only block `k`'s parameters require
+    One Adam holds every block's parameters in groups of their own rates (latent weights with biases and norm
+    affines, weight step sizes / zero-points, activation step sizes / zero-points, and where configured adapters,
+    relative-rate activation step sizes and zero-points: `param_groups`); only block `k`'s parameters require
     gradients while it trains, and Adam skips parameters without gradients, so this is the same as a fresh Adam
     per block. A group with learning rate 0 stays frozen (`ptq_recon`: `lr_weight: 0`).
 

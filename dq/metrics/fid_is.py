@@ -133,8 +133,9 @@ class SampleMetrics:
         for chunk in images.split(batch_size):
             self.fid.update(self._prep(chunk), real=True)
 
-    def reference_key(self, dataset: str, n: int) -> str:
-        blob = json.dumps({"dataset": dataset, "n": n, "features": self.features, "extractor": self.fingerprint})
+    def reference_key(self, dataset: str) -> str:
+        """Cache key of `dataset`'s reference statistics under this feature extractor."""
+        blob = json.dumps({"dataset": dataset, "features": self.features, "extractor": self.fingerprint})
         return f"{dataset}-{self.features}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     def load_or_set_reference(self, cache_root: str | Path, dataset: str, load_images: callable) -> bool:
@@ -143,7 +144,7 @@ class SampleMetrics:
         Returns True when the cache was used. A corrupt or mismatched cache file is reported and rebuilt.
         """
         images = None
-        path = Path(cache_root) / "ref_stats" / f"{self.reference_key(dataset, -1)}.safetensors"
+        path = Path(cache_root) / "ref_stats" / f"{self.reference_key(dataset)}.safetensors"
         if path.is_file():
             try:
                 states = load_file(str(path))
@@ -199,10 +200,14 @@ def non_finite_count(images: torch.Tensor) -> int:
     return int((~torch.isfinite(images.reshape(len(images), -1))).any(1).sum())
 
 
+PSNR_CAP_DB = 100.0  # an image equal to its reference (MSE 0, PSNR infinite) counts at this
+
+
 def psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-image PSNR (dB) of `samples` against `reference`, images in [-1, 1] (data range 2)."""
-    metric = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
-    return float(metric(samples.double(), reference.double()))
+    """Mean per-image PSNR (dB) of `samples` against `reference`, images in [-1, 1] (data range 2); each image's
+    PSNR capped at `PSNR_CAP_DB`, so that one bit-identical sample does not make the mean infinite."""
+    metric = PeakSignalNoiseRatio(data_range=2.0, reduction="none", dim=(1, 2, 3))
+    return float(metric(samples.double(), reference.double()).clamp(max=PSNR_CAP_DB).mean())
 
 
 def sqnr_db(out: torch.Tensor, reference: torch.Tensor) -> float:

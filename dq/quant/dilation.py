@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dq.quant.attention import QuantAttnProcessor
 from dq.quant.lora import adapter, stored_weight
 
 __all__ = ["dilate_", "dilation_factors", "fold_report", "layer_names", "shared_input_groups"]
@@ -90,6 +91,7 @@ def dilation_factors(weights: Tensor | Sequence[Tensor], s_max: float = 1e4) -> 
 
     Raises:
         ValueError: bad `s_max`, shapes that do not share `C_in`, mixed dtypes, or non-finite weights.
+        ArithmeticError: the one-ulp reductions could not keep every row range (never seen in float32).
     """
     if not s_max >= 1.0:
         raise ValueError(f"s_max must be >= 1, got {s_max}.")
@@ -99,16 +101,28 @@ def dilation_factors(weights: Tensor | Sequence[Tensor], s_max: float = 1e4) -> 
     s = bound.clamp(1.0, s_max).to(ws[0].dtype)  # saturated columns: M_j / M_j == 1 exactly
     # Rounding guard: s·W evaluated exactly as dilate_ will (in the weight dtype) must stay inside every row range.
     for _ in range(_MAX_NUDGES):
-        over = torch.zeros_like(s, dtype=torch.bool)  # [C_in] columns where some entry would cross its bound
-        for w in ws:
-            w3 = _columns_3d(w.detach())  # [C_out, C_in, K]
-            d = w3 * s.view(1, -1, 1)  # the dilated weight, rounded as dilate_ rounds it
-            hi, lo = w3.amax(dim=(1, 2), keepdim=True), w3.amin(dim=(1, 2), keepdim=True)  # [C_out, 1, 1]
-            over |= ((d > hi) | (d < lo)).any(dim=2).any(dim=0)
-        if not over.any():
-            break
+        if not (over := _crosses_row_range(ws, s)).any():
+            return s
         s = torch.where(over, torch.nextafter(s, torch.zeros_like(s)).clamp_min(1.0), s)
+    if (over := _crosses_row_range(ws, s)).any():
+        raise ArithmeticError(
+            f"dilation factors of input channels {over.nonzero().flatten().tolist()[:8]} still push a weight past "
+            f"its row's range after {_MAX_NUDGES} one-ulp reductions (weights {ws[0].dtype}): the row ranges, and "
+            "with them the weight quantizers' step sizes, would change"
+        )
     return s
+
+
+def _crosses_row_range(ws: list[Tensor], s: Tensor) -> Tensor:
+    """[C_in] bool: input channels where some `s_k · W` entry, rounded in the weight dtype as `dilate_` rounds it,
+    lies outside its output row's [min, max]."""
+    over = torch.zeros_like(s, dtype=torch.bool)
+    for w in ws:
+        w3 = _columns_3d(w.detach())  # [C_out, C_in, K]
+        d = w3 * s.view(1, -1, 1)
+        hi, lo = w3.amax(dim=(1, 2), keepdim=True), w3.amin(dim=(1, 2), keepdim=True)  # [C_out, 1, 1]
+        over |= ((d > hi) | (d < lo)).any(dim=2).any(dim=0)
+    return over
 
 
 def dilate_(layers: Sequence[nn.Module], s_max: float = 1e4) -> Tensor:
@@ -211,6 +225,7 @@ class _FoldRule:
     producer: str | None  # producer path template ("{base}.norm1"), None: not foldable
     reason: str  # why (for a producer: what it is)
     cross: bool | None = None  # only for layers in a cross- (True) / self- (False) attention; None: any
+    v_quantized: bool | None = None  # only in an attention whose V is (True) / is not (False) quantized; None: any
 
 
 # First matching rule wins. A rule with a producer applies only if that module exists and has an affine
@@ -227,11 +242,12 @@ _FOLD_RULES: tuple[_FoldRule, ...] = (
     _FoldRule(r"(?P<base>.*)\.attn1\.to_[qkv]$", "{base}.norm1", "the transformer block's norm1 affine"),
     _FoldRule(r"(?P<base>.*)\.attn2\.to_[qkv]$", "{base}.norm2", "the transformer block's norm2 affine"),
     _FoldRule(
-        r"(?P<base>.*)\.to_out\.0$",
-        "{base}.to_v",
-        "to_v output rows: probs @ V is linear per channel of V; exact only if V itself is not quantized, "
-        "else V's quantizer sees V / s",
+        r"\.to_out\.0$",
+        None,
+        "V is quantized before probs @ V (dq's attention processor): folded into to_v, V's quantizer would see V / s",
+        v_quantized=True,
     ),
+    _FoldRule(r"(?P<base>.*)\.to_out\.0$", "{base}.to_v", "to_v output rows: probs @ V is linear per channel of V"),
     _FoldRule(r"(?P<base>.*)\.proj_in$", "{base}.norm", "the transformer's GroupNorm affine"),
     _FoldRule(r"(?P<base>.*)\.ff\.net\.0\.proj$", "{base}.norm3", "the transformer block's norm3 affine"),
     _FoldRule(r"\.ff\.net\.2$", None, "after GEGLU/GELU (non-linear)"),
@@ -249,17 +265,21 @@ _NOT_FOLDABLE = "not foldable: {reason}; 1/s stays a per-channel multiply in the
 
 
 def _parent_attention(unet: nn.Module, name: str) -> nn.Module | None:
+    """The attention module that holds layer `name` (`to_q`, or `to_out.0` two levels down), if any."""
     parent = name.rpartition(".")[0]
-    module = unet.get_submodule(parent) if parent else unet
-    return module if _is_attention(module) else None
+    while parent:
+        if _is_attention(module := unet.get_submodule(parent)):
+            return module
+        parent = parent.rpartition(".")[0]
+    return None
 
 
 def fold_report(unet: nn.Module) -> dict[str, str]:
     """Where each layer's `1/s` could be folded at export: the honest cost of Weight Dilation.
 
     `1/s` can be folded into an affine producer of the layer's input when nothing non-linear sits in between
-    (a norm's affine, `to_v`'s output rows for `to_out.0`); behind SiLU, GEGLU, a residual sum or a model
-    input it cannot, and stays a per-channel multiply in the quantize step.
+    (a norm's affine, `to_v`'s output rows for `to_out.0` while V is not quantized); behind SiLU, GEGLU, a residual
+    sum, a model input or a quantized V it cannot, and stays a per-channel multiply in the quantize step.
 
     Args:
         unet: a diffusers `UNet2DModel` / `UNet2DConditionModel`, float or quantized.
@@ -271,10 +291,13 @@ def fold_report(unet: nn.Module) -> dict[str, str]:
     for name in layer_names(unet):
         attn = _parent_attention(unet, name)
         cross = bool(attn.is_cross_attention) if attn is not None else None
+        v_quantized = isinstance(getattr(attn, "processor", None), QuantAttnProcessor) if attn is not None else None
         report[name] = _NOT_FOLDABLE.format(reason="no fold rule for this layer")
         for rule in _FOLD_RULES:
             match = re.search(rule.pattern, name)
             if match is None or (rule.cross is not None and rule.cross != cross):
+                continue
+            if rule.v_quantized is not None and rule.v_quantized != v_quantized:
                 continue
             if rule.producer is None:
                 report[name] = _NOT_FOLDABLE.format(reason=rule.reason)
