@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from dq.quant.quantizer import HALF_DTYPES, StepContext, TemporalQuantizer, UniformQuantizer
+from dq.quant.quantizer import HALF_DTYPES, SCALE_MIN, StepContext, TemporalQuantizer, UniformQuantizer
 from dq.quant.spec import QuantizerSpec
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantLayerMixin"]
@@ -103,7 +103,12 @@ class QuantLayerMixin:
         snap = w is not None and w.dtype not in HALF_DTYPES and wq.enabled and wq.initialized
         if snap and fn(w.detach()[:0]).dtype in HALF_DTYPES:  # what the cast does to an empty slice: no copy made
             with torch.no_grad():
-                w.data = wq(w)  # a new tensor: one taken before (a state_dict) keeps the latent values
+                # code times the step as the cast will hold it: once cast, W / Δ is the code up to one rounding of
+                # W (bfloat16: 2^-8 relative, under half a step for |code| < 128), where W snapped with the float32
+                # Δ is rounded twice (W and Δ) and moved 0.6 % of 8-bit codes in bfloat16
+                scale, zp = wq.grid(w)
+                cast_scale = fn(scale).to(device=w.device, dtype=torch.float32).clamp_min(SCALE_MIN)
+                w.data = ((wq.codes(w) - zp) * cast_scale).to(w.dtype)  # new tensor: a state_dict taken before keeps W
         return super()._apply(fn, recurse)
 
     def _quant_input(self, x: Tensor, channel_dim: int) -> Tensor:
