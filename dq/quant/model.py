@@ -241,12 +241,11 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
         table = torch.as_tensor(timesteps).detach().clone().reshape(-1)
         if table.numel() == 0:
             raise ValueError("timesteps is empty: give the sampler's timestep table, e.g. scheduler.timesteps")
-        if len(values := table.cpu().tolist()) != len(set(values)):
-            repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated := sorted(v for v, n in Counter(table.cpu().tolist()).items() if n > 1):
             raise ValueError(
                 f"the timestep table repeats {repeated}: a step index is found by its timestep, so a repeated one "
-                "(PNDM's PRK warm-up) would give its later steps the first one's ranges. Use a sampler whose steps "
-                "are distinct timesteps (DDIM, DDPM, Euler)"
+                "(as in diffusers' PNDM table) would give its later steps the first one's ranges. Use a sampler whose "
+                "steps are distinct timesteps (DDIM, DDPM, Euler)"
             )
         old = getattr(model, TIMESTEPS_BUFFER, None)
         temporal = [q for _, q in act_quantizers(model) if q.num_steps > 1]
@@ -255,14 +254,12 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
                 f"the model's per-step quantizers hold {temporal[0].num_steps} steps and the table has "
                 f"{table.numel()} timesteps: give the table of {temporal[0].num_steps} steps they were built for"
             )
-        if temporal and any(q.initialized for q in temporal) and old is not None:
-            moved = old.numel() != table.numel()
-            if moved or (old.cpu().double() - table.cpu().double()).abs().max() > TIMESTEP_ATOL:
-                raise ValueError(
-                    f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
-                    "table would give each step another step's ranges. Sample with that schedule, or quantize and "
-                    "calibrate again for the new one."
-                )
+        if temporal and any(q.initialized for q in temporal) and old is not None and not _same_table(old, table):
+            raise ValueError(
+                f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
+                "table would give each step another step's ranges. Sample with that schedule, or quantize and "
+                "calibrate again for the new one."
+            )
         device = next(model.parameters()).device
         table = table.to(device)
     model.register_buffer(TIMESTEPS_BUFFER, table)
@@ -272,6 +269,11 @@ def timestep_table(model: nn.Module) -> Tensor | None:
     """The sampler's timestep table stored on a quantized model (`set_timesteps`), or None."""
     _require_quantized(model)
     return getattr(model, TIMESTEPS_BUFFER, None)
+
+
+def _same_table(a: Tensor, b: Tensor) -> bool:
+    """Whether two timestep tables hold the same timesteps in the same order (on any devices)."""
+    return a.numel() == b.numel() and bool((a.cpu().double() - b.cpu().double()).abs().max() <= TIMESTEP_ATOL)
 
 
 def expand_act_quantizers(model: nn.Module, num_steps: int | None = None) -> None:
