@@ -153,9 +153,9 @@ def evaluate_models(
     if ev.features == "none":
         return record_without_scores(run_dir, loggers, method, cost, cfg.device)
     dtype = eval_dtype(cfg)
-    teacher.to(dtype)
-    if student is not None:
-        student.to(dtype)
+    for model in (teacher, student):
+        if model is not None and model.dtype != dtype:  # diffusers' `to` warns on any dtype given, even its own
+            model.to(dtype)
     seed = eval_seed(cfg)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
     metrics = build_metrics(cfg)
