@@ -154,7 +154,7 @@ def evaluate_models(
         return record_without_scores(run_dir, loggers, method, cost, cfg.device)
     dtype = eval_dtype(cfg)
     for model in (teacher, student):
-        if model is not None and model.dtype != dtype:  # diffusers' `to` warns on any dtype given, even its own
+        if model is not None and next(model.parameters()).dtype != dtype:  # diffusers' `to` warns on any dtype
             model.to(dtype)
     seed = eval_seed(cfg)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
