@@ -30,6 +30,7 @@ from dq.quant import (
     act_quantizers,
     adapter,
     calibrate_activations,
+    same_timesteps,
     stored_weight,
     timestep_table,
 )
@@ -263,7 +264,7 @@ class QuantDistillation(pl.LightningModule):
     ) -> None:
         super().__init__()
         table = timestep_table(student)
-        if table is not None and not torch.equal(table.cpu().double(), calib.table.double()):
+        if table is not None and not same_timesteps(table, calib.table):
             # calib.step_index picks each pair's per-step (TPQ) ranges: it must index the student's table
             raise ValueError(
                 f"the calibration set was drawn for the timesteps {calib.table.tolist()}, the student was quantized "

@@ -16,7 +16,7 @@ import diffusers
 import torch
 from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from dq.errors import CheckpointError, MissingFileError
@@ -179,9 +179,9 @@ def _rebuild(
         q.expand_steps(int(meta["num_steps"][name]))
 
     try:
-        with safe_open(str(weights), "pt") as f:
+        with safe_open(str(weights), "pt") as f:  # one read: the save's id and the tensors
             weights_id = (f.metadata() or {}).get("dq_save_id")
-        state = load_file(str(weights))
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from e
     if weights_id and meta.get("save_id") and weights_id != meta["save_id"]:  # both absent in saves before save_id

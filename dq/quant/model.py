@@ -254,7 +254,7 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
                 f"the model's per-step quantizers hold {temporal[0].num_steps} steps and the table has "
                 f"{table.numel()} timesteps: give the table of {temporal[0].num_steps} steps they were built for"
             )
-        if temporal and any(q.initialized for q in temporal) and old is not None and not _same_table(old, table):
+        if temporal and any(q.initialized for q in temporal) and old is not None and not same_timesteps(old, table):
             raise ValueError(
                 f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
                 "table would give each step another step's ranges. Sample with that schedule, or quantize and "
@@ -271,7 +271,7 @@ def timestep_table(model: nn.Module) -> Tensor | None:
     return getattr(model, TIMESTEPS_BUFFER, None)
 
 
-def _same_table(a: Tensor, b: Tensor) -> bool:
+def same_timesteps(a: Tensor, b: Tensor) -> bool:
     """Whether two timestep tables hold the same timesteps in the same order (on any devices)."""
     return a.numel() == b.numel() and bool((a.cpu().double() - b.cpu().double()).abs().max() <= TIMESTEP_ATOL)
 
