@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
 from dq.distill.calibration import teacher_fingerprint
 from dq.errors import ConfigError, MissingFileError
-from dq.evaluation import evaluate_models, method_of
-from dq.models import check_inference_steps, check_sample_shape, load_teacher
+from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
+from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
@@ -69,6 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir):  # one writer per run directory
         teacher, scheduler = load_teacher(cfg.model.path)
+        check_unconditional(teacher)
         check_sample_shape(teacher, cfg.model.sample_shape)
         check_inference_steps(scheduler, cfg.model.num_inference_steps)
         teacher_digest = teacher_fingerprint(teacher) if student_dir is not None else None  # on the CPU, as saved
@@ -80,6 +81,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             check_layers(cfg, teacher)
         log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
         if saved is None:
+            if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
+                log.warning(overlap)  # a PTQ student calibrates on teacher trajectories from calib.seed's noise
             student, cost = build_student(cfg, teacher, scheduler)
             method = method_of(cfg)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 import sys
 import time
@@ -59,7 +60,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     metrics |= module.export(out)
     card = {
         "name": cfg.pretrain.name,
-        "command": "dq-pretrain " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["dq-pretrain", *sys.argv[1:]]),
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "wall_time_s": round(wall_s, 1),

@@ -28,7 +28,7 @@ from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.errors import ConfigError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
-from dq.models import check_inference_steps, check_sample_shape, load_teacher
+from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, check_layers, check_spec, quantize_student
@@ -197,6 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`train` inside the run-directory lock."""
     teacher, scheduler = load_teacher(cfg.model.path)
+    check_unconditional(teacher)
     check_sample_shape(teacher, cfg.model.sample_shape)
     check_inference_steps(scheduler, cfg.model.num_inference_steps)
     check_layers(cfg, teacher)

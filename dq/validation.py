@@ -52,7 +52,12 @@ COUNTS = (
     "distill.batch_size", "distill.calib_batch_size", "eval.grid_n", "callbacks.tpq.batch_size",
     "callbacks.lora.rank",
 )  # fmt: skip
-SEEDS = ("seed", "calib.seed", "eval.seed")  # whole numbers in [0, 2^32): Lightning's seed_everything takes no others
+SEEDS = (
+    "seed",
+    "calib.seed",
+    "eval.seed",
+    "model.data.seed",
+)  # whole numbers in [0, 2^32): Lightning's seed_everything takes no others
 SWITCHES = (
     "eval.progress", "eval.cache_teacher_samples", "eval.print_report", "distill.revert_worse", "distill.progress",
     "quantizer.temporal",
@@ -78,7 +83,9 @@ def validate(cfg: DictConfig) -> None:
             )
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        if value is not None and not any(str(value) == a or str(value).startswith(f"{a}:") for a in allowed):
+        # only a device takes an index after its type (cuda:1)
+        indexed = key == "device" and any(str(value).startswith(f"{a}:") for a in allowed)
+        if value is not None and str(value) not in allowed and not indexed:
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
     model = OmegaConf.select(cfg, "model")
     if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "path"):
@@ -213,6 +220,33 @@ def check_eval(cfg: DictConfig) -> None:
                 f"eval=inception needs {' and '.join(missing)}, not installed here: pip install 'dq[inception]' "
                 f"(torch-fidelity and a torchvision that matches your torch), {score_later}."
             )
+    check_eval_files(cfg, features, score_later)
+
+
+def check_eval_files(cfg: DictConfig, features: str, score_later: str) -> None:
+    """The files a configured evaluation reads must exist now: the classifier, the Inception weights, the FID
+    reference folder (each was a traceback once training had finished)."""
+    if features == "classifier":
+        clf = Path(str(cfg.eval.classifier_path)).expanduser()
+        if not (clf / "model.safetensors").is_file():
+            raise ConfigError(
+                f"eval.classifier_path='{clf}' holds no classifier (model.safetensors): point it at a directory "
+                f"`dq-pretrain pretrain=classifier` wrote, or leave it out for the shipped one, {score_later}."
+            )
+    if features == "inception" and not Path(str(cfg.eval.inception_weights_path)).expanduser().is_file():
+        raise ConfigError(
+            f"eval.inception_weights_path='{cfg.eval.inception_weights_path}' is not a file: point it at a local "
+            f"copy of torch-fidelity's pt_inception-2015-12-05 weights, {score_later}."
+        )
+    data = cfg.model.get("data")
+    if data is not None and data.get("name") == "image_folder":
+        if not Path(str(data.path)).expanduser().is_dir():
+            raise ConfigError(
+                f"model.data.path='{data.path}' is not a directory: set it to a local folder of the model's "
+                f"training images (FID's reference), {score_later}."
+            )
+        if (channels := data.get("channels")) not in (1, 3):
+            raise ConfigError(f"model.data.channels={channels!r} is invalid: 1 (grey) or 3 (RGB).")
 
 
 def accepted_settings(target: type) -> set[str] | None:
@@ -283,6 +317,8 @@ def _setting_hint(path: str, node: DictConfig, unknown: list[str], settings: lis
 # pl.Trainer arguments that dq-train sets itself: from the distillation (steps), the callbacks and logger groups, the
 # run directory, and dq's own per-block checkpoints
 TRAINER_SET_BY_DQ = ("max_steps", "max_epochs", "callbacks", "logger", "default_root_dir", "enable_checkpointing")
+# pl.Trainer arguments that dq-pretrain sets itself
+PRETRAIN_SETS = ("logger", "default_root_dir", "enable_checkpointing", "callbacks")
 # pl.Trainer arguments that end a fit early without marking it interrupted: dq-train would save and score a student
 # whose later blocks (or steps) never trained, under the config's step count
 TRAINER_CUTS_SHORT = ("max_time", "limit_train_batches", "fast_dev_run", "overfit_batches")
@@ -321,6 +357,18 @@ def check_trainer(cfg: DictConfig) -> None:
             "or distill.iters, callbacks and loggers from their groups, checkpoints per block in the run directory); "
             "drop the override."
         )
+    clip, accumulate = trainer.get("gradient_clip_val"), trainer.get("accumulate_grad_batches", 1)
+    if (isinstance(clip, int | float) and clip > 0) or accumulate not in (None, 1):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip}, trainer.accumulate_grad_batches={accumulate}: dq's distillation steps "
+            "its optimizers itself (manual optimization), which Lightning's automatic clipping and accumulation do "
+            "not support; drop the override (distill.batch_size sets the batch)."
+        )
+    if trainer.get("barebones"):
+        raise ConfigError(
+            "trainer.barebones=true turns off the logging, progress bars and checkpoint hooks dq-train runs through "
+            "Lightning; drop it (logger=none and eval.progress=false turn off logs and bars)."
+        )
     if short := [k for k in trainer if k in TRAINER_CUTS_SHORT]:
         raise ConfigError(
             f"{', '.join(f'trainer.{k}' for k in short)}: would end the distillation early and save a student whose "
@@ -344,8 +392,13 @@ def check_pretrain(cfg: DictConfig) -> None:
             f"{', '.join(f'trainer.{k}' for k in both)}: pretrain={OmegaConf.select(cfg, 'pretrain.name')} sets it in "
             f"pretrain.trainer, which dq-pretrain passes last: override {ours} instead."
         )
-    parts = (OmegaConf.select(cfg, k) for k in ("trainer", "pretrain.trainer"))
-    merged = {k: v for part in parts if part is not None for k, v in OmegaConf.to_container(part, resolve=True).items()}
+    parts = [p for k in ("trainer", "pretrain.trainer") if (p := OmegaConf.select(cfg, k)) is not None]
+    if ours := [k for part in parts for k in part if k in PRETRAIN_SETS]:
+        raise ConfigError(
+            f"{', '.join(f'trainer.{k}' for k in ours)}: set by dq-pretrain itself (loggers from the logger group, "
+            "the run directory, the exported model instead of Lightning checkpoints); drop the override."
+        )
+    merged = {k: v for part in parts for k, v in OmegaConf.to_container(part, resolve=True).items()}
     check_trainer_values(OmegaConf.create({"trainer": merged}), one_process=False)  # plain Lightning training
 
 

@@ -97,6 +97,25 @@ def test_ptq_student_is_scored_against_teacher_from_identical_noise(tmp_path, mo
     assert w8["student"]["psnr_to_teacher"] > student["psnr_to_teacher"]  # 8 bits damage less than 4
 
 
+def test_a_ptq_student_scored_on_its_calibration_noise_is_warned_of(tmp_path, monkeypatch, caplog):
+    """dq-train warned when eval.seed = calib.seed (the first samples start from the calibration trajectories'
+    noise); dq-eval, which calibrates a PTQ student the same way, did not."""
+
+    class Built(Exception):
+        pass
+
+    def build(*_a, **_k):
+        raise Built
+
+    monkeypatch.setattr("dq.eval.build_student", build)
+    over = _fast() + ["logger=none", "quantizer=ptq_minmax", "bits=w4a8"]
+    for seed, warned in ((0, False), (1, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dq.eval"), pytest.raises(Built):
+            evaluate(compose_cfg("eval", [*over, f"seed={seed}"], tmp_path / f"run{seed}"))
+        assert ("eval.seed=1 equals calib.seed=1" in caplog.text) == warned, caplog.text
+
+
 @pytest.mark.parametrize("quantizer", ["dilatequant", "qat_lsq", "ptq_recon", "efficientdm"])
 def test_a_trained_method_is_refused_rather_than_scored_untrained(quantizer, tmp_path):
     """dq-eval builds a student without training, WD or TPQ: `quantizer=dilatequant` was scored as a plain

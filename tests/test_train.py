@@ -287,6 +287,19 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["model.data.name=foo"], r"model.data.name='foo' is not one of \['mnist', 'image_folder'\]"),
         (["eval.classifier_path=null"], r"eval.classifier_path is not set: eval.features=classifier scores with"),
         (["calib.n_traj=1"], r"calib.n_traj=1 is invalid: 512 pairs over 25 steps need at least 21 trajectories"),
+        # the next ones each passed start-up and failed after training (a review helper's finding)
+        (["eval.dtype=float16:x"], r"eval.dtype='float16:x' is not one of \['float32', 'float16', 'bfloat16'\]"),
+        (["distill.lr_schedule=cosine:x"], r"distill.lr_schedule='cosine:x' is not one of"),
+        (["device=cuda:0"], r"device='cuda:0' but PyTorch sees no CUDA GPU"),  # a device index is no typo
+        (["+trainer.gradient_clip_val=1.0"], r"trainer.gradient_clip_val=1.0, .*manual optimization"),
+        (["+trainer.accumulate_grad_batches=2"], r"trainer.accumulate_grad_batches=2: .*manual optimization"),
+        (["+trainer.barebones=true"], r"trainer.barebones=true turns off the logging"),
+        (["eval.classifier_path=/nonexistent"], r"eval.classifier_path='/nonexistent' holds no classifier"),
+        (["model.data.seed=-1"], r"model.data.seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+        ([*CIFAR, "model.data.path=/nonexistent", "model.sample_shape=[1,28,28]"],
+         r"model.data.path='/nonexistent' is not a directory"),
+        ([*CIFAR, "model.data.path=/", "model.sample_shape=[1,28,28]", "model.data.channels=2"],
+         r"model.data.channels=2 is invalid: 1 \(grey\) or 3 \(RGB\)"),
     ],
 )  # fmt: skip
 def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrides, message, tmp_path, monkeypatch):
@@ -297,6 +310,37 @@ def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrid
     cfg = compose_cfg("train", overrides, tmp_path)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_a_conditional_teacher_is_refused_by_dq_train_and_dq_eval_before_any_work(tmp_path):
+    """Their sampling and calibration call the UNet without conditioning: dq-train failed in calibration, after it
+    had written the run directory's checkpoints/config.json."""
+    from conftest import tiny_cond_unet
+    from diffusers import DDPMScheduler
+
+    from dq.eval import evaluate
+
+    tiny_cond_unet().save_pretrained(tmp_path / "cond" / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "cond" / "scheduler")
+    for app, run_app in (("train", train), ("eval", evaluate)):
+        run = tmp_path / app
+        with pytest.raises(ConfigError, match=r"holds a UNet2DConditionModel: dq-train and dq-eval sample uncond"):
+            run_app(compose_cfg(app, [f"model.path={tmp_path / 'cond'}", "logger=none"], run))
+        assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
+
+
+def test_inception_weights_that_are_not_a_file_are_refused_at_start_up(tmp_path, monkeypatch):
+    """With torch-fidelity and torchvision installed, a wrong weights path failed only once training had finished."""
+    find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda n, *a: object() if n in ("torch_fidelity", "torchvision")
+                        else find_spec(n, *a))  # fmt: skip
+    folder = tmp_path / "png"
+    folder.mkdir()
+    given = [*CIFAR, f"model.data.path={folder}", "eval=inception", "eval.inception_weights_path=/w.pth"]
+    with pytest.raises(ConfigError, match=r"eval.inception_weights_path='/w.pth' is not a file"):
+        validate(compose_cfg("train", given, tmp_path / "run"))
+    (tmp_path / "w.pth").write_bytes(b"weights")
+    validate(compose_cfg("train", [*given[:-1], f"eval.inception_weights_path={tmp_path / 'w.pth'}"], tmp_path / "run"))
 
 
 def test_dq_eval_is_not_told_to_pass_eval_none(tmp_path):

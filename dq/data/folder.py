@@ -22,7 +22,7 @@ def image_files(path: str | Path, limit: int | None = None) -> list[Path]:
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise MissingFileError(f"Image folder '{root}' does not exist (set `data.path` to a local folder).")
+        raise MissingFileError(f"Image folder '{root}' does not exist (set `model.data.path` to a local folder).")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise MissingFileError(f"Image folder '{root}' holds no images with suffix {sorted(IMAGE_SUFFIXES)}.")

@@ -97,6 +97,16 @@ def check_inference_steps(scheduler: DDIMScheduler, steps: int, field: str = "mo
         )
 
 
+def check_unconditional(unet: ModelMixin, field: str = "model.path") -> None:
+    """Refuse a conditional UNet where dq samples without conditioning (dq-train, dq-eval): its forward needs
+    `encoder_hidden_states`, and the command line has no setting that gives them."""
+    if isinstance(unet, UNet2DConditionModel):
+        raise ConfigError(
+            f"{field} holds a UNet2DConditionModel: dq-train and dq-eval sample unconditional UNets only. Quantize it "
+            "from Python, passing the conditioning to `build_calibration_set(..., encoder_hidden_states=...)`."
+        )
+
+
 def check_sample_shape(unet: ModelMixin, shape: Sequence[int], field: str = "model.sample_shape") -> None:
     """Refuse a sample shape the UNet cannot denoise (channels, rank, sides its down-sampling cannot halve) before
     anything is computed; warn where it differs from the size the UNet was trained at (convolutions accept it)."""
