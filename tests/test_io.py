@@ -39,3 +39,27 @@ def test_a_cache_that_cannot_be_written_warns_and_carries_on(tmp_path: Path) -> 
     assert blocker.read_text() == "not a directory"
     assert write_cache(tmp_path / "ok" / "x", lambda tmp: Path(tmp).write_text("data"), "cache") is True
     assert (tmp_path / "ok" / "x").read_text() == "data"
+
+
+def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path: Path, monkeypatch) -> None:
+    """The new file's data is flushed before the rename and the directory entry after it: without it a power loss
+    could leave an empty checkpoint under the final name."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "last.json", "{}")
+    (kind, tmp), *rest = events
+    assert kind == "fsync" and Path(tmp).name.startswith(".last.json.")
+    assert rest == [("replace", str(tmp_path / "last.json")), ("fsync", str(tmp_path))]
