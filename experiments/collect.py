@@ -7,7 +7,7 @@ Every directory below the given roots that holds a results.json is one row (meth
 `off=<name>` for each name or glob `release_eval.py` was given (`only=<name>` with `--keep`),
 `[fp_network_input]` / `[fp_output_layer_input]` where the run's spec left the network input / the output layer's
 input in float, and the evaluation seed with its teacher's FID where a run was scored on other noise than the first
-(the teacher row's).
+(the teacher row's) or against another teacher FID (another step count, sample count, dtype or model).
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 `code` says what made a run's numbers, from its `provenance`: the commit (`+` where the checkout differed from it),
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,6 +28,7 @@ from omegaconf import OmegaConf
 from dq.quant.spec import FP_INPUT_QUANTIZERS
 from dq.utils.io import atomic_write_text
 
+FP_TOLERANCE = 1e-4  # teacher FIDs from the same noise differ by float order only (~2e-6 apart); draws.py's too
 QUIET = ("logger=", "eval.progress=", "hydra.", "run_dir=")  # overrides that do not change the result
 
 
@@ -93,7 +96,11 @@ def rows(roots: list[Path], block: str | None = None) -> list[dict]:
         m, s, cost = r.get("method", {}), r.get("student", r.get("teacher", {})), r.get("cost", {})
         teacher = teacher or r.get("teacher")
         seed = r["metric"].get("seed") if seed is None else seed
-        other_noise = "teacher" in r and r["metric"]["seed"] != seed  # its teacher differs from the top row's: name it
+        # scored on other noise, or against another teacher FID (another step count, sample count, dtype, model):
+        # "x FP" must use its own teacher, so name it
+        other_noise = "teacher" in r and (
+            r["metric"]["seed"] != seed or not math.isclose(r["teacher"]["fid"], teacher["fid"], rel_tol=FP_TOLERANCE)
+        )
         noise = [f"[eval seed {r['metric']['seed']}, teacher FID {r['teacher']['fid']:.2f}]"] if other_noise else []
         out.append({
             "quantizer": m.get("quantizer", "fp"), "bits": m.get("bits", "fp"),
@@ -139,10 +146,11 @@ def main() -> None:
     print(md)
     if args.out:
         atomic_write_text(args.out.with_suffix(".md"), md)
-        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, columns(table), restval="")
-            w.writeheader()
-            w.writerows(table)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, columns(table), restval="")
+        w.writeheader()
+        w.writerows(table)
+        atomic_write_text(args.out.with_suffix(".csv"), text.getvalue())
 
 
 if __name__ == "__main__":

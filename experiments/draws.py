@@ -97,7 +97,8 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
                 marks = [m for t in tokens if (m := OTHER_NOISE.match(t))]
                 if marks and over == "calib.seed":
                     raise SystemExit(
-                        f"{path}: run {row['run']} was scored on other evaluation noise ({row['overrides']}): "
+                        f"{path}: run {row['run']} was scored on other evaluation noise or against another teacher "
+                        f"({row['overrides']}): "
                         "draws.py compares runs scored on one noise against one teacher; leave it out"
                     )
                 text = " ".join(t for t in tokens if not OTHER_NOISE.match(t))

@@ -37,6 +37,20 @@ def test_rows_mark_released_kept_and_other_noise(tmp_path):
     assert rows[0]["fid"] == 42.3 and rows[0]["quantizer"] == "fp (teacher)"
 
 
+def test_rows_mark_a_run_scored_against_another_teacher_on_the_same_noise(tmp_path):
+    """Another step count (or sample count, dtype, model) gives another teacher FID from the same eval seed: "x FP"
+    must use that run's own teacher (draws.py once scored a 100-step run against the 25-step teacher: 0.85x, not
+    1.20x). Float-order differences of one teacher's FID are no mark."""
+    _run(tmp_path / "a_25_steps", 0, 42.3, {}, ["bits=w4a8"])
+    _run(tmp_path / "b_same_teacher", 0, 42.300002, {}, ["bits=w4a4"])
+    _run(tmp_path / "c_100_steps", 0, 30.0, {}, ["bits=w4a8", "model.num_inference_steps=100"])
+    assert [r["overrides"] for r in _collect().rows([tmp_path])][1:] == [
+        "bits=w4a8",
+        "bits=w4a4",
+        "bits=w4a8 model.num_inference_steps=100 [eval seed 0, teacher FID 30.00]",
+    ]
+
+
 def test_rows_mark_inputs_left_in_float(tmp_path):
     def spec(**flags: bool) -> dict:
         return {"config": {"spec": {"split_concat": True, **flags}}}
