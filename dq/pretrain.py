@@ -39,7 +39,14 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
         check_install_dir(Path(cfg.install_dir).resolve(), cfg.pretrain.name)  # before training, not after
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
-    module = hydra.utils.instantiate(cfg.pretrain.module)
+    try:
+        module = hydra.utils.instantiate(cfg.pretrain.module)
+    except Exception as e:  # e.g. a head dim above a block's width, which diffusers builds and then divides by 0
+        cause = e.__cause__ or e  # Hydra wraps the builder's error in an InstantiationException
+        raise ConfigError(
+            f"pretrain.module: the model cannot be built from these settings ({cause}); check pretrain.module.unet "
+            "(e.g. attention_head_dim must divide the width of each attention block in block_out_channels)."
+        ) from e
     datamodule = hydra.utils.instantiate(cfg.pretrain.data)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), **OmegaConf.to_container(cfg.pretrain.trainer)}
     trainer = pl.Trainer(

@@ -239,6 +239,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # a re-run of a finished run has no batches left; BKD has said so ("nothing left to train")
+        warnings.filterwarnings("ignore", r".*Total length of `.*` across ranks is zero.*")
         warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
         # intended: the teacher is frozen and the student trains in eval mode (no dropout, fixed norm behaviour)
         warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")

@@ -179,7 +179,13 @@ def _check_whole_numbers(cfg: DictConfig, counts: Sequence[str], seeds: Sequence
         whole = not isinstance(value, bool) and isinstance(value, int)
         if not whole or (value < 1 if count else not 0 <= value < 2**32):
             what = "a whole number >= 1" if count else "a whole number in [0, 2^32)"
-            raise ConfigError(f"{key}={value!r} is invalid: must be {what}.")
+            # 1e3 reaches here as the float 1000.0
+            spell = f" (written as {int(value)}: Hydra reads {value!r} as a float)" if _whole_float(value) else ""
+            raise ConfigError(f"{key}={value!r} is invalid: must be {what}{spell}.")
+
+
+def _whole_float(value: object) -> bool:
+    return isinstance(value, float) and value.is_integer() and value >= 0
 
 
 def check_eval(cfg: DictConfig) -> None:

@@ -46,7 +46,7 @@ def edge_shares(student: nn.Module) -> None:
     for m in student.modules():
         if isinstance(m, QuantLayerMixin):
             q = m.weight_quantizer
-            code = m.weight.detach().float() / q._view(q.scale.float(), m.weight)  # W / Δ, in steps
+            code = m.weight.detach().float() / q._view(q.scale.detach().float(), m.weight)  # W / Δ, in steps
             to_edge = (code - code.floor() - 0.5).abs()
             reach = code.abs() * 2.0**-11  # how far a float16 cast can move W / Δ
             near += int((to_edge < 0.01).sum())

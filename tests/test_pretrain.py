@@ -115,6 +115,12 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
         (["+trainer.foo=1"], r"trainer: pytorch_lightning.Trainer refuses these settings: .*'foo'"),
         (["pretrain.trainer.max_steps=0"], r"pretrain.trainer.max_steps=0 is invalid: must be a whole number >= 1"),
         (["seed=-1"], r"seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+        # diffusers' own ZeroDivisionError (a head dim of 16 in 8 channels; a README walkthrough's finding)
+        (
+            ["pretrain.module.unet.block_out_channels=[8,8,16]"],
+            r"pretrain.module: the model cannot be built from "
+            r"these settings \(UNet2DModel fails a forward pass .*ZeroDivisionError",
+        ),
         # pl.Trainer got these twice: a TypeError (a review helper's finding)
         (["+trainer.enable_checkpointing=true"], r"trainer.enable_checkpointing: set by dq-pretrain itself"),
         (["+trainer.default_root_dir=/tmp/x"], r"trainer.default_root_dir: set by dq-pretrain itself"),

@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -295,6 +296,8 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["+trainer.accumulate_grad_batches=2"], r"trainer.accumulate_grad_batches=2: .*manual optimization"),
         (["+trainer.barebones=true"], r"trainer.barebones=true turns off the logging"),
         (["eval.classifier_path=/nonexistent"], r"eval.classifier_path='/nonexistent' holds no classifier"),
+        (["eval.n_samples=1e3"], r"eval.n_samples=1000.0 is invalid: must be a whole number >= 1 \(written as 1000: "
+                                 r"Hydra reads 1000.0 as a float\)"),
         (["model.data.seed=-1"], r"model.data.seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
         ([*CIFAR, "model.data.path=/nonexistent", "model.sample_shape=[1,28,28]"],
          r"model.data.path='/nonexistent' is not a directory"),
@@ -412,9 +415,11 @@ def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, 
     first = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
     (run / "checkpoints" / "config.json").unlink()  # as a run started before dq kept it
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dq"):
+    with caplog.at_level(logging.INFO, logger="dq"), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         again = train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=csv"], run))
     assert re.search(r"all \d+ blocks were already trained in this run: nothing left to train", caplog.text)
+    assert not [w for w in warned if "across ranks is zero" in str(w.message)]  # Lightning's alarm: no batches left
     assert (run / "checkpoints" / "config.json").is_file()  # back-filled on the matching resume
     assert again["student"]["psnr_to_teacher"] == pytest.approx(first["student"]["psnr_to_teacher"])
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))

@@ -28,6 +28,7 @@ class DiffusionPretraining(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.unet = UNet2DModel(**unet)
+        _trial_forward(self.unet)
         self.noise_scheduler = DDPMScheduler(**scheduler)
         self.ema = EMAModel(self.unet.parameters(), decay=ema_decay)
 
@@ -59,3 +60,15 @@ class DiffusionPretraining(pl.LightningModule):
         self.noise_scheduler.save_pretrained(directory / "scheduler")
         n_params = sum(p.numel() for p in ema_unet.parameters())
         return {"parameters": float(n_params)}
+
+
+def _trial_forward(unet: UNet2DModel) -> None:
+    """One forward pass of a single zero sample: diffusers checks few architecture settings when it builds a UNet,
+    and a bad one (a head dim above a block's width: heads = 0) would fail only at the first training step."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, unet.config.in_channels, h, w), torch.zeros(1, dtype=torch.long))
+    except Exception as e:
+        raise ValueError(f"UNet2DModel fails a forward pass with these settings ({type(e).__name__}: {e})") from e
