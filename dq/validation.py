@@ -52,12 +52,8 @@ COUNTS = (
     "distill.batch_size", "distill.calib_batch_size", "eval.grid_n", "callbacks.tpq.batch_size",
     "callbacks.lora.rank",
 )  # fmt: skip
-SEEDS = (
-    "seed",
-    "calib.seed",
-    "eval.seed",
-    "model.data.seed",
-)  # whole numbers in [0, 2^32): Lightning's seed_everything takes no others
+# whole numbers in [0, 2^32): Lightning's seed_everything takes no others, numpy's default_rng (model.data) no negative
+SEEDS = ("seed", "calib.seed", "eval.seed", "model.data.seed")
 SWITCHES = (
     "eval.progress", "eval.cache_teacher_samples", "eval.print_report", "distill.revert_worse", "distill.progress",
     "quantizer.temporal",
