@@ -103,7 +103,7 @@ def check_unconditional(unet: ModelMixin, field: str = "model.path") -> None:
     if isinstance(unet, UNet2DConditionModel):
         raise ConfigError(
             f"{field} holds a UNet2DConditionModel: dq-train and dq-eval sample unconditional UNets only. Quantize it "
-            "from Python, passing the conditioning to `build_calibration_set(..., encoder_hidden_states=...)`."
+            "from Python, passing the conditioning to `dq.distill.get_calibration_set(..., encoder_hidden_states=...)`."
         )
 
 
