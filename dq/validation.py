@@ -394,13 +394,13 @@ def check_pretrain(cfg: DictConfig) -> None:
             f"{', '.join(f'trainer.{k}' for k in both)}: pretrain={OmegaConf.select(cfg, 'pretrain.name')} sets it in "
             f"pretrain.trainer, which dq-pretrain passes last: override {ours} instead."
         )
-    parts = [p for k in ("trainer", "pretrain.trainer") if (p := OmegaConf.select(cfg, k)) is not None]
-    if ours := [k for part in parts for k in part if k in PRETRAIN_SETS]:
+    parts = {k: p for k in ("trainer", "pretrain.trainer") if (p := OmegaConf.select(cfg, k)) is not None}
+    if ours := [f"{section}.{k}" for section, part in parts.items() for k in part if k in PRETRAIN_SETS]:
         raise ConfigError(
-            f"{', '.join(f'trainer.{k}' for k in ours)}: set by dq-pretrain itself (loggers from the logger group, "
-            "the run directory, the exported model instead of Lightning checkpoints); drop the override."
+            f"{', '.join(ours)}: set by dq-pretrain itself (loggers from the logger group, the run directory, the "
+            "exported model instead of Lightning checkpoints); drop the override."
         )
-    merged = {k: v for part in parts for k, v in OmegaConf.to_container(part, resolve=True).items()}
+    merged = {k: v for part in parts.values() for k, v in OmegaConf.to_container(part, resolve=True).items()}
     check_trainer_values(OmegaConf.create({"trainer": merged}), one_process=False)  # plain Lightning training
 
 

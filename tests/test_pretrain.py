@@ -124,6 +124,7 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
         # pl.Trainer got these twice: a TypeError (a review helper's finding)
         (["+trainer.enable_checkpointing=true"], r"trainer.enable_checkpointing: set by dq-pretrain itself"),
         (["+trainer.default_root_dir=/tmp/x"], r"trainer.default_root_dir: set by dq-pretrain itself"),
+        (["+pretrain.trainer.logger=false"], r"^pretrain.trainer.logger: set by dq-pretrain itself"),
         (
             ["+trainer.max_steps=5"],
             r"trainer.max_steps: pretrain=ddpm_mnist sets it in pretrain.trainer.*override "
