@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant
+from dq.quant import quantizer
 from dq.quant.quantizer import (
     MSE_RATIOS,
     OBSERVE_SAMPLES,
@@ -98,11 +99,14 @@ def ref_mse_search(values, qmin, qmax):
     return torch.stack([p[0] for p in best]), torch.stack([p[1] for p in best])
 
 
-def test_mse_search_matches_a_plain_per_ratio_loop():
+@pytest.mark.parametrize("ratios_per_chunk", [MSE_RATIOS, 7, 1])
+def test_mse_search_matches_a_plain_per_ratio_loop(ratios_per_chunk, monkeypatch):
     g = torch.Generator().manual_seed(2)
     u = torch.rand(5, 3000, generator=g) - 0.5
     values = -torch.sign(u) * torch.log1p(-2 * u.abs())  # Laplace rows: the best ratio is below 1
     values[4] = values[4].abs() + 0.5  # all positive: the range is widened to include 0
+    # A calibration sample of 2^16 values per row is searched in chunks of ratios; force the same split here
+    monkeypatch.setattr(quantizer, "_MSE_CHUNK_ELEMENTS", ratios_per_chunk * values.numel())
     scale, zp = mse_search(values, 0, 15, symmetric=False)
     ref_scale, ref_zp = ref_mse_search(values, 0, 15)
     assert_close(scale, ref_scale, atol=0, rtol=1e-6)
