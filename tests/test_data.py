@@ -15,8 +15,10 @@ def test_split_sizes_balance_and_range():
 
 
 def test_split_is_seeded_and_disjoint():
-    a, b, c = load_mnist_split(0), load_mnist_split(0), load_mnist_split(1)
-    assert torch.equal(a["train"][0], b["train"][0])
+    uncached = load_mnist_split.__wrapped__  # two real calls, not the lru_cache's one object twice
+    a, b, c = uncached(0), uncached(0), uncached(1)
+    assert a["train"][0] is not b["train"][0] and torch.equal(a["train"][0], b["train"][0])
+    assert torch.equal(a["train"][1], b["train"][1]) and torch.equal(a["holdout"][0], b["holdout"][0])
     assert not torch.equal(a["holdout"][0], c["holdout"][0])
     train = {bytes(x.numpy()) for x in a["train"][0][:4000:7]}
     assert not any(bytes(x.numpy()) in train for x in a["holdout"][0])
