@@ -286,6 +286,74 @@ def test_temporal_model_uses_each_samples_own_step():
             assert_close(out[b], ref, atol=0, rtol=0)
 
 
+def _quant_ref(x: torch.Tensor, q: nn.Module, index: list[int]) -> torch.Tensor:
+    """Plain reference of a per-step quantizer: sample b on step index[b]'s (Δ, z)."""
+    out = []
+    for b, i in enumerate(index):
+        zp = q.zero_point[i].round()
+        out.append(q.scale[i] * (torch.clamp(torch.round(x[b] / q.scale[i]) + zp, q.qmin, q.qmax) - zp))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
+def test_quantized_attention_matches_a_plain_reference(make):
+    """Each attention matmul runs on its quantizer's output: q, k, v from the projections, probabilities
+    softmax(q kᵀ · scale) over the quantized q and k, the output from the quantized probabilities and v. Checked stage
+    by stage on the quantizers' own inputs, so float rounding in the reference never crosses a rounding boundary."""
+    model = calibrated(make(), QuantSpec(weight_bits=4, act_bits=4))
+    kw, index = {**inputs(model), "timestep": torch.tensor([0, 666, 333])}, [2, 0, 1]
+    seen: dict = {}
+
+    def keep_input(m, args, kwargs):  # clones: when sampling, layers and quantizers overwrite what they own
+        hs = args[0] if args else kwargs["hidden_states"]
+        enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        seen[m] = {"x": hs.clone(), "enc": None if enc is None else enc.clone()}
+
+    owner: dict = {}  # quantizer -> (its attention module, "q" / "k" / "v" / "prob")
+
+    def keep_before(m, a):  # the input before the quantizer overwrites it
+        attn, key = owner[m]
+        seen[attn][key] = [a[0].clone()]
+
+    def keep_after(m, a, o):
+        attn, key = owner[m]
+        seen[attn][key].append(o.clone())
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attns and all(isinstance(a.processor, QuantAttnProcessor) for a in attns)
+    for attn in attns:
+        attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+        attn.register_forward_hook(lambda m, a, o: seen[m].update(out=o.clone()))
+        for key in ("q", "k", "v", "prob"):
+            quantizer = getattr(attn.processor, f"{key}_quantizer")
+            owner[quantizer] = (attn, key)
+            quantizer.register_forward_pre_hook(keep_before)
+            quantizer.register_forward_hook(keep_after)
+    with torch.no_grad():
+        model(**kw)
+        for attn in attns:
+            r, proc, heads = seen[attn], attn.processor, attn.heads
+            x = r["x"]
+            if x.ndim == 4:  # [B, C, H, W] -> [B, HW, C]
+                x = x.flatten(2).transpose(1, 2)
+            if attn.group_norm is not None:
+                x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+            context = x if r["enc"] is None else r["enc"]
+            for key, proj, src in (("q", attn.to_q, x), ("k", attn.to_k, context), ("v", attn.to_v, context)):
+                assert_close(r[key][0], proj(src.clone()))  # the projection's output goes into the quantizer
+            for key in ("q", "k", "v", "prob"):  # and each quantizer's output is on its grid, per sample's step
+                assert_close(r[key][1], _quant_ref(r[key][0], getattr(proc, f"{key}_quantizer"), index), atol=0, rtol=0)
+            # [B, L, C] -> [B, heads, L, C / heads]
+            q, k, v = (r[key][1].unflatten(2, (heads, -1)).transpose(1, 2) for key in ("q", "k", "v"))
+            assert_close(r["prob"][0], torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1))
+            out = attn.to_out[0]((r["prob"][1] @ v).transpose(1, 2).flatten(2))  # [B, Lq, C]
+            if r["x"].ndim == 4:
+                out = out.transpose(1, 2).reshape(r["x"].shape)
+            if attn.residual_connection:
+                out = out + r["x"]
+            assert_close(r["out"], out / attn.rescale_output_factor)
+
+
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])
 def test_sampling_path_equals_the_autograd_path_bit_for_bit(make):
     """Without autograd the quantizers overwrite tensors they own (scaled inputs, q / k / v, probabilities) and split

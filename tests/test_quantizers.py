@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant
-from dq.quant import quantizer
+from dq.quant import QuantizerSpec, QuantSpec, StepContext, TemporalQuantizer, UniformQuantizer, fake_quant, quantizer
 from dq.quant.quantizer import (
     MSE_RATIOS,
     OBSERVE_SAMPLES,
