@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,38 @@ def test_qdrop_is_on_in_training_steps_only_and_changes_the_student(teacher, cal
         assert step_context(module.student).drop_prob == 0.0  # ... and it is off once distillation ends
         students.append(module.student.state_dict())
     assert any(not torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+class LrWatch(pl.Callback):
+    """Records every group's (learning rate, base rate) after each training step."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[float, float]]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.steps.append([(g["lr"], g["base_lr"]) for g in module.optimizers().param_groups])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("method", ["bkd", "model_kd"])
+def test_learning_rate_follows_the_schedule_within_each_block(teacher, calib, method: str, schedule: str):
+    """cosine: base · (1 + cos(π i / n)) / 2 at step i of a block's n (BKD) or of the run's n (model_kd)."""
+    iters = 4
+    if method == "bkd":
+        module = bkd(teacher, calib, iters=iters, lr_schedule=schedule)
+        n_runs = len(module.blocks)
+    else:
+        module = ModelDistillation(teacher, make_student(teacher, calib), calib, iters=iters, batch_size=8,
+                                   progress=False, lr_schedule=schedule, **LRS)  # fmt: skip
+        n_runs = 1
+    watch = LrWatch()
+    fit(module, [watch])
+    assert len(watch.steps) == n_runs * iters
+    for step, groups in enumerate(watch.steps):
+        i = step % iters
+        factor = (1 + math.cos(math.pi * i / iters)) / 2 if schedule == "cosine" else 1.0
+        assert all(base > 0 for _, base in groups)
+        assert [lr for lr, _ in groups] == pytest.approx([base * factor for _, base in groups], rel=1e-6), step
 
 
 def test_bkd_trains_each_block_and_only_that_block(teacher, calib):
