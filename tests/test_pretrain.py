@@ -4,11 +4,15 @@ import signal
 
 import pytest
 import pytorch_lightning as pl
-from conftest import compose_cfg
+import torch
+from conftest import compose_cfg, tiny_unet_config
+from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
+from dq.data import load_mnist_split
 from dq.metrics import MNISTClassifier
 from dq.models import load_teacher
+from dq.models.pretraining import DiffusionPretraining
 from dq.pretrain import install, pretrain
 
 
@@ -31,12 +35,53 @@ def test_pretrain_teacher_writes_loadable_model_and_card(tmp_path):
 
 def test_pretrain_classifier_reports_holdout_accuracy(tmp_path):
     over = ["pretrain=classifier", "logger=none", "trainer.enable_progress_bar=false",
-            "pretrain.trainer.max_epochs=1", "+pretrain.trainer.limit_train_batches=5"]  # fmt: skip
+            "pretrain.trainer.max_epochs=1", "+pretrain.trainer.limit_train_batches=20"]  # fmt: skip
     metrics = pretrain(compose_cfg("pretrain", over, tmp_path / "run"))
-    assert 0.0 <= metrics["holdout_accuracy"] <= 1.0
     saved = tmp_path / "run" / "mnist_classifier"
     assert set(load_file(str(saved / "model.safetensors"))) == set(MNISTClassifier().state_dict())
-    MNISTClassifier.load(saved)
+    x, y = load_mnist_split(0)["holdout"]
+    with torch.no_grad():  # the reported accuracy is the saved classifier's on the holdout split
+        accuracy = (MNISTClassifier.load(saved)(x).argmax(1) == y).float().mean().item()
+    assert metrics["holdout_accuracy"] == pytest.approx(accuracy, abs=1e-6) and accuracy > 0.3  # trained: chance is 0.1
+
+
+def tiny_pretraining() -> DiffusionPretraining:
+    torch.manual_seed(0)
+    return DiffusionPretraining(unet=tiny_unet_config(), scheduler={"num_train_timesteps": 1000}, warmup_steps=1)
+
+
+def test_teacher_loss_is_the_ddpm_noise_prediction_mse():
+    """loss = ||eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) - eps||^2 (mean), abar from the betas by hand."""
+    module = tiny_pretraining()
+    module.log = lambda *a, **k: None  # no trainer attached
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(5)
+    loss = module.training_step((x0, torch.zeros(4)), 0)
+    torch.manual_seed(5)  # the same draws of eps and t, in the same order
+    eps = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (4,))
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPMScheduler's default linear schedule
+    abar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        expected = ((module.unet(x_t, t).sample - eps) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_exported_teacher_holds_the_ema_weights(tmp_path):
+    module = tiny_pretraining()
+    data = torch.utils.data.TensorDataset(torch.rand(12, 1, 8, 8) * 2 - 1, torch.zeros(12))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    module.export(tmp_path)
+    exported = UNet2DModel.from_pretrained(tmp_path / "unet").state_dict()
+    names = [n for n, _ in module.unet.named_parameters()]
+    assert len(names) == len(module.ema.shadow_params)
+    for name, ema in zip(names, module.ema.shadow_params, strict=True):
+        assert torch.equal(exported[name], ema), name
+    trained = dict(module.unet.named_parameters())
+    assert any(not torch.equal(exported[n], trained[n].detach()) for n in names)  # EMA, not the last step's weights
 
 
 def test_a_pretraining_ended_by_sigterm_exits_143_and_exports_nothing(tmp_path, monkeypatch, caplog):
@@ -49,7 +94,7 @@ def test_a_pretraining_ended_by_sigterm_exits_143_and_exports_nothing(tmp_path, 
 
     monkeypatch.setattr("dq.pretrain.progress_bar", lambda enabled: [Terminate()])
     over = ["pretrain=classifier", "logger=none", "trainer.enable_progress_bar=false",
-            "pretrain.trainer.max_epochs=1", "+pretrain.trainer.limit_train_batches=5"]  # fmt: skip
+            "pretrain.trainer.max_epochs=1", "+pretrain.trainer.limit_train_batches=20"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         pretrain(compose_cfg("pretrain", over, tmp_path / "run"))
     assert exit_.value.code == 128 + signal.SIGTERM
