@@ -18,6 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from dq.errors import CheckpointError
+from dq.models import ddim_sample, make_noise
 from dq.quant import (
     NonFiniteActivationError,
     QuantAttnProcessor,
@@ -411,6 +412,14 @@ def test_filter_fn_leaves_layers_float():
     assert not isinstance(model.mid_block.attentions[0].processor, QuantAttnProcessor)
 
 
+def assert_same_as_ddim_sample(images, model: nn.Module, seed: int) -> None:
+    """The stock pipeline's images [N, H, W, C] in [0, 1] are dq's own DDIM loop's from the pipeline's noise."""
+    n, size, channels = len(images), model.config.sample_size, model.config.in_channels
+    noise = make_noise(n, (channels, size, size), seed=seed)  # DDIMPipeline draws it from one seeded CPU generator
+    ours = ddim_sample(model, DDIMScheduler(num_train_timesteps=1000), noise, len(TIMESTEPS), progress=False)
+    assert_close(torch.from_numpy(images).permute(0, 3, 1, 2), ours / 2 + 0.5, atol=1e-6, rtol=0)
+
+
 def test_ddim_pipeline_runs_quantized_unet():
     model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
     scheduler = DDIMScheduler(num_train_timesteps=1000)
@@ -421,9 +430,8 @@ def test_ddim_pipeline_runs_quantized_unet():
     pipe = DDIMPipeline(unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
-    images = images.images
-    assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
     assert seen == [[0, 0], [1, 1], [2, 2]]
+    assert_same_as_ddim_sample(images.images, model, seed=0)
 
 
 def test_ddim_pipeline_runs_quantized_shipped_teacher():
@@ -432,7 +440,7 @@ def test_ddim_pipeline_runs_quantized_shipped_teacher():
     pipe = DDIMPipeline(unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert out.images.shape == (2, 28, 28, 1) and 0 <= out.images.min() <= out.images.max() <= 1
+    assert_same_as_ddim_sample(out.images, model, seed=0)
     with pytest.raises(ValueError, match="not in the timestep table"):
         pipe(batch_size=1, num_inference_steps=4, output_type="np")  # a TPQ model is tied to its schedule
 
