@@ -202,3 +202,32 @@ def test_nan_or_inf_images_are_refused_not_scored(metrics):
     x[3, 0, 5, 5], x[7, 0, 0, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match="2 of 50 images hold NaN or infinite"):  # LAPACK would segfault on NaN
         metrics.score(x)
+
+
+def test_random_shift_is_a_bilinear_translation_padded_with_background():
+    """Output pixel (r, c) is the input's bilinear value at (r + dy, c + dx), -1 outside, (dx, dy) drawn uniform in
+    [-max_shift, max_shift] from the generator."""
+    import math
+
+    from dq.metrics.classifier import random_shift
+
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = random_shift(x, 2.0, generator=torch.Generator().manual_seed(1))
+    shifts = (torch.rand(3, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 2.0  # [N, (dx, dy)]
+
+    def at(img, r, c):
+        return img[0, r, c].item() if 0 <= r < 6 and 0 <= c < 6 else -1.0
+
+    expected = torch.empty_like(x)
+    for n, (dx, dy) in enumerate(shifts.tolist()):
+        for r in range(6):
+            for c in range(6):
+                y, xx = r + dy, c + dx
+                y0, x0 = math.floor(y), math.floor(xx)
+                wy, wx = y - y0, xx - x0
+                expected[n, 0, r, c] = (
+                    (1 - wy) * (1 - wx) * at(x[n], y0, x0) + (1 - wy) * wx * at(x[n], y0, x0 + 1)
+                    + wy * (1 - wx) * at(x[n], y0 + 1, x0) + wy * wx * at(x[n], y0 + 1, x0 + 1)
+                )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(random_shift(x, 0.0), x)  # no shift: the image (to float rounding of x + 1 - 1)
