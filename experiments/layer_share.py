@@ -29,7 +29,7 @@ def main() -> None:
 
     def count(name: str):
         def hook(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-            per_output = m.weight[0].numel() // (m.groups if isinstance(m, nn.Conv2d) else 1)  # MACs per output value
+            per_output = m.weight[0].numel()  # MACs per output value: C_in / groups x kernel (conv), in_features
             macs[name] = out[0].numel() * per_output
 
         return hook

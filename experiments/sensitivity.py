@@ -43,7 +43,7 @@ from dq.config import register_resolvers
 from dq.distill.blocks import partition_blocks
 from dq.metrics import psnr, sqnr_db
 from dq.models import ddim_sample, load_teacher, make_noise
-from dq.paths import asset, conf_dir
+from dq.paths import conf_dir
 from dq.quant import act_quantizers, load_quantized, weight_quantizers
 from dq.quant.model import TIMESTEPS_BUFFER
 from dq.quant.quantizer import TemporalQuantizer, UniformQuantizer
@@ -134,14 +134,22 @@ def main() -> None:
     p.add_argument(
         "--calib-seed", type=int, default=None, help="sqnr pairs from this calib.seed (default seed + 100, held out)"
     )
-    p.add_argument("--teacher", default=None, help="the teacher directory (default: the shipped one)")
+    p.add_argument("--teacher", default=None, help="the teacher directory (default: model.path, the shipped one)")
     p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = p.parse_args()
 
-    teacher, scheduler = load_teacher(args.teacher or asset("ddpm_mnist"))
     register_resolvers()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("eval", [*(args.ptq or []), "eval.progress=false"])
+    if args.teacher is not None:  # one teacher for the student, the held-out pairs and the scores
+        path_given = any(o.lstrip("+").startswith("model.path=") for o in args.ptq or [])
+        if path_given and Path(cfg.model.path).resolve() != Path(args.teacher).resolve():
+            p.error(f"--teacher {args.teacher} and model.path={cfg.model.path} name two teachers: give one")
+        cfg.model.path = args.teacher
+    teacher, scheduler = load_teacher(cfg.model.path)
+    size = teacher.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    cfg.model.sample_shape = [teacher.config.in_channels, height, width]  # also with --student (no overrides)
     if args.student is not None:
         student, source = load_quantized(args.student), str(args.student)
     else:
@@ -162,8 +170,7 @@ def main() -> None:
         ref = run(teacher)
         score = lambda m: sqnr_db(run(m), ref)  # noqa: E731
     else:
-        shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-        noise = make_noise(args.n, shape, args.seed)
+        noise = make_noise(args.n, tuple(cfg.model.sample_shape), args.seed)
         run = lambda m: ddim_sample(m, scheduler, noise, steps, progress=False)  # noqa: E731
         ref = run(teacher)
         score = lambda m: psnr(run(m), ref)  # noqa: E731

@@ -7,10 +7,12 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TEACHER, load_script
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dq.models import load_teacher
@@ -77,3 +79,26 @@ def test_conv_in_by_hand(tiny_teacher_dir, monkeypatch, capsys) -> None:
     assert got[:2] == (1, len(weights))
     assert got[2] == pytest.approx(100 * 8 * 64 * 9 / sum(macs.values()), abs=0.051)
     assert got[3] == pytest.approx(100 * 8 * 9 / sum(weights.values()), abs=0.051)
+
+
+class Depthwise(nn.Module):
+    """A grouped 3x3 conv (two groups: each output sees one input channel) and a 1x1 conv, on 2 x 6 x 6 inputs."""
+
+    config = SimpleNamespace(sample_size=6, in_channels=2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.pw = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+
+def test_a_grouped_conv_counts_its_inputs_per_group(monkeypatch, capsys) -> None:
+    """By hand: dw 4 outputs x 36 positions x (2 / 2 channels x 9) = 1,296 MACs, pw 2 x 36 x 4 = 288; weights 36, 8."""
+    script = load_script("layer_share")
+    monkeypatch.setattr(script, "load_teacher", lambda path: (Depthwise(), None))
+    monkeypatch.setattr(sys, "argv", ["layer_share.py", "dw"])
+    script.main()
+    assert capsys.readouterr().out == f"1 of 2 layers: {1296 / 1584:.1%} of the MACs, {36 / 44:.1%} of the weights\n"

@@ -14,7 +14,15 @@ from torch import nn
 
 from dq.metrics.fid_is import PSNR_CAP_DB
 from dq.models import ddim_sample, load_teacher, make_noise
-from dq.quant import QuantSpec, TemporalQuantizer, UniformQuantizer, act_quantizers, quantize_model, weight_quantizers
+from dq.quant import (
+    QuantSpec,
+    TemporalQuantizer,
+    UniformQuantizer,
+    act_quantizers,
+    quantize_model,
+    save_quantized,
+    weight_quantizers,
+)
 from dq.quant.spec import QuantizerSpec
 from dq.student import build_student, calibration_set
 
@@ -143,8 +151,9 @@ def test_main_sqnr_by_layer(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch,
     here, with the row's quantizers switched off by hand; the gains, counts and the median step line too."""
     overrides, n = ptq_overrides(tiny_teacher_dir), 16
     out_file = tmp_path / "table.md"
-    text = run_main(monkeypatch, capsys, "--ptq", *overrides, "--teacher", tiny_teacher_dir, "--n", n, "--by", "layer",
-                    "--out", out_file)  # fmt: skip
+    text = run_main(
+        monkeypatch, capsys, "--ptq", *overrides, "--n", n, "--by", "layer", "--out", out_file
+    )  # fmt: skip  (the teacher from model.path alone)
     assert out_file.read_text() == text[text.index("Sensitivity of") :]  # the table, without the progress lines
 
     cfg = compose_cfg("eval", [*overrides, "eval.progress=false"], tmp_path / "ref")
@@ -215,3 +224,29 @@ def test_main_psnr_with_weights_fp(tiny_teacher_dir: Path, tmp_path: Path, monke
         q.enabled = True
     quantized = ddim_sample(student, scheduler, noise, 3, progress=False).double()
     assert not torch.allclose(quantized, out)  # the weights-FP row is not the fully quantized student's
+
+
+def test_main_scores_a_saved_student_on_pairs_of_its_teachers_shape(tiny_teacher_dir: Path, tmp_path, monkeypatch,
+                                                                    capsys) -> None:  # fmt: skip
+    """`--student DIR --teacher DIR`: the held-out pairs take the teacher's shape (8x8 here, not the default
+    config's 28x28); the whole-model SQNR against the hand formula on those pairs."""
+    overrides, n = ptq_overrides(tiny_teacher_dir), 8
+    cfg = compose_cfg("eval", [*overrides, "eval.progress=false"], tmp_path / "ref")
+    teacher, scheduler = load_teacher(tiny_teacher_dir)
+    student, _ = build_student(cfg, teacher, scheduler)
+    save_quantized(student, tmp_path / "student")
+    text = run_main(monkeypatch, capsys, "--student", tmp_path / "student", "--teacher", tiny_teacher_dir, "--n", n,
+                    "--by", "none")  # fmt: skip
+    cfg.calib.seed, cfg.calib.n_calib = 100, n
+    pairs = calibration_set(cfg, teacher, scheduler)
+    assert pairs.x_t.shape == (n, 1, 8, 8)
+    with torch.no_grad():
+        expected = sqnr_by_hand(student(pairs.x_t, pairs.timesteps).sample, teacher(pairs.x_t, pairs.timesteps).sample)
+    assert table_rows(text)["all quantized"][1] == pytest.approx(expected, abs=0.006)
+
+
+def test_two_different_teachers_are_refused(tiny_teacher_dir: Path, tmp_path, monkeypatch, capsys) -> None:
+    """`--teacher A` with `model.path=B`: which one the student came from would be a guess."""
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, capsys, "--ptq", *ptq_overrides(tiny_teacher_dir), "--teacher", tmp_path / "other")
+    assert "name two teachers" in capsys.readouterr().err
