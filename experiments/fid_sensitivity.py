@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -24,10 +25,17 @@ from dq.metrics import psnr
 from dq.models import load_teacher, make_noise
 from dq.paths import conf_dir
 
+NOISE_STREAM = 0xF1D5  # tells the pixel noise's seed apart from the sampler's for the same `seed`
+
 
 def perturbations(x: torch.Tensor, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """(label, perturbed images) for each controlled error; images in [-1, 1], [N, C, H, W]."""
-    gen = torch.Generator().manual_seed(seed)
+    """(label, perturbed images) for each controlled error; images in [-1, 1], [N, C, H, W].
+
+    The pixel noise comes from a stream of its own for `seed`: `make_noise(seed)` drew the samples' starting noise
+    x_T, and the same stream would add a multiple of x_T to each sample instead of noise independent of it.
+    """
+    stream = np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(stream))
     out = []
     for db in (20.0, 25.0, 27.5, 30.0, 32.5, 35.0, 40.0):
         sigma = 2.0 / 10 ** (db / 20)  # data range 2: PSNR = 20 log10(2 / sigma) before clamping
