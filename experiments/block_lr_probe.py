@@ -2,11 +2,12 @@
 
     python experiments/block_lr_probe.py <run_dir> up_blocks.1.attentions.1 1e-3,1e-3,1e-4 1e-3,1e-3,0
 
-Each setting is `lr_weight,lr_weight_qparams,lr_act_qparams`; the block trains `distill.iters_per_block` steps of
-the run's batch size, learning-rate schedule and `lr_act_step_rel` (when the run set it, activation step sizes move at
-that relative rate and the setting's lr_act_qparams only moves zero-points) on the run's calibration pairs (from the
-cache), starting from the run's saved student. The block must be one that `revert_worse` put back (its history entry
-says `"kept": "untrained"`): then the saved student holds it exactly as it was before training, behind the trained
+Each setting is `lr_weight,lr_weight_qparams,lr_act_qparams`; the block trains `distill.iters_per_block` steps of the
+run's batch size, learning-rate schedule and `lr_act_step_rel` (when the run set it, activation step sizes move at that
+relative rate and the setting's lr_act_qparams only moves zero-points) on the run's calibration pairs (from the cache),
+starting from the run's saved student. A run trained with `lr_zero_point`, `lr_lora`, `act_drop_prob`, `dampen` or
+`freeze` is refused: the probe does not reproduce them. The block must be one that `revert_worse` put back (its history
+entry says `"kept": "untrained"`): then the saved student holds it exactly as it was before training, behind the trained
 blocks before it.
 `--freeze prob_quantizer` keeps the parameters whose name holds that text frozen. Prints, per setting, the block's
 MSE to the teacher over the calibration set before and after, and the minibatch loss every 10 steps; first, the
@@ -29,6 +30,8 @@ from dq.models import load_teacher
 from dq.quant import act_quantizers, load_quantized
 from dq.student import calibration_set
 
+NOT_REPRODUCED = ("lr_zero_point", "lr_lora", "act_drop_prob", "dampen", "freeze")  # training settings it leaves out
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,6 +48,10 @@ def main() -> None:
         raise SystemExit(f"{args.block}: its history in {args.run} says {kept.get(args.block)!r}, not 'untrained'; "
                          "the saved student does not hold it as it was before training")  # fmt: skip
     cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
+    used = {k: cfg.distill.get(k) for k in NOT_REPRODUCED if cfg.distill.get(k) not in (None, 0, 0.0)}
+    if used:
+        raise SystemExit(f"{args.run} trained with " + ", ".join(f"distill.{k}={v}" for k, v in used.items())
+                         + ": this probe retrains a block without them, so its MSE would not be the run's")  # fmt: skip
     with open_dict(cfg):
         cfg.run_dir, cfg.eval.progress = str(args.run), False
     teacher, scheduler = load_teacher(cfg.model.path)

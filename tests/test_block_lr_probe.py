@@ -206,3 +206,13 @@ def test_a_block_the_run_kept_trained_is_refused(tiny_teacher_dir, tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["block_lr_probe.py", str(run), "mid_block.attentions.0", "1e-3,1e-3,1e-4"])
     with pytest.raises(SystemExit, match="says None, not 'untrained'"):
         probe.main()
+
+
+@pytest.mark.parametrize("setting", ["distill.dampen=1.0", "distill.lr_zero_point=0.05", "distill.act_drop_prob=0.5"])
+def test_a_run_trained_with_a_setting_the_probe_leaves_out_is_refused(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                       setting: str) -> None:  # fmt: skip
+    """The probe would retrain the block without the run's dampening / zero-point rate / QDrop: refused, named."""
+    run = make_run(tmp_path, tiny_teacher_dir, setting)
+    monkeypatch.setattr(sys, "argv", ["block_lr_probe.py", str(run), BLOCK, "1e-3,1e-3,1e-4"])
+    with pytest.raises(SystemExit, match=f"trained with {re.escape(setting)}: this probe retrains a block without"):
+        probe.main()
