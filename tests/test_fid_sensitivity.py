@@ -8,10 +8,9 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, TEACHER, load_script
+from conftest import CLASSIFIER, TEACHER, frechet_by_hand, load_script
 from PIL import Image
 
 from dq.data import load_mnist_split
@@ -66,15 +65,6 @@ def test_offset_is_added_and_clamped_to_the_data_range() -> None:
         assert label == f"offset +{b}"
         expected = [min(v + b, 1.0) for v in (-1.0, 0.0, 0.9, 0.97, 0.99, 1.0)]
         torch.testing.assert_close(shifted.flatten(), torch.tensor(expected))
-
-
-def frechet_by_hand(f_r: np.ndarray, f_g: np.ndarray) -> float:
-    """|mu_r - mu_g|² + tr S_r + tr S_g - 2 tr (S_r^1/2 S_g S_r^1/2)^1/2 in float64 (sample covariances)."""
-    s_r, s_g = np.cov(f_r, rowvar=False), np.cov(f_g, rowvar=False)
-    w, v = np.linalg.eigh(s_r)
-    r_half = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_root = np.sqrt(np.clip(np.linalg.eigvalsh(r_half @ s_g @ r_half), 0, None)).sum()
-    return float(((f_r.mean(0) - f_g.mean(0)) ** 2).sum() + np.trace(s_r) + np.trace(s_g) - 2 * tr_root)
 
 
 def is_by_hand(logits: torch.Tensor, seed: int, splits: int) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, load_script
+from conftest import CLASSIFIER, frechet_by_hand, load_script
 from PIL import Image
 
 from dq.data import load_mnist_split
@@ -19,15 +19,6 @@ from dq.metrics import MNISTClassifier, SampleMetrics
 from dq.models import make_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def frechet_by_hand(f_r: np.ndarray, f_g: np.ndarray) -> float:
-    """|mu_r - mu_g|² + tr S_r + tr S_g - 2 tr (S_r^1/2 S_g S_r^1/2)^1/2 in float64 (sample covariances)."""
-    s_r, s_g = np.cov(f_r, rowvar=False), np.cov(f_g, rowvar=False)
-    w, v = np.linalg.eigh(s_r)
-    r_half = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_root = np.sqrt(np.clip(np.linalg.eigvalsh(r_half @ s_g @ r_half), 0, None)).sum()
-    return float(((f_r.mean(0) - f_g.mean(0)) ** 2).sum() + np.trace(s_r) + np.trace(s_g) - 2 * tr_root)
 
 
 def test_report_against_hand_loops(tmp_path: Path, monkeypatch, capsys) -> None:
