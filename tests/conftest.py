@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,20 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def run_script_main(script: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                    *argv: str | Path) -> str:  # fmt: skip
+    """`script.main()` (a `load_script` module) with `argv` as its command line; returns what it printed."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *map(str, argv)])
+    script.main()
+    return capsys.readouterr().out
+
+
+def psnr_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of 10 log10(2² / MSE) (images in [-1, 1]), each capped at 100 dB (MSE 0 counts as 100)."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1).tolist()
+    return sum(min(10 * math.log10(4 / e), 100.0) if e > 0 else 100.0 for e in mse) / len(mse)
 
 
 def frechet_by_hand(f_r: np.ndarray, f_g: np.ndarray) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, load_script
+from conftest import compose_cfg, load_script, run_script_main
 from omegaconf import OmegaConf
 
 from dq.distill.bkd import block_seed
@@ -145,12 +145,6 @@ def reference(run: Path, lrs: tuple[float, float, float], factor: float, rel: fl
     return before, block_mse(), losses[::10]
 
 
-def run_main(monkeypatch, capsys, *argv: str | Path) -> str:
-    monkeypatch.setattr(sys, "argv", ["block_lr_probe.py", *map(str, argv)])
-    probe.main()
-    return capsys.readouterr().out
-
-
 def parse(text: str, setting: str) -> tuple[float, float, list[float]]:
     m = re.search(rf"^{re.escape(setting)}: mse (\S+) -> (\S+); loss every 10 steps (.+)$", text, flags=re.M)
     assert m, text
@@ -167,7 +161,7 @@ def test_retrains_the_block_like_a_hand_written_adam_loop(tiny_teacher_dir, tmp_
     """Reference: a hand Adam loop on hooks under a hand cosine; step sizes read off the saved student."""
     run = make_run(tmp_path, tiny_teacher_dir)
     settings = ["1e-3,1e-3,1e-4", "3e-3,0,2e-3"]
-    text = run_main(monkeypatch, capsys, run, BLOCK, *settings)
+    text = run_script_main(probe, monkeypatch, capsys, run, BLOCK, *settings)
     saved = load_quantized(run / "student")
     for name, q in act_quantizers(saved.get_submodule(BLOCK)):
         lo, hi = sorted(q.scale.detach().tolist())[::2]  # three per-step values
@@ -189,7 +183,7 @@ def test_bit_scaled_rates_relative_steps_constant_schedule_and_freeze(
         tmp_path, tiny_teacher_dir, "bits=w8a8", "distill.lr_act_step_rel=0.02", "distill.lr_schedule=constant"
     )
     setting = "5e-2,1e-2,1e-3"
-    text = run_main(monkeypatch, capsys, run, BLOCK, setting, "--freeze", "to_v")
+    text = run_script_main(probe, monkeypatch, capsys, run, BLOCK, setting, "--freeze", "to_v")
     assert "the run's schedule: constant; activation step sizes: relative rate 0.02" in text
     want = reference(run, (5e-2, 1e-2, 1e-3), factor=15 / 255, rel=0.02, cosine=False, frozen="to_v")
     check(parse(text, setting), want)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, load_script
+from conftest import compose_cfg, load_script, psnr_by_hand, run_script_main
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -95,18 +93,6 @@ def make_run(tmp_path: Path, tiny: Path) -> Path:
     return run
 
 
-def run_main(monkeypatch, capsys, *argv: str | Path) -> str:
-    monkeypatch.setattr(sys, "argv", ["half_precision.py", *map(str, argv)])
-    hp.main()
-    return capsys.readouterr().out
-
-
-def psnr_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over images of 10 log10(2² / MSE), each capped at 100 dB (images in [-1, 1])."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1).tolist()
-    return sum(min(10 * math.log10(4 / e), 100.0) if e > 0 else 100.0 for e in mse) / len(mse)
-
-
 def plain_by_hand(student: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The student in `dtype` with each quantized weight set to Δ' (clamp(round(W' / Δ) + round z) - round z): W' the
     latent weight rounded to `dtype`, Δ' the step in `dtype`."""
@@ -125,7 +111,7 @@ def test_main_table_against_samples_and_psnr_by_hand(tiny_teacher_dir, tmp_path,
     """Reference: DDIM samples from seed-0 noise, a plain cast built by formula, PSNR and edge shares by hand."""
     run = make_run(tmp_path, tiny_teacher_dir)
     n = 6
-    text = run_main(monkeypatch, capsys, run, "--n", n, "--batch-size", 4)
+    text = run_script_main(hp, monkeypatch, capsys, run, "--n", n, "--batch-size", 4)
 
     student = load_quantized(run / "student")
     codes = torch.cat([
@@ -173,5 +159,5 @@ def test_edges_only_stops_before_sampling(tiny_teacher_dir, tmp_path, monkeypatc
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     cfg.model.path = str(tmp_path / "no_teacher")
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    text = run_main(monkeypatch, capsys, run, "--edges-only")
+    text = run_script_main(hp, monkeypatch, capsys, run, "--edges-only")
     assert len(text.splitlines()) == 1 and text.startswith("latent weights within 0.01 of a step")

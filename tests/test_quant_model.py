@@ -265,6 +265,15 @@ def test_timesteps_map_to_per_sample_step_indices():
     assert step_context(no_table).index is None
 
 
+def _quant_ref(x: torch.Tensor, q: nn.Module, index: list[int]) -> torch.Tensor:
+    """Plain reference of a per-step quantizer: sample b on step index[b]'s (Δ, z)."""
+    out = []
+    for b, i in enumerate(index):
+        zp = q.zero_point[i].round()
+        out.append(q.scale[i] * (torch.clamp(torch.round(x[b] / q.scale[i]) + zp, q.qmin, q.qmax) - zp))
+    return torch.stack(out)
+
+
 def test_temporal_model_uses_each_samples_own_step():
     model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
     q = model.get_submodule("down_blocks.0.resnets.0.conv1").act_quantizer
@@ -279,21 +288,7 @@ def test_temporal_model_uses_each_samples_own_step():
     assert len(records) == len(list(act_quantizers(model)))
     assert any(not torch.equal(inp, out) for _, inp, out in records)
     for m, inp, out in records:  # every quantizer of the network: sample b used step index[b]
-        for b, i in enumerate([2, 0, 1]):
-            ref = m.scale[i] * (
-                torch.clamp(torch.round(inp[b] / m.scale[i]) + m.zero_point[i].round(), m.qmin, m.qmax)
-                - m.zero_point[i].round()
-            )
-            assert_close(out[b], ref, atol=0, rtol=0)
-
-
-def _quant_ref(x: torch.Tensor, q: nn.Module, index: list[int]) -> torch.Tensor:
-    """Plain reference of a per-step quantizer: sample b on step index[b]'s (Δ, z)."""
-    out = []
-    for b, i in enumerate(index):
-        zp = q.zero_point[i].round()
-        out.append(q.scale[i] * (torch.clamp(torch.round(x[b] / q.scale[i]) + zp, q.qmin, q.qmax) - zp))
-    return torch.stack(out)
+        assert_close(out, _quant_ref(inp, m, [2, 0, 1]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet])

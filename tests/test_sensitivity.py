@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, load_script, tiny_unet
+from conftest import compose_cfg, load_script, psnr_by_hand, run_script_main, tiny_unet
 from torch import nn
 
 from dq.metrics.fid_is import PSNR_CAP_DB
@@ -123,12 +122,6 @@ def test_groups_by_block_hold_weights_and_activations_of_the_block() -> None:
     assert {id(q) for q in groups["conv_out"]} == ids("conv_out.weight_quantizer", "conv_out.act_quantizer")
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str | Path) -> str:
-    monkeypatch.setattr(sys, "argv", ["sensitivity.py", *map(str, argv)])
-    sens.main()
-    return capsys.readouterr().out
-
-
 def table_rows(text: str) -> dict[str, tuple[int, float, float]]:
     """{group: (quantizers, dB, gain dB)} of the printed markdown table."""
     rows = re.findall(r"^\| (.+?) \| (\d+) \| (-?[\d.]+) \| ([+-][\d.]+) \|$", text, flags=re.M)
@@ -151,9 +144,8 @@ def test_main_sqnr_by_layer(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch,
     here, with the row's quantizers switched off by hand; the gains, counts and the median step line too."""
     overrides, n = ptq_overrides(tiny_teacher_dir), 16
     out_file = tmp_path / "table.md"
-    text = run_main(
-        monkeypatch, capsys, "--ptq", *overrides, "--n", n, "--by", "layer", "--out", out_file
-    )  # fmt: skip  (the teacher from model.path alone)
+    argv = ["--ptq", *overrides, "--n", n, "--by", "layer", "--out", out_file]  # the teacher from model.path alone
+    text = run_script_main(sens, monkeypatch, capsys, *argv)
     assert out_file.read_text() == text[text.index("Sensitivity of") :]  # the table, without the progress lines
 
     cfg = compose_cfg("eval", [*overrides, "eval.progress=false"], tmp_path / "ref")
@@ -204,8 +196,8 @@ def test_main_psnr_with_weights_fp(tiny_teacher_dir: Path, tmp_path: Path, monke
     """The one row of `--weights-fp --by none --metric psnr` against the mean over images of 10 log10(2² / MSE) of
     DDIM samples from seeded noise, the student's weight quantizers switched off by hand."""
     overrides, n, seed = ptq_overrides(tiny_teacher_dir), 6, 3
-    text = run_main(monkeypatch, capsys, "--ptq", *overrides, "--teacher", tiny_teacher_dir, "--n", n, "--seed", seed,
-                    "--metric", "psnr", "--weights-fp", "--by", "none")  # fmt: skip
+    argv = ["--ptq", *overrides, "--teacher", tiny_teacher_dir, "--n", n, "--seed", seed, "--metric", "psnr"]
+    text = run_script_main(sens, monkeypatch, capsys, *argv, "--weights-fp", "--by", "none")
     rows = table_rows(text)
     assert list(rows) == ["all quantized"] and "weights FP" in text
 
@@ -217,9 +209,8 @@ def test_main_psnr_with_weights_fp(tiny_teacher_dir: Path, tmp_path: Path, monke
     noise = make_noise(n, (1, 8, 8), seed)
     ref = ddim_sample(teacher, scheduler, noise, 3, progress=False).double()
     out = ddim_sample(student, scheduler, noise, 3, progress=False).double()
-    mse = (out - ref).pow(2).flatten(1).mean(1)
-    expected = sum(min(10 * math.log10(4 / e), PSNR_CAP_DB) for e in mse.tolist()) / n
-    assert rows["all quantized"][1] == pytest.approx(expected, abs=0.006)
+    assert PSNR_CAP_DB == 100.0  # psnr_by_hand's cap
+    assert rows["all quantized"][1] == pytest.approx(psnr_by_hand(out, ref), abs=0.006)
     for _, q in weight_quantizers(student):
         q.enabled = True
     quantized = ddim_sample(student, scheduler, noise, 3, progress=False).double()
@@ -235,8 +226,8 @@ def test_main_scores_a_saved_student_on_pairs_of_its_teachers_shape(tiny_teacher
     teacher, scheduler = load_teacher(tiny_teacher_dir)
     student, _ = build_student(cfg, teacher, scheduler)
     save_quantized(student, tmp_path / "student")
-    text = run_main(monkeypatch, capsys, "--student", tmp_path / "student", "--teacher", tiny_teacher_dir, "--n", n,
-                    "--by", "none")  # fmt: skip
+    argv = ["--student", tmp_path / "student", "--teacher", tiny_teacher_dir, "--n", n, "--by", "none"]
+    text = run_script_main(sens, monkeypatch, capsys, *argv)
     cfg.calib.seed, cfg.calib.n_calib = 100, n
     pairs = calibration_set(cfg, teacher, scheduler)
     assert pairs.x_t.shape == (n, 1, 8, 8)
@@ -248,5 +239,7 @@ def test_main_scores_a_saved_student_on_pairs_of_its_teachers_shape(tiny_teacher
 def test_two_different_teachers_are_refused(tiny_teacher_dir: Path, tmp_path, monkeypatch, capsys) -> None:
     """`--teacher A` with `model.path=B`: which one the student came from would be a guess."""
     with pytest.raises(SystemExit):
-        run_main(monkeypatch, capsys, "--ptq", *ptq_overrides(tiny_teacher_dir), "--teacher", tmp_path / "other")
+        run_script_main(
+            sens, monkeypatch, capsys, "--ptq", *ptq_overrides(tiny_teacher_dir), "--teacher", tmp_path / "other"
+        )
     assert "name two teachers" in capsys.readouterr().err
