@@ -17,14 +17,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from dq.quant.io import SPEC_NAME, WEIGHTS_NAME, saved_students
+from dq.quant.io import SPEC_NAME, saved_students, weights_file
 from dq.quant.quantizer import SCALE_MIN
 from dq.utils.io import atomic_write_text
 
 
 def stuck(student: Path) -> tuple[int, int, list[str]]:
     """(step-size elements, of them at or below SCALE_MIN, `quantizer: count` for each quantizer holding any)."""
-    state = load_file(str(student / WEIGHTS_NAME))
+    state = load_file(str(weights_file(student)))
     scales = {k.removesuffix(".scale"): v for k, v in state.items() if k.endswith("quantizer.scale")}
     low = {k: int((v <= SCALE_MIN).sum()) for k, v in scales.items()}
     return sum(v.numel() for v in scales.values()), sum(low.values()), [f"{k}: {n}" for k, n in low.items() if n]

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dq.quant.io import SPEC_NAME, WEIGHTS_NAME, saved_students
+from dq.quant.io import SPEC_NAME, saved_students, weights_file
 from dq.utils.io import atomic_write_text
 
 
 def drift(student: Path) -> dict[str, tuple[int, float]]:
     """Per quantizer kind ("weight", "activation"): (zero-point elements, largest distance to a whole number)."""
-    state = load_file(str(student / WEIGHTS_NAME))
+    state = load_file(str(weights_file(student)))
     out: dict[str, tuple[int, float]] = {}
     for key, z in state.items():
         if not key.endswith("quantizer.zero_point"):

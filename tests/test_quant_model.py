@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import conftest
@@ -41,6 +43,7 @@ from dq.quant import (
     step_context,
     weight_quantizers,
 )
+from dq.quant.io import weights_file
 from dq.quant.model import TIMESTEPS_BUFFER
 
 TIMESTEPS = torch.tensor([666, 333, 0])  # DDIM-3 of a 1000-step schedule
@@ -474,8 +477,10 @@ def test_save_load_round_trip_is_bit_exact(make, tmp_path):
     with torch.no_grad():
         expected = model(**kw).sample
     save_quantized(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "quant_spec.json"]
     meta = json.loads((tmp_path / "quant_spec.json").read_text())
+    weights = f"model-{meta['save_id']}.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", weights, "quant_spec.json"]
+    assert weights_file(tmp_path) == tmp_path / weights
     assert meta["timesteps"] == [666, 333, 0] and set(meta["num_steps"].values()) == {3}
 
     loaded = load_quantized(tmp_path)
@@ -488,48 +493,75 @@ def test_save_load_round_trip_is_bit_exact(make, tmp_path):
         assert_close(loaded(**kw).sample, expected, atol=0, rtol=0)
 
 
-def test_a_save_killed_half_way_leaves_the_earlier_student_whole(tmp_path, monkeypatch):
-    """Each file is written beside its place and renamed in: a save killed while writing the weights (a re-run into
-    a finished run directory, OOM, SIGTERM) leaves the earlier save loadable, with no truncated file or temporary."""
+@pytest.mark.parametrize("killed_in", ["weights", "spec", "config"])
+def test_a_save_killed_part_way_leaves_one_whole_student(killed_in, tmp_path, monkeypatch):
+    """A save over an earlier one (a re-run into a finished run directory) killed while writing its weights or its
+    quant_spec.json leaves the earlier save loadable; killed after quant_spec.json, the new one. Never a mix, a
+    truncated file or a temporary."""
     first = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    second = calibrated(conftest.tiny_unet(seed=1, block_out_channels=(8, 24)), QuantSpec(weight_bits=8, act_bits=8))
     save_quantized(first, tmp_path / "student")
     first.save_config(tmp_path / "diffusers")  # save_quantized's config.json is diffusers' own
     assert (tmp_path / "student" / "config.json").read_text() == (tmp_path / "diffusers" / "config.json").read_text()
+    before = sorted(p.name for p in (tmp_path / "student").iterdir())
 
-    def killed(state, path, metadata=None):
-        Path(path).write_bytes(b"half a safetensors file")
+    def killed_before_writing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dq.quant.io.save_file", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=8, act_bits=8)), tmp_path / "student")
-    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == [
-        "config.json", "model.safetensors", "quant_spec.json"
-    ]  # fmt: skip
-    assert_close(load_quantized(tmp_path / "student").state_dict(), first.state_dict(), atol=0, rtol=0)
-
-
-def test_files_of_two_saves_are_refused_not_paired(tmp_path, monkeypatch):
-    """A save over an earlier one killed after the weights, before the spec, leaves new weights beside the old
-    quant_spec.json: with the same tensor shapes strict loading would pair them silently."""
-    save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8)), tmp_path)
-
-    def killed(path, text):
+    def killed_mid_write(tmp):  # atomic_write's temporary, half written when the kill comes
+        Path(tmp).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dq.quant.io.atomic_write_text", killed)
+    if killed_in == "weights":
+        monkeypatch.setattr("dq.quant.io.save_file", lambda state, tmp, metadata=None: killed_mid_write(tmp))
+    elif killed_in == "spec":
+        monkeypatch.setattr("dq.quant.io.atomic_write_text", killed_before_writing)
+    else:
+        monkeypatch.setattr(type(second), "to_json_file", lambda self, tmp: killed_mid_write(tmp))
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=6, act_bits=8)), tmp_path)
+        save_quantized(second, tmp_path / "student")
     monkeypatch.undo()
-    with pytest.raises(CheckpointError, match=r"model.safetensors and .*quant_spec.json come from two different saves"):
-        load_quantized(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "student").iterdir())
+    assert not [n for n in names if n.startswith(".")]  # no temporary left behind
+    loaded = load_quantized(tmp_path / "student")
+    expected = second if killed_in == "config" else first
+    assert_close(loaded.state_dict(), expected.state_dict(), atol=0, rtol=0)
+    if killed_in != "config":  # the earlier save's files as they were, and the new weights beside them at most
+        assert set(before) <= set(names) and len(names) <= len(before) + 1
+    save_quantized(second, tmp_path / "student")  # the next save leaves only its own weights file
+    assert len([n for n in (tmp_path / "student").iterdir() if n.suffix == ".safetensors"]) == 1
+
+
+def test_files_of_two_saves_are_refused_not_paired(tmp_path):
+    """Weights of one save put in place of another's (a copy by hand): with the same tensor shapes strict loading
+    would pair them silently."""
+    save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8)), tmp_path / "a")
+    save_quantized(calibrated(tiny_unet(), QuantSpec(weight_bits=6, act_bits=8)), tmp_path / "b")
+    shutil.copyfile(weights_file(tmp_path / "b"), weights_file(tmp_path / "a"))
+    with pytest.raises(CheckpointError, match=r"model-.*\.safetensors and .*quant_spec.json come from two different"):
+        load_quantized(tmp_path / "a")
+
+
+def test_a_save_from_before_format_2_still_loads(tmp_path):
+    """Saves before the weights file was named per save: `model.safetensors`, the config in config.json only."""
+    model = calibrated(tiny_unet(), QuantSpec(weight_bits=4, act_bits=8))
+    save_quantized(model, tmp_path)
+    meta = json.loads((tmp_path / "quant_spec.json").read_text())
+    weights_file(tmp_path).rename(tmp_path / "model.safetensors")
+    del meta["weights"], meta["config"]
+    (tmp_path / "quant_spec.json").write_text(json.dumps(meta))
+    assert_close(load_quantized(tmp_path).state_dict(), model.state_dict(), atol=0, rtol=0)
+    for bad in ["../model.safetensors", "config.json", 3]:  # a spec naming anything else is refused
+        (tmp_path / "quant_spec.json").write_text(json.dumps({**meta, "weights": bad}))
+        with pytest.raises(CheckpointError, match=rf"weights={re.escape(repr(bad))} is not a weights file"):
+            load_quantized(tmp_path)
 
 
 def test_load_errors_name_the_file(tmp_path):
     model = tiny_unet()
     quantize_model(model, QuantSpec())
     save_quantized(model, tmp_path)
-    spec_file, weights = tmp_path / "quant_spec.json", tmp_path / "model.safetensors"
+    spec_file, weights = tmp_path / "quant_spec.json", weights_file(tmp_path)
     meta, state = json.loads(spec_file.read_text()), safetensors.torch.load_file(weights)
     broken = [
         ({**meta, "spec": {**meta["spec"], "keep_8bit": ["nowhere"]}}, state, r"keep_8bit entries \['nowhere'\]"),
@@ -542,8 +574,8 @@ def test_load_errors_name_the_file(tmp_path):
         with pytest.raises(CheckpointError, match=rf"(?s){tmp_path} does not hold a loadable student .*{message}"):
             load_quantized(tmp_path)
     spec_file.write_text(json.dumps(meta))
-    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"model-.*\.safetensors is corrupt"):
         load_quantized(tmp_path)
     (tmp_path / "quant_spec.json").write_text("{oops")
     with pytest.raises(ValueError, match="quant_spec.json is corrupt: not valid JSON"):

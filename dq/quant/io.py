@@ -1,12 +1,15 @@
-"""Save and load quantized diffusers models: `config.json` + `quant_spec.json` + `model.safetensors`.
+"""Save and load quantized diffusers models: `quant_spec.json` + `model-<save id>.safetensors` (+ `config.json`).
 
 Nothing is pickled: the base model is rebuilt from its diffusers config, re-quantized with the saved spec, its
-temporal quantizers expanded as saved, and the whole state dict loaded strictly.
+temporal quantizers expanded as saved, and the whole state dict loaded strictly. `quant_spec.json` is the save's
+commit point: it names the weights file of its own save and holds the diffusers config, so a save killed at any point
+leaves either the earlier save or the new one loadable, never a mix.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,12 +38,13 @@ from dq.quant.model import (
 from dq.quant.spec import QuantSpec
 from dq.utils.io import atomic_write, atomic_write_text
 
-__all__ = ["save_quantized", "load_quantized", "saved_students", "CONFIG_NAME", "SPEC_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "saved_students", "weights_file", "CONFIG_NAME", "SPEC_NAME"]
 
 CONFIG_NAME = "config.json"
 SPEC_NAME = "quant_spec.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+LEGACY_WEIGHTS_NAME = "model.safetensors"  # saves whose quant_spec.json names no weights file (before format 2)
+WEIGHTS_PATTERN = re.compile(r"model(-[0-9a-f]{32})?\.safetensors")  # the weights files save_quantized writes
+FORMAT_VERSION = 2
 
 
 def saved_students(roots: Iterable[Path]) -> list[tuple[Path, Path]]:
@@ -51,10 +55,12 @@ def saved_students(roots: Iterable[Path]) -> list[tuple[Path, Path]]:
 def save_quantized(model: nn.Module, directory: str | Path, teacher: str | None = None) -> Path:
     """Write a quantized diffusers model to `directory`.
 
-    Files: `config.json` (the diffusers model config), `quant_spec.json` (spec, timestep table, per-quantizer
-    num_steps, which layers and attention modules are quantized, and `teacher`, the full-precision model's
-    `teacher_fingerprint` where given, so that dq-eval compares the student with the model it came from) and
-    `model.safetensors` (the full state dict).
+    Files: `model-<save id>.safetensors` (the full state dict), then `quant_spec.json` (spec, timestep table,
+    per-quantizer num_steps, which layers and attention modules are quantized, the diffusers config, the weights
+    file's name, and `teacher`, the full-precision model's `teacher_fingerprint` where given, so that dq-eval compares
+    the student with the model it came from), then `config.json` (the diffusers config, as diffusers writes it); the
+    earlier save's weights file is removed last. Each file is written beside its place and renamed in, and
+    `quant_spec.json` commits the save: killed before it, the directory still loads as the earlier save.
 
     Returns:
         The directory.
@@ -90,15 +96,36 @@ def save_quantized(model: nn.Module, directory: str | Path, teacher: str | None 
         "quantized_attention": attention,
         "teacher": teacher,
         "save_id": (save_id := uuid.uuid4().hex),  # also in the weights' metadata: the two files of one save
+        "weights": (weights := f"model-{save_id}.safetensors"),
+        "config": json.loads(model.to_json_string()),  # config.json's content, committed with the save
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    # each file whole or not at all (a save killed half-way leaves the earlier file, never a truncated one); a save
-    # killed between two files leaves files of two saves, which `save_id` tells apart
+    # each file whole or not at all (a save killed half-way leaves the earlier file, never a truncated one); the new
+    # weights go to a file of their own, so the earlier save stays whole until quant_spec.json names the new one
     metadata = {"format": "pt", "dq_save_id": save_id}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
-    atomic_write_text(directory / SPEC_NAME, json.dumps(meta, indent=2))
+    atomic_write(directory / weights, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write_text(directory / SPEC_NAME, json.dumps(meta, indent=2))  # the commit point
     atomic_write(directory / model.config_name, model.to_json_file)  # what diffusers' save_config writes
+    for old in directory.iterdir():  # earlier saves' weights, no longer named by quant_spec.json
+        if old.name != weights and WEIGHTS_PATTERN.fullmatch(old.name):
+            old.unlink(missing_ok=True)
     return directory
+
+
+def weights_file(directory: str | Path) -> Path:
+    """The weights file of the save in `directory` (the one its `quant_spec.json` names)."""
+    directory = Path(directory)
+    return _weights_path(directory, _read_json(directory / SPEC_NAME))
+
+
+def _weights_path(directory: Path, meta: dict[str, Any]) -> Path:
+    name = meta.get("weights", LEGACY_WEIGHTS_NAME)
+    if not (isinstance(name, str) and WEIGHTS_PATTERN.fullmatch(name)):
+        raise CheckpointError(
+            f"{directory / SPEC_NAME} is invalid: weights={name!r} is not a weights file save_quantized writes "
+            "(model-<save id>.safetensors)"
+        )
+    return directory / name
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -125,11 +152,16 @@ def load_quantized(directory: str | Path, device: str | torch.device | None = No
         The quantized diffusers model, in eval mode.
     """
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_NAME)
     meta = _read_json(directory / SPEC_NAME)
-    weights = directory / WEIGHTS_NAME
+    config = meta.get("config")
+    if not isinstance(config, dict):  # saves before format 2 keep the config in config.json only
+        config = _read_json(directory / CONFIG_NAME)
+    weights = _weights_path(directory, meta)
     if not weights.is_file():
-        raise MissingFileError(f"{WEIGHTS_NAME} not found in {directory}: not a saved quantized model?")
+        raise MissingFileError(
+            f"{weights.name} not found in {directory}, though its {SPEC_NAME} names it: save the model again with "
+            "dq.quant.save_quantized, or re-run the dq-train run that wrote it"
+        )
     try:
         keys = ("spec", "quantized_layers", "quantized_attention", "num_steps", "timesteps")
         missing = [k for k in keys if k not in meta]
@@ -160,7 +192,7 @@ def _rebuild(
     class_name = config.get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise CheckpointError(f"{directory / CONFIG_NAME}: _class_name={class_name!r} is not a diffusers model class")
+        raise CheckpointError(f"{directory}: the config's _class_name={class_name!r} is not a diffusers model class")
     model = cls.from_config(config)
     spec.check_keep_8bit(quantizable_layers(model), f"{directory / SPEC_NAME}, spec.keep_8bit")
 
