@@ -2,10 +2,11 @@
 
     python experiments/bench_sampling.py STUDENT_DIR [--n 250] [--repeats 3] [hydra overrides, e.g. model.path=...]
 
-Samples `--n` images (DDIM, the model config's steps, `eval.batch_size` per batch) from the same seeded noise with the
-teacher and with the student that `dq-train` saved (`<run>/student`), `--repeats` times each, and prints the fastest
-time of each, their ratio and the sha256 of the student's samples, so a faster quantized forward can be checked to
-give the same samples bit for bit (`OMP_NUM_THREADS=1` for timings comparable across runs).
+Samples `--n` images (DDIM, the model config's steps, `eval.batch_size` per batch) from the same seeded noise (that of
+`eval.seed`, as dq-train's) with the teacher and with the student that `dq-train` saved (`<run>/student`), `--repeats`
+times each, and prints the fastest time of each, their ratio and the sha256 of the student's samples, so a faster
+quantized forward can be checked to give the same samples bit for bit (`OMP_NUM_THREADS=1` for timings comparable across
+runs).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
     teacher, scheduler = load_teacher(cfg.model.path)
     teacher.eval()
     student = load_quantized(args.student_dir).eval()
-    noise = make_noise(args.n, tuple(cfg.model.sample_shape), cfg.seed)
+    noise = make_noise(args.n, tuple(cfg.model.sample_shape), cfg.eval.get("seed", cfg.seed))  # dq-train's noise
     steps, batch = cfg.model.num_inference_steps, cfg.eval.batch_size
     _, t_s = best_time(teacher, scheduler, noise, steps, batch, args.repeats)
     samples, s_s = best_time(student, scheduler, noise, steps, batch, args.repeats)
