@@ -776,6 +776,10 @@ def test_a_timestep_table_other_than_the_calibrated_one_is_refused():
     with pytest.raises(ValueError, match=r"hold 3 steps and the table has 2 timesteps"):
         set_timesteps(model, [500, 0])
     set_timesteps(model, TIMESTEPS.clone())  # the same table is fine
+    with pytest.raises(ValueError, match=r"calibrated for its timestep table: clearing it"):
+        set_timesteps(model, None)  # and then any table of 3 could be set
+    with pytest.raises(ValueError, match=r"calibrated for the timesteps \[666, 333, 0\]"):
+        set_timesteps(model, TIMESTEPS + 1)
     fresh = tiny_unet()
     quantize_model(fresh, QuantSpec(), timesteps=torch.arange(10))
     with pytest.raises(ValueError, match=r"num_steps=4, and the model's timestep table has 10 entries"):

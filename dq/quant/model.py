@@ -233,10 +233,17 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
     """Store the sampler's timestep table (step index i = position i) on a quantized model, or clear it.
 
     Once per-step quantizers hold T steps, the table must have T entries; once they are calibrated it can only be
-    set to the table they were calibrated for (another order or other timesteps would pick other steps' ranges).
+    set to the table they were calibrated for (another order or other timesteps would pick other steps' ranges), and
+    not cleared.
     """
     _require_quantized(model)
     table = None
+    calibrated = any(q.num_steps > 1 and q.initialized for _, q in act_quantizers(model))
+    if timesteps is None and calibrated and getattr(model, TIMESTEPS_BUFFER, None) is not None:
+        raise ValueError(
+            "this model's per-step quantizers are calibrated for its timestep table: clearing it would let any "
+            "table be set next and give each step another step's ranges. Keep the table (sample with its schedule)"
+        )
     if timesteps is not None:
         table = torch.as_tensor(timesteps).detach().clone().reshape(-1)
         if table.numel() == 0:
@@ -254,7 +261,7 @@ def set_timesteps(model: nn.Module, timesteps: Tensor | Sequence[int | float] | 
                 f"the model's per-step quantizers hold {temporal[0].num_steps} steps and the table has "
                 f"{table.numel()} timesteps: give the table of {temporal[0].num_steps} steps they were built for"
             )
-        if temporal and any(q.initialized for q in temporal) and old is not None and not same_timesteps(old, table):
+        if calibrated and old is not None and not same_timesteps(old, table):
             raise ValueError(
                 f"this model's per-step quantizers were calibrated for the timesteps {old.tolist()}: another "
                 "table would give each step another step's ranges. Sample with that schedule, or quantize and "
