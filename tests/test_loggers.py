@@ -8,6 +8,7 @@ import wandb
 from conftest import compose_cfg
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from dq.config import build_loggers
 from dq.errors import ConfigError
 from dq.eval import evaluate
 from dq.train import train
@@ -110,3 +111,19 @@ def test_wandb_init_gets_no_anonymous_setting_unless_asked(tmp_path, monkeypatch
         _ = loggers.WandbLogger(project="dq-test", save_dir=str(tmp_path), offline=True, **extra).experiment
     assert {k: v for k, v in seen.items() if k == "anonymous"} == passed and seen["project"] == "dq-test"
     assert compose_cfg("train", ["logger=wandb"], tmp_path).logger.wandb._target_ == "dq.utils.loggers.WandbLogger"
+
+
+def test_the_runs_tags_reach_wandb(tmp_path, monkeypatch):
+    """`tags` (set by the experiment files) are W&B's run tags; dq-eval's config has none and gets none."""
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = compose_cfg("train", ["logger=wandb", "experiment=qat_lsq"], tmp_path)
+    with pytest.raises(RuntimeError, match="stop here"):
+        _ = build_loggers(cfg.logger)[0].experiment
+    assert seen["tags"] == ["baseline", "qat_lsq"]
+    assert list(compose_cfg("eval", ["logger=wandb"], tmp_path / "eval").logger.wandb.tags) == []
