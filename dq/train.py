@@ -158,7 +158,9 @@ def peak_memory() -> dict[str, float]:
         status = Path("/proc/self/status").read_text().splitlines()
         kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB; a lifetime peak
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # a lifetime peak; KiB, but bytes on macOS
+        if sys.platform == "darwin":
+            kib /= 1024
     out = {"peak_mem_mb": kib / 1024}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

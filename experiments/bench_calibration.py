@@ -12,7 +12,6 @@ checked to give the same student bit for bit (`OMP_NUM_THREADS=1` for timings co
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
@@ -26,6 +25,7 @@ from dq.models import load_teacher
 from dq.paths import conf_dir
 from dq.quant import expand_act_quantizers
 from dq.student import calibration_set, quantize_student
+from dq.train import peak_memory
 
 
 def main(overrides: list[str]) -> None:
@@ -42,7 +42,7 @@ def main(overrides: list[str]) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_gb = peak_memory()["peak_mem_mb"] / 1024  # the process's peak (nothing reset it)
     print(
         f"calibrate_student: {len(calib)} pairs, batch {cfg.calib.batch_size}, {device}, "
         f"{torch.get_num_threads()} thread(s): {seconds:.1f} s, peak host memory {rss_gb:.2f} GB, "

@@ -415,6 +415,24 @@ def test_peak_memory_is_per_run_window() -> None:
     assert before - after > 150, (before, after)
 
 
+@pytest.mark.parametrize(("platform", "ru_maxrss"), [("linux", 3 * 2**20), ("darwin", 3 * 2**30)])
+def test_peak_memory_without_proc_reads_ru_maxrss_in_its_platforms_unit(platform, ru_maxrss, monkeypatch) -> None:
+    """Where /proc/self/status is missing (macOS), the peak comes from ru_maxrss: KiB on Linux, bytes on macOS."""
+    import dq.train as train_module
+
+    class NoProc:
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/self/status"
+
+        def read_text(self) -> str:
+            raise OSError("no /proc here")
+
+    monkeypatch.setattr(train_module, "Path", NoProc)
+    monkeypatch.setattr(train_module.sys, "platform", platform)
+    monkeypatch.setattr(train_module.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=ru_maxrss))
+    assert peak_memory()["peak_mem_mb"] == 3072.0  # 3 GiB either way
+
+
 def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"
