@@ -47,6 +47,33 @@ def test_a_log_set_aside_by_an_attempt_killed_while_starting_is_put_back(tmp_pat
     assert sorted(p.name for p in log.parent.iterdir()) == ["metrics.csv"]  # nothing left aside
 
 
+@pytest.mark.parametrize("cls", [ResumableCSVLogger, CSVLogger])
+def test_a_new_column_rewrites_the_log_whole_or_not_at_all(cls, tmp_path, monkeypatch):
+    """Each block logs a column of its own, and a new column rewrites metrics.csv under the new header: a kill in that
+    rewrite keeps the rows written so far (Lightning's writer truncates the file first)."""
+    logger = cls(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"block/00/loss": 0.5}, step=0)
+    logger.save()
+    log = tmp_path / "csv" / "metrics.csv"
+    before = log.read_text()
+    real = csv.DictWriter.writerows
+
+    def killed(self, rows):
+        if rows and "block/00/loss" in rows[0]:  # the rewrite of the earlier rows, not the new row
+            raise KeyboardInterrupt
+        return real(self, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    logger.log_metrics({"block/01/loss": 0.25}, step=1)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    monkeypatch.undo()
+    if cls is CSVLogger:  # why dq rewrites it atomically
+        assert log.read_text() == "block/00/loss,block/01/loss,step\n"
+    else:
+        assert log.read_text() == before and sorted(p.name for p in log.parent.iterdir()) == ["metrics.csv"]
+
+
 def test_lightnings_own_csv_logger_would_drop_the_earlier_rows(tmp_path):
     """Why dq has its own: the stock logger deletes metrics.csv when a second attempt starts."""
     _attempt(CSVLogger, tmp_path, {"block/00/loss": 0.5}, step=0)

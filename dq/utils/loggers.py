@@ -16,6 +16,8 @@ from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from dq.utils.io import atomic_write
+
 
 class ResumableCSVLogger(CSVLogger):
     """Lightning's `CSVLogger`, except that a resumed run appends to `metrics.csv` instead of deleting it.
@@ -40,7 +42,24 @@ class ResumableCSVLogger(CSVLogger):
             aside.replace(path)
             with path.open(newline="") as f:
                 writer.metrics_keys = next(csv.reader(f), [])  # the header; later rows append under it
+        # a new column (each block logs its own) makes the writer rewrite the whole file under the new header: beside
+        # it and renamed in, so a kill meanwhile keeps the rows written so far
+        writer._rewrite_with_new_header = lambda fieldnames: _rewrite_atomically(path, fieldnames)
         return writer
+
+
+def _rewrite_atomically(path: Path, fieldnames: list[str]) -> None:
+    """Lightning's `_ExperimentWriter._rewrite_with_new_header`, written through `atomic_write`."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 class WandbLogger(LightningWandbLogger):
