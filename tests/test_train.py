@@ -609,6 +609,21 @@ def test_a_log_line_printed_while_a_bar_runs_gets_a_line_of_its_own():
     assert re.search(r"\r +\rblock 1 done\n\r.*1/3", out.getvalue())
 
 
+def test_a_diverging_run_stops_with_one_line_naming_the_block_and_what_to_change(tiny_teacher_dir, tmp_path):
+    """NaN in training is a setting to change, not a bug: one line, exit 2, the block, the last good checkpoint and
+    the learning rates named; the run directory and its checkpoints are kept."""
+    run = tmp_path / "run"
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")] + ["eval=none"]
+    rates = ["distill.lr_weight=1e30", "distill.lr_weight_qparams=1e30", "distill.lr_act_qparams=1e30"]
+    rates.append("distill.revert_worse=false")
+    done = _cli(tmp_path, "dq.train", *over, *rates, "logger=none", f"hydra.run.dir={run}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.splitlines()[-1]
+    assert re.match(r"dq-train: error: non-finite distillation loss \(\S+\) in block \d+ \(", last), last
+    assert "lower learning rates (distill.lr_weight" in last and "new run directory" in last
+    assert (run / "checkpoints").is_dir() and "crashed" not in (run / "train.log").read_text()
+
+
 def test_run_dir_on_the_command_line_is_refused_for_hydra_run_dir(tmp_path):
     """`run_dir=` alone would leave Hydra's config and log in another, timestamped directory."""
     mine = tmp_path / "mine"

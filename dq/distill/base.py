@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
+from dq.errors import UserError
 from dq.quant import (
     LowRankDelta,
     QuantLayerMixin,
@@ -52,8 +53,9 @@ __all__ = [
 GROUPS = ("weights", "lora", "weight_qparams", "act_qparams", "act_qparams@rel", "zero_points")
 
 
-class NonFiniteLossError(RuntimeError):
-    """A distillation loss (or a trained parameter) became NaN or infinite."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """A distillation loss (or a trained parameter) became NaN or infinite: the message names where, the last good
+    checkpoint and the settings to change (the command-line tools print it as one line and exit with 2)."""
 
 
 def calib_inputs(calib: CalibrationSet, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -209,7 +211,11 @@ def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
     """Raise `NonFiniteLossError` naming `where` when `loss` is NaN or infinite."""
     if not bool(torch.isfinite(loss)):
         kept = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
-        raise NonFiniteLossError(f"non-finite distillation loss ({loss.item()}) in {where}{kept}")
+        raise NonFiniteLossError(
+            f"non-finite distillation loss ({loss.item()}) in {where}{kept}. Training diverged: re-run with lower "
+            "learning rates (distill.lr_weight, lr_weight_qparams, lr_act_qparams) in a new run directory, or check "
+            "the teacher and the calibration set; the same settings would diverge again"
+        )
 
 
 def check_lr_bits(lr_bits: object) -> None:
