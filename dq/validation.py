@@ -17,12 +17,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dq.data.folder import IMAGE_SUFFIXES, image_files
 from dq.data.reference import DATASETS
 from dq.distill.base import check_lr_bits
 from dq.distill.calibration import resolve_n_traj
-from dq.errors import ConfigError
+from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
 from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET
 from dq.paths import conf_dir
@@ -50,7 +51,7 @@ COUNTS = (
     "eval.n_samples", "eval.batch_size", "eval.is_splits", "model.num_inference_steps",
     "calib.n_calib", "calib.n_traj", "calib.batch_size", "distill.iters_per_block", "distill.iters",
     "distill.batch_size", "distill.calib_batch_size", "eval.grid_n", "callbacks.tpq.batch_size",
-    "callbacks.lora.rank",
+    "callbacks.lora.rank", "model.data.size", "model.data.limit",
 )  # fmt: skip
 # whole numbers in [0, 2^32): Lightning's seed_everything takes no others, numpy's default_rng (model.data) no negative
 SEEDS = ("seed", "calib.seed", "eval.seed", "model.data.seed")
@@ -83,6 +84,20 @@ def validate(cfg: DictConfig) -> None:
         indexed = key == "device" and any(str(value).startswith(f"{a}:") for a in allowed)
         if value is not None and str(value) not in allowed and not indexed:
             raise ConfigError(f"{key}='{value}' is not one of {list(allowed)}.")
+        if indexed:
+            try:
+                torch.device(str(value))
+            except RuntimeError as e:
+                raise ConfigError(f"device='{value}' is invalid: a device type and index, e.g. cuda:1 ({e}).") from e
+    check_tags(OmegaConf.select(cfg, "tags"))
+    shape = OmegaConf.select(cfg, "model.sample_shape")
+    if shape is not None and not (
+        isinstance(shape, ListConfig) and len(shape) == 3 and all(_whole(n) and n >= 1 for n in shape)
+    ):
+        raise ConfigError(
+            f"model.sample_shape={shape!r} is invalid: give [channels, height, width], whole numbers >= 1, e.g. "
+            "[1, 28, 28]."
+        )
     model = OmegaConf.select(cfg, "model")
     if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "path"):
         raise ConfigError(
@@ -180,6 +195,21 @@ def _check_whole_numbers(cfg: DictConfig, counts: Sequence[str], seeds: Sequence
             raise ConfigError(f"{key}={value!r} is invalid: must be {what}{spell}.")
 
 
+def _whole(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def check_tags(tags: object) -> None:
+    """`tags`: a list of labels, which W&B takes as the run's tags (each 1-64 characters)."""
+    if tags is None:
+        return
+    if not isinstance(tags, ListConfig | list) or any(not isinstance(s, str) or not 1 <= len(s) <= 64 for s in tags):
+        raise ConfigError(
+            f"tags={tags!r} is invalid: a list of labels of 1-64 characters each (W&B's run tags), e.g. "
+            "tags=[baseline,w4a8]."
+        )
+
+
 def _whole_float(value: object) -> bool:
     return isinstance(value, float) and value.is_integer() and value >= 0
 
@@ -198,7 +228,7 @@ def check_eval(cfg: DictConfig) -> None:
         raise ConfigError(CLASSIFIER_PATH_UNSET)
     data = cfg.model.get("data")
     folder = data is not None and data.get("name") == "image_folder"
-    if folder and (OmegaConf.is_missing(data, "path") or not data.path):
+    if folder and ("path" not in data or OmegaConf.is_missing(data, "path") or not data.path):
         raise ConfigError(
             f"model.data.path is not set: eval={cfg.eval.get('name', features)} computes FID against real images. "
             f"Set model.data.path to a local folder of the model's training images, {score_later}."
@@ -249,6 +279,19 @@ def check_eval_files(cfg: DictConfig, features: str, score_later: str) -> None:
             )
         if (channels := data.get("channels")) not in (1, 3):
             raise ConfigError(f"model.data.channels={channels!r} is invalid: 1 (grey) or 3 (RGB).")
+        if features == "classifier" and [channels, data.get("size")] != [CLASSIFIER_SHAPE[0], CLASSIFIER_SHAPE[1]]:
+            raise ConfigError(
+                f"model.data.channels={channels!r}, model.data.size={data.get('size')!r}: eval.features=classifier "
+                f"compares with the shipped MNIST classifier, which takes {list(CLASSIFIER_SHAPE)} images; read the "
+                f"folder as {CLASSIFIER_SHAPE[0]} channel(s) at {CLASSIFIER_SHAPE[1]} pixels, {score_later}."
+            )
+        try:
+            image_files(Path(str(data.path)).expanduser(), data.get("limit"))
+        except MissingFileError as e:
+            raise ConfigError(
+                f"model.data.path='{data.path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for FID's "
+                f"reference: point it at a folder of the model's training images, {score_later}."
+            ) from e
 
 
 def accepted_settings(target: type) -> set[str] | None:
@@ -426,6 +469,11 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             f"{dry.world_size} processes. dq-train distils one block at a time in one process (each process would "
             "train the same block and write the run directory's checkpoints); use trainer.devices=1. On a GPU, "
             "several runs at once share one card (experiments/parallel_runs.sh)."
+        )
+    if str(dry.precision).startswith("64"):
+        raise ConfigError(
+            f"trainer.precision={kwargs.get('precision')} trains in float64, and dq's teacher, calibration set and "
+            "student are float32: drop the override (32-true, the default) or use 16-mixed / bf16-mixed."
         )
     if str(dry.precision) in ("16-true", "bf16-true"):
         raise ConfigError(

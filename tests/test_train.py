@@ -309,6 +309,18 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
          r"model.data.path='/nonexistent' is not a directory"),
         ([*CIFAR, "model.data.path=/", "model.sample_shape=[1,28,28]", "model.data.channels=2"],
          r"model.data.channels=2 is invalid: 1 \(grey\) or 3 \(RGB\)"),
+        # a bad-value audit's findings: tracebacks (some after training), or accepted and misread
+        (["tags=foo"], r"tags='foo' is invalid: a list of labels of 1-64 characters each"),
+        (["tags=['']"], r"tags=\[''\] is invalid"),
+        ([f"tags=[{'x' * 65}]"], r"tags=\['x{65}'\] is invalid"),
+        (["device=cpu:abc"], r"device='cpu:abc' is invalid: a device type and index"),
+        (["+trainer.precision=64"], r"trainer.precision=64 trains in float64"),
+        (["model.sample_shape=28"], r"model.sample_shape=28 is invalid: give \[channels, height, width\]"),
+        (["model.sample_shape=[1,28]"], r"model.sample_shape=\[1, 28\] is invalid"),
+        (["model.data.name=image_folder"], r"model.data.path is not set"),
+        ([*CIFAR, "model.data.path=/png", "model.data.limit=0"], r"model.data.limit=0 is invalid: must be a whole"),
+        ([*CIFAR, "model.data.path=/png", "model.data.limit=2.5"], r"model.data.limit=2.5 is invalid"),
+        ([*CIFAR, "model.data.path=/png", "model.data.size=-5"], r"model.data.size=-5 is invalid"),
     ],
 )  # fmt: skip
 def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrides, message, tmp_path, monkeypatch):
@@ -345,11 +357,27 @@ def test_inception_weights_that_are_not_a_file_are_refused_at_start_up(tmp_path,
                         else find_spec(n, *a))  # fmt: skip
     folder = tmp_path / "png"
     folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
     given = [*CIFAR, f"model.data.path={folder}", "eval=inception", "eval.inception_weights_path=/w.pth"]
     with pytest.raises(ConfigError, match=r"eval.inception_weights_path='/w.pth' is not a file"):
         validate(compose_cfg("train", given, tmp_path / "run"))
     (tmp_path / "w.pth").write_bytes(b"weights")
     validate(compose_cfg("train", [*given[:-1], f"eval.inception_weights_path={tmp_path / 'w.pth'}"], tmp_path / "run"))
+
+
+def test_an_image_folder_the_evaluation_cannot_use_is_refused_at_start_up(tmp_path):
+    """An empty folder (or one the classifier cannot read at its size) failed only once training had finished."""
+    folder = tmp_path / "png"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    given = [*CIFAR, f"model.data.path={folder}", "model.sample_shape=[1,28,28]", "model.data.channels=1"]
+    with pytest.raises(ConfigError, match=r"model.data.channels=1, model.data.size=32: eval.features=classifier"):
+        validate(compose_cfg("train", given, tmp_path / "run"))
+    given.append("model.data.size=28")
+    with pytest.raises(ConfigError, match=rf"model.data.path='{folder}' holds no images \(.bmp, .jpeg"):
+        validate(compose_cfg("train", given, tmp_path / "run"))
+    (folder / "a.png").write_bytes(b"")  # found by its name; reading it comes later
+    validate(compose_cfg("train", given, tmp_path / "run"))
 
 
 def test_dq_eval_is_not_told_to_pass_eval_none(tmp_path):
