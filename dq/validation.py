@@ -422,6 +422,21 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
+# dq-pretrain's counts (whole numbers >= 1, where the chosen pretrain config has them) and ranges [lo, hi)
+PRETRAIN_COUNTS = (
+    "pretrain.module.scheduler.num_train_timesteps", "pretrain.module.width", "pretrain.module.feat_dim",
+)  # fmt: skip
+PRETRAIN_RANGES = {
+    "pretrain.module.ema_decay": (0, 1, "a number in [0, 1), the weight of the average's past (0.999)"),
+    "pretrain.module.warmup_steps": (0, math.inf, "a number of steps >= 0"),
+    "pretrain.module.max_shift": (0, math.inf, "a number of pixels >= 0"),
+}
+
+
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def check_pretrain(cfg: DictConfig) -> None:
     """dq-pretrain's start-up checks: the seed, the learning rate, counts, and the trainer settings (`trainer` and
     `pretrain.trainer` together, as the run passes them to `pl.Trainer`)."""
@@ -430,6 +445,25 @@ def check_pretrain(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "pretrain.module.lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
+    _check_whole_numbers(cfg, PRETRAIN_COUNTS, ("pretrain.data.seed",))
+    for key, (lo, hi, what) in PRETRAIN_RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not _number(value) or not lo <= value or not value < hi):
+            raise ConfigError(f"pretrain.module.{key.rsplit('.', 1)[-1]}={value!r} is invalid: {what}.")
+    start, end = (OmegaConf.select(cfg, f"pretrain.module.scheduler.beta_{k}") for k in ("start", "end"))
+    if start is not None and end is not None and not (_number(start) and _number(end) and 0 < start < end < 1):
+        raise ConfigError(
+            f"pretrain.module.scheduler.beta_start={start!r}, beta_end={end!r}: the noise schedule needs "
+            "0 < beta_start < beta_end < 1 (DDPM: 0.0001 and 0.02)."
+        )
+    unet_in, unet_out = (OmegaConf.select(cfg, f"pretrain.module.unet.{k}_channels") for k in ("in", "out"))
+    if unet_in is not None and unet_in != 1:
+        raise ConfigError(f"pretrain.module.unet.in_channels={unet_in!r} is invalid: the teacher trains on MNIST, 1.")
+    if unet_out is not None and unet_out != unet_in:
+        raise ConfigError(
+            f"pretrain.module.unet.out_channels={unet_out!r} is invalid: the teacher predicts the noise of its input, "
+            f"so out_channels = in_channels ({unet_in})."
+        )
     trainer, own = (OmegaConf.select(cfg, k) or {} for k in ("trainer", "pretrain.trainer"))
     if both := [k for k in trainer if k in own]:  # pretrain.trainer wins when both are passed to pl.Trainer
         ours = ", ".join(f"pretrain.trainer.{k}" for k in both)

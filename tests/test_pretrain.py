@@ -175,12 +175,28 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
             r"trainer.max_steps: pretrain=ddpm_mnist sets it in pretrain.trainer.*override "
             r"pretrain.trainer.max_steps instead",
         ),
+        # accepted, trained and exported, or a traceback at the first step (a bad-value audit's findings)
+        (["pretrain.module.ema_decay=2"], r"pretrain.module.ema_decay=2 is invalid: a number in \[0, 1\)"),
+        (["pretrain.module.ema_decay=-1"], r"pretrain.module.ema_decay=-1 is invalid"),
+        (["pretrain.module.warmup_steps=-5"], r"pretrain.module.warmup_steps=-5 is invalid: a number of steps >= 0"),
+        (["pretrain.module.warmup_steps=abc"], r"pretrain.module.warmup_steps='abc' is invalid"),
+        (["pretrain.module.scheduler.beta_end=2"], r"beta_start=0.0001, beta_end=2: the noise schedule needs"),
+        (["pretrain.module.scheduler.beta_start=0.5"], r"beta_start=0.5, beta_end=0.02: the noise schedule needs"),
+        (["pretrain.module.scheduler.num_train_timesteps=0"], r"num_train_timesteps=0 is invalid: must be a whole"),
+        (["pretrain.module.unet.out_channels=3"], r"pretrain.module.unet.out_channels=3 is invalid: .*= in_channels"),
+        (["pretrain.module.unet.in_channels=3"], r"pretrain.module.unet.in_channels=3 is invalid: .*MNIST, 1"),
+        (["pretrain.data.seed=-1"], r"pretrain.data.seed=-1 is invalid: must be a whole number in \[0, 2\^32\)"),
+        (["pretrain=classifier", "pretrain.module.feat_dim=0"], r"pretrain.module.feat_dim=0 is invalid"),
+        (["pretrain=classifier", "pretrain.module.width=0"], r"pretrain.module.width=0 is invalid"),
+        (["pretrain=classifier", "pretrain.module.max_shift=abc"], r"pretrain.module.max_shift='abc' is invalid"),
     ],
 )
 def test_bad_pretraining_settings_are_refused_before_any_work(tmp_path, overrides, message):
     """They were tracebacks from torch's Adam or pl.Trainer (a review helper's fuzzing)."""
     from dq.errors import ConfigError
 
+    if not any("max_steps" in o for o in overrides):  # a value no longer refused trains 2 steps, not 20,000
+        overrides = [*overrides, "++pretrain.trainer.max_steps=2"]
     with pytest.raises(ConfigError, match=message):
         pretrain(compose_cfg("pretrain", ["logger=none", *overrides], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
