@@ -90,6 +90,14 @@ def validate(cfg: DictConfig) -> None:
             except RuntimeError as e:
                 raise ConfigError(f"device='{value}' is invalid: a device type and index, e.g. cuda:1 ({e}).") from e
     check_tags(OmegaConf.select(cfg, "tags"))
+    project, offline = (OmegaConf.select(cfg, f"logger.wandb.{k}") for k in ("project", "offline"))
+    if OmegaConf.select(cfg, "logger.wandb") is not None and not (isinstance(project, str) and project.strip()):
+        raise ConfigError(f"logger.wandb.project={project!r} is invalid: name the W&B project (dq's default: dq).")
+    if offline is not None and not isinstance(offline, bool):
+        raise ConfigError(
+            f"logger.wandb.offline={offline!r} is invalid: true or false (by default offline unless WANDB_API_KEY is "
+            "set)."
+        )
     shape = OmegaConf.select(cfg, "model.sample_shape")
     if shape is not None and not (
         isinstance(shape, ListConfig) and len(shape) == 3 and all(_whole(n) and n >= 1 for n in shape)

@@ -22,8 +22,11 @@ def test_load_shipped_teacher_has_paper_building_blocks():
 
 
 def test_missing_model_directory_names_the_field(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.path"):
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' does not exist. Set `model\.path`"):
         load_teacher(tmp_path / "nope")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a file where the directory belongs
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors' is a file, not a directory. Set `model\.path`"):
+        load_teacher(tmp_path / "model.safetensors")
 
 
 def test_a_damaged_teacher_config_or_no_path_is_named(tiny_teacher_dir):

@@ -314,6 +314,8 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["tags=['']"], r"tags=\[''\] is invalid"),
         ([f"tags=[{'x' * 65}]"], r"tags=\['x{65}'\] is invalid"),
         (["device=cpu:abc"], r"device='cpu:abc' is invalid: a device type and index"),
+        (["logger=wandb", "logger.wandb.project=''"], r"logger.wandb.project='' is invalid: name the W&B project"),
+        (["logger=wandb", "logger.wandb.offline=maybe"], r"logger.wandb.offline='maybe' is invalid: true or false"),
         (["+trainer.precision=64"], r"trainer.precision=64 trains in float64"),
         (["model.sample_shape=28"], r"model.sample_shape=28 is invalid: give \[channels, height, width\]"),
         (["model.sample_shape=[1,28]"], r"model.sample_shape=\[1, 28\] is invalid"),

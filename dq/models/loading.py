@@ -58,7 +58,8 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
     root = Path(path).expanduser()
     if not root.is_dir():
         raise MissingFileError(
-            f"Model directory '{root}' does not exist. Set `{field}` to a local diffusers directory "
+            f"Model directory '{root}' {'is a file, not a directory' if root.exists() else 'does not exist'}. Set "
+            f"`{field}` to a local diffusers directory "
             "(with unet/ and scheduler/); dq never downloads models."
         )
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
