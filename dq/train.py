@@ -262,13 +262,21 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
     save_quantized(student, run_dir / "student", teacher=parts["teacher"])
+    reverted = [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"]
+    if reverted:  # each was named as it happened; the sum, where a whole run's training may have been undone
+        every = len(reverted) == len(module.blocks)
+        log.warning(
+            f"{len(reverted)} of {len(module.blocks)} blocks kept untrained (training raised their calibration MSE): "
+            f"{', '.join(reverted)}"
+            + (". Every block: the learning rates (distill.lr_*) are likely too high for this model" if every else "")
+        )
     cost = {
         "train_s": train_s,
         **peak_memory(),
         "steps": int(module.max_steps),
         "resumed_at_step": int(module.start_step),
         "blocks": len(getattr(module, "blocks", [])),
-        "reverted_blocks": [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"],
+        "reverted_blocks": reverted,
         "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block, across resumes
     }
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)

@@ -420,6 +420,25 @@ def test_non_finite_loss_names_the_block_and_keeps_the_checkpoint(teacher, calib
     assert all(bool(torch.isfinite(p).all()) for p in fresh.parameters())
 
 
+def test_a_step_that_leaves_non_finite_parameters_stops_the_block_too(teacher, calib, tmp_path):
+    """A finite loss whose update overflows (NaN gradients, a huge rate) leaves NaN weights: named, with the advice."""
+    module = bkd(teacher, calib, tmp_path, iters=1)
+
+    class PoisonGrad(pl.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+            if module._block == 3:
+                block = module.student.get_submodule(module.blocks[3].modules[0])
+                weight = next(p for n, p in block.named_parameters() if n.endswith(".weight"))
+                weight.grad.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"block 3 \(.*\) left non-finite parameters .*lower learning rates"):
+        fit(module, [PoisonGrad()])
+    fresh = make_student(teacher, calib)
+    for _, q in act_quantizers(fresh):
+        q.initialized = True  # shapes match; values come from the checkpoint
+    assert load_block_checkpoint(tmp_path / "checkpoints", fresh, module.block_names, "")["finished_blocks"] == 3
+
+
 def test_model_kd_and_no_distillation(teacher, calib):
     kd = ModelDistillation(teacher, make_student(teacher, calib), calib, iters=4, batch_size=8, progress=False, **LRS)
     before = {n: p.clone() for n, p in kd.student.named_parameters()}

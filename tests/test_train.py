@@ -463,6 +463,22 @@ def test_peak_memory_without_proc_reads_ru_maxrss_in_its_platforms_unit(platform
     assert peak_memory()["peak_mem_mb"] == 3072.0  # 3 GiB either way
 
 
+def test_a_run_whose_every_block_is_put_back_says_so_at_the_end(tiny_teacher_dir, tmp_path, caplog):
+    """Revert names each block as it happens; a run where training undid everything (rates far too high) exited 0
+    with nothing on the terminal summing it up (a bad-value audit's finding)."""
+    rates = ["distill.lr_weight=1e3", "distill.lr_weight_qparams=1e3", "distill.lr_act_qparams=1e3"]
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")] + ["eval=none", "logger=none", *rates]
+    with caplog.at_level(logging.INFO, logger="dq"):
+        result = train(compose_cfg("train", over, tmp_path / "run"))
+    reverted, blocks = result["cost"]["reverted_blocks"], result["cost"]["blocks"]
+    summary = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "kept untrained" in r.message]
+    assert summary == [
+        f"{blocks} of {blocks} blocks kept untrained (training raised their calibration MSE): {', '.join(reverted)}. "
+        "Every block: the learning rates (distill.lr_*) are likely too high for this model"
+    ]
+    assert len(reverted) == blocks > 1
+
+
 def test_a_second_run_into_the_same_run_dir_keeps_the_csv_log(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
     """Re-running into an existing run directory (resume, or a repeated command) must not crash at the final log."""
     run = tmp_path / "run"

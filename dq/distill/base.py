@@ -53,6 +53,13 @@ __all__ = [
 GROUPS = ("weights", "lora", "weight_qparams", "act_qparams", "act_qparams@rel", "zero_points")
 
 
+# what a NonFiniteLossError tells the user to do
+DIVERGED = (
+    "Training diverged: re-run with lower learning rates (distill.lr_weight, lr_weight_qparams, lr_act_qparams) in a "
+    "new run directory, or check the teacher and the calibration set; the same settings would diverge again"
+)
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """A distillation loss (or a trained parameter) became NaN or infinite: the message names where, the last good
     checkpoint and the settings to change (the command-line tools print it as one line and exit with 2)."""
@@ -211,11 +218,7 @@ def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
     """Raise `NonFiniteLossError` naming `where` when `loss` is NaN or infinite."""
     if not bool(torch.isfinite(loss)):
         kept = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
-        raise NonFiniteLossError(
-            f"non-finite distillation loss ({loss.item()}) in {where}{kept}. Training diverged: re-run with lower "
-            "learning rates (distill.lr_weight, lr_weight_qparams, lr_act_qparams) in a new run directory, or check "
-            "the teacher and the calibration set; the same settings would diverge again"
-        )
+        raise NonFiniteLossError(f"non-finite distillation loss ({loss.item()}) in {where}{kept}. {DIVERGED}")
 
 
 def check_lr_bits(lr_bits: object) -> None:

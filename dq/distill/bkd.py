@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dq.distill.base import (
+    DIVERGED,
+    NonFiniteLossError,
     QuantDistillation,
     calib_inputs,
     check_finite,
@@ -248,9 +250,9 @@ class BlockwiseDistillation(QuantDistillation):
         """Check block `k`'s parameters are finite, log its final MSE and write the checkpoint."""
         bad = [n for n, p in self.student.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
-            raise RuntimeError(
-                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}; "
-                f"the last good checkpoint is {self.checkpoint_path}"
+            raise NonFiniteLossError(
+                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}; the last good checkpoint is "
+                f"{self.checkpoint_path}. {DIVERGED}"
             )
         mse_trained = mse_after = self.block_mse(k)
         kept = "trained"
