@@ -2,11 +2,11 @@
 
     python experiments/bench_sampling.py STUDENT_DIR [--n 250] [--repeats 3] [hydra overrides, e.g. model.path=...]
 
-Samples `--n` images (DDIM, the model config's steps, `eval.batch_size` per batch) from the same seeded noise (that of
-`eval.seed`, as dq-train's) with the teacher and with the student that `dq-train` saved (`<run>/student`), `--repeats`
-times each, and prints the fastest time of each, their ratio and the sha256 of the student's samples, so a faster
-quantized forward can be checked to give the same samples bit for bit (`OMP_NUM_THREADS=1` for timings comparable across
-runs).
+Samples `--n` images on the CPU in float32 (DDIM, the model config's steps, `eval.batch_size` per batch) from the same
+seeded noise (that of `eval.seed`, as dq-train's) with the teacher and with the student that `dq-train` saved
+(`<run>/student`), `--repeats` times each, and prints the fastest time of each, their ratio and the sha256 of the
+student's samples, so a faster quantized forward can be checked to give the same samples bit for bit
+(`OMP_NUM_THREADS=1` for timings comparable across runs).
 """
 
 from __future__ import annotations
