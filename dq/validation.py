@@ -195,8 +195,7 @@ def _check_whole_numbers(cfg: DictConfig, counts: Sequence[str], seeds: Sequence
         if value is None:
             continue
         count = key in counts
-        whole = not isinstance(value, bool) and isinstance(value, int)
-        if not whole or (value < 1 if count else not 0 <= value < 2**32):
+        if not _whole(value) or (value < 1 if count else not 0 <= value < 2**32):
             what = "a whole number >= 1" if count else "a whole number in [0, 2^32)"
             # 1e3 reaches here as the float 1000.0
             spell = f" (written as {int(value)}: Hydra reads {value!r} as a float)" if _whole_float(value) else ""
