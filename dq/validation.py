@@ -119,12 +119,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is invalid: must be true or false.")
-    for key, (lo, hi, what) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        number = not isinstance(value, bool) and isinstance(value, int | float)
-        if value is not None and (not number or not lo <= value or (hi is not None and not value < hi)):
-            span = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-            raise ConfigError(f"{key}={value!r} is invalid: a number {span}, {what}.")
+    _check_ranges(cfg, RANGES)
     try:
         check_lr_bits(OmegaConf.select(cfg, "distill.lr_bits"))
     except ValueError as e:
@@ -200,6 +195,16 @@ def _check_whole_numbers(cfg: DictConfig, counts: Sequence[str], seeds: Sequence
             # 1e3 reaches here as the float 1000.0
             spell = f" (written as {int(value)}: Hydra reads {value!r} as a float)" if _whole_float(value) else ""
             raise ConfigError(f"{key}={value!r} is invalid: must be {what}{spell}.")
+
+
+def _check_ranges(cfg: DictConfig, ranges: dict[str, tuple[float, float | None, str]]) -> None:
+    """Each key (where the config has it) a number in [lo, hi) (hi None: no upper bound); null passes."""
+    for key, (lo, hi, what) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if value is not None and (not number or not lo <= value or (hi is not None and not value < hi)):
+            span = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{key}={value!r} is invalid: a number {span}, {what}.")
 
 
 def _whole(value: object) -> bool:
@@ -434,9 +439,9 @@ PRETRAIN_COUNTS = (
     "pretrain.module.scheduler.num_train_timesteps", "pretrain.module.width", "pretrain.module.feat_dim",
 )  # fmt: skip
 PRETRAIN_RANGES = {
-    "pretrain.module.ema_decay": (0, 1, "a number in [0, 1), the weight of the average's past (0.999)"),
-    "pretrain.module.warmup_steps": (0, math.inf, "a number of steps >= 0"),
-    "pretrain.module.max_shift": (0, math.inf, "a number of pixels >= 0"),
+    "pretrain.module.ema_decay": (0, 1, "the weight of the weight average's past (0.999)"),
+    "pretrain.module.warmup_steps": (0, math.inf, "the learning-rate warm-up in steps"),
+    "pretrain.module.max_shift": (0, math.inf, "the largest random shift of a training digit in pixels"),
 }
 
 
@@ -453,10 +458,7 @@ def check_pretrain(cfg: DictConfig) -> None:
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
     _check_whole_numbers(cfg, PRETRAIN_COUNTS, ("pretrain.data.seed",))
-    for key, (lo, hi, what) in PRETRAIN_RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (not _number(value) or not lo <= value or not value < hi):
-            raise ConfigError(f"pretrain.module.{key.rsplit('.', 1)[-1]}={value!r} is invalid: {what}.")
+    _check_ranges(cfg, PRETRAIN_RANGES)
     start, end = (OmegaConf.select(cfg, f"pretrain.module.scheduler.beta_{k}") for k in ("start", "end"))
     if start is not None and end is not None and not (_number(start) and _number(end) and 0 < start < end < 1):
         raise ConfigError(

@@ -398,6 +398,15 @@ def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, a
         fit(other, [TemporalParallelQuantizer()])
 
 
+def checkpointed_student(teacher, calib, module, root: Path) -> torch.nn.Module:
+    """A fresh student loaded from the last checkpoint under `root` of a run stopped in block 3: three blocks kept."""
+    fresh = make_student(teacher, calib)
+    for _, q in act_quantizers(fresh):
+        q.initialized = True  # shapes match; values come from the checkpoint
+    assert load_block_checkpoint(root / "checkpoints", fresh, module.block_names, "")["finished_blocks"] == 3
+    return fresh
+
+
 def test_non_finite_loss_names_the_block_and_keeps_the_checkpoint(teacher, calib, tmp_path):
     module = bkd(teacher, calib, tmp_path, iters=1)
 
@@ -412,11 +421,7 @@ def test_non_finite_loss_names_the_block_and_keeps_the_checkpoint(teacher, calib
         fit(module, [Poison()])
     assert module.blocks[3].name in str(err.value) and "step 0/1" in str(err.value)
     assert "last good checkpoint" in str(err.value)
-    fresh = make_student(teacher, calib)
-    for _, q in act_quantizers(fresh):
-        q.initialized = True  # shapes match; values come from the checkpoint
-    meta = load_block_checkpoint(tmp_path / "checkpoints", fresh, module.block_names, "")
-    assert meta["finished_blocks"] == 3
+    fresh = checkpointed_student(teacher, calib, module, tmp_path)
     assert all(bool(torch.isfinite(p).all()) for p in fresh.parameters())
 
 
@@ -433,10 +438,7 @@ def test_a_step_that_leaves_non_finite_parameters_stops_the_block_too(teacher, c
 
     with pytest.raises(NonFiniteLossError, match=r"block 3 \(.*\) left non-finite parameters .*lower learning rates"):
         fit(module, [PoisonGrad()])
-    fresh = make_student(teacher, calib)
-    for _, q in act_quantizers(fresh):
-        q.initialized = True  # shapes match; values come from the checkpoint
-    assert load_block_checkpoint(tmp_path / "checkpoints", fresh, module.block_names, "")["finished_blocks"] == 3
+    checkpointed_student(teacher, calib, module, tmp_path)
 
 
 def test_model_kd_and_no_distillation(teacher, calib):

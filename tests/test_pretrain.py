@@ -176,9 +176,12 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
             r"pretrain.trainer.max_steps instead",
         ),
         # accepted, trained and exported, or a traceback at the first step (a bad-value audit's findings)
-        (["pretrain.module.ema_decay=2"], r"pretrain.module.ema_decay=2 is invalid: a number in \[0, 1\)"),
+        (["pretrain.module.ema_decay=2"], r"pretrain.module.ema_decay=2 is invalid: a number \[0, 1\), the weight"),
         (["pretrain.module.ema_decay=-1"], r"pretrain.module.ema_decay=-1 is invalid"),
-        (["pretrain.module.warmup_steps=-5"], r"pretrain.module.warmup_steps=-5 is invalid: a number of steps >= 0"),
+        (
+            ["pretrain.module.warmup_steps=-5"],
+            r"pretrain.module.warmup_steps=-5 is invalid: a number \[0, inf\), the learning-rate warm-up in steps",
+        ),
         (["pretrain.module.warmup_steps=abc"], r"pretrain.module.warmup_steps='abc' is invalid"),
         (["pretrain.module.scheduler.beta_end=2"], r"beta_start=0.0001, beta_end=2: the noise schedule needs"),
         (["pretrain.module.scheduler.beta_start=0.5"], r"beta_start=0.5, beta_end=0.02: the noise schedule needs"),
