@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
-from dq.errors import UserError
+from dq.errors import ConfigError, UserError
 from dq.paths import LOCK_NAME, asset, cache_dir
 from dq.utils.io import atomic_write
 
@@ -239,4 +240,21 @@ def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     if not logger_cfg:
         return []
     os.environ.setdefault("WANDB_SILENT", "true")
+    for name, c in logger_cfg.items():
+        if c is not None and c.get("save_dir") is not None:
+            _check_writable(Path(str(c.save_dir)), f"logger.{name}.save_dir")
     return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None]
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    """Create `directory` and write a file in it now: otherwise the CSV logger fails once training starts, and W&B
+    quietly writes to a temporary directory instead."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={directory}: cannot write there ({e.strerror or e}); pass a writable directory, or drop the "
+            "override (the run directory, by default)."
+        ) from e

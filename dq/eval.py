@@ -79,6 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             check_steps(saved, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
         elif cfg.quantizer.name != "fp":
             check_layers(cfg, teacher)
+        loggers = build_loggers(cfg.logger)  # before calibration: an unwritable log directory costs nothing yet
         log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
         if saved is None:
             if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
@@ -88,7 +89,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else:
             student, cost, method = saved, {}, saved_method(student_dir)
             log.info(f"student: {student_dir} ({method.get('quantizer')} {method.get('bits')}, as saved)")
-        loggers = build_loggers(cfg.logger)
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
 
 

@@ -212,7 +212,9 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         log.warning(overlap)
 
     start = time.perf_counter()
-    callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet
+    # before calibration: a setting they refuse (or an unwritable log directory) costs nothing yet
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    loggers = build_loggers(cfg.logger)
     student = quantize_student(cfg, teacher, scheduler)
     calib = calibration_set(cfg, teacher, scheduler)
     # a partial, then the objects: instantiate would turn the CalibrationSet dataclass into a DictConfig
@@ -220,7 +222,6 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     module = make_module(
         teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed, fingerprint=fingerprint
     )
-    loggers = build_loggers(cfg.logger)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1}
     # eval.progress=false silences every bar of the run (sweeps log to files), the trainer's included

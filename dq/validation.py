@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,6 +60,9 @@ SWITCHES = (
     "eval.progress", "eval.cache_teacher_samples", "eval.print_report", "distill.revert_worse", "distill.progress",
     "quantizer.temporal",
 )  # fmt: skip
+# names that become parts of the run directory's path (conf/train.yaml, eval.yaml, pretrain.yaml: hydra.run.dir)
+PATH_NAMES = ("model.name", "quantizer.name", "bits.name", "distill.name", "pretrain.name")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # one path component: no separator, no leading dot
 # numbers in [lo, hi) (hi None: no upper bound), and what they are; null passes (lr_act_step_rel's default)
 RANGES = {
     "distill.act_drop_prob": (0, 1, "the probability that an activation element skips quantization (QDrop), 0 for off"),
@@ -90,6 +94,8 @@ def validate(cfg: DictConfig) -> None:
             except RuntimeError as e:
                 raise ConfigError(f"device='{value}' is invalid: a device type and index, e.g. cuda:1 ({e}).") from e
     check_tags(OmegaConf.select(cfg, "tags"))
+    check_path_names(cfg)
+    check_quantizer_name(cfg)
     project, offline = (OmegaConf.select(cfg, f"logger.wandb.{k}") for k in ("project", "offline"))
     if OmegaConf.select(cfg, "logger.wandb") is not None and not (isinstance(project, str) and project.strip()):
         raise ConfigError(f"logger.wandb.project={project!r} is invalid: name the W&B project (dq's default: dq).")
@@ -219,6 +225,36 @@ def check_tags(tags: object) -> None:
         raise ConfigError(
             f"tags={tags!r} is invalid: a list of labels of 1-64 characters each (W&B's run tags), e.g. "
             "tags=[baseline,w4a8]."
+        )
+
+
+def check_path_names(cfg: DictConfig) -> None:
+    """The names that the default run directory is made of must be plain labels: `model.name=../x` would put the run
+    outside outputs/ (or anywhere on the disk)."""
+    for key in PATH_NAMES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, str) and PLAIN_NAME.fullmatch(value)):
+            raise ConfigError(
+                f"{key}={value!r} is invalid: the name becomes part of the run directory's path, so it must be a plain "
+                "label of letters, digits and _ . + - not starting with a dot (e.g. my_unet)."
+            )
+
+
+def check_quantizer_name(cfg: DictConfig) -> None:
+    """`quantizer.name=fp` means the full-precision teacher alone; every other quantizer needs a `spec`."""
+    quantizer = OmegaConf.select(cfg, "quantizer")
+    if not isinstance(quantizer, DictConfig):
+        return
+    name, spec = quantizer.get("name"), quantizer.get("spec")
+    if name == "fp" and spec is not None:
+        raise ConfigError(
+            "quantizer.name=fp marks the full-precision teacher alone, but this quantizer has a quantizer.spec that "
+            "would be ignored (only the teacher scored): keep the quantizer's own name, or pass quantizer=fp."
+        )
+    if name != "fp" and spec is None:
+        raise ConfigError(
+            f"quantizer.name={name!r} has no quantizer.spec, so there is nothing to quantize with: pick a quantizer "
+            "group (conf/quantizer/), or quantizer=fp for the teacher alone."
         )
 
 
@@ -378,6 +414,12 @@ TRAINER_SET_BY_DQ = ("max_steps", "max_epochs", "callbacks", "logger", "default_
 PRETRAIN_SETS = ("logger", "default_root_dir", "enable_checkpointing", "callbacks")
 # pl.Trainer arguments that end a fit early without marking it interrupted: dq-train would save and score a student
 # whose later blocks (or steps) never trained, under the config's step count
+# pl.Trainer's settings typed bool (False) or bool | None (True: null allowed)
+TRAINER_SWITCHES = {
+    name: p.annotation is not bool
+    for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+    if p.annotation in (bool, bool | None)
+}
 TRAINER_CUTS_SHORT = ("max_time", "limit_train_batches", "fast_dev_run", "overfit_batches")
 
 
@@ -454,6 +496,7 @@ def check_pretrain(cfg: DictConfig) -> None:
     `pretrain.trainer` together, as the run passes them to `pl.Trainer`)."""
     _check_whole_numbers(cfg, ("pretrain.data.batch_size", "pretrain.trainer.max_steps", "pretrain.trainer.max_epochs"),
                          ("seed",))  # fmt: skip
+    check_path_names(cfg)
     lr = OmegaConf.select(cfg, "pretrain.module.lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"pretrain.module.lr={lr!r} is invalid: a learning rate must be a number > 0.")
@@ -497,6 +540,9 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
     if not isinstance(trainer, DictConfig):
         return
     kwargs = OmegaConf.to_container(trainer, resolve=True)
+    for key, value in kwargs.items():  # Lightning takes any truthy value for a switch ("maybe", 3) without a word
+        if key in TRAINER_SWITCHES and not isinstance(value, bool) and not (value is None and TRAINER_SWITCHES[key]):
+            raise ConfigError(f"trainer.{key}={value!r} is invalid: must be true or false.")
     quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # its "GPU available: ..." lines come later
     level = quiet.level
     quiet.setLevel(logging.WARNING)

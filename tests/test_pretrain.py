@@ -192,6 +192,8 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
         (["pretrain=classifier", "pretrain.module.feat_dim=0"], r"pretrain.module.feat_dim=0 is invalid"),
         (["pretrain=classifier", "pretrain.module.width=0"], r"pretrain.module.width=0 is invalid"),
         (["pretrain=classifier", "pretrain.module.max_shift=abc"], r"pretrain.module.max_shift='abc' is invalid"),
+        (["pretrain.name=../../x"], r"pretrain.name='../../x' is invalid: the name becomes part of the run"),
+        (["trainer.enable_model_summary=yes"], r"trainer.enable_model_summary='yes' is invalid"),
     ],
 )
 def test_bad_pretraining_settings_are_refused_before_any_work(tmp_path, overrides, message):

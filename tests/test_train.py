@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import dq
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import HYDRA_RECORD, cli_errors, drop_refused_run_dir, run_dir_is_new
+from dq.config import HYDRA_RECORD, build_loggers, cli_errors, drop_refused_run_dir, run_dir_is_new
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.distill.calibration import teacher_fingerprint
 from dq.errors import CheckpointError, ConfigError, MissingFileError
@@ -323,6 +323,15 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         ([*CIFAR, "model.data.path=/png", "model.data.limit=0"], r"model.data.limit=0 is invalid: must be a whole"),
         ([*CIFAR, "model.data.path=/png", "model.data.limit=2.5"], r"model.data.limit=2.5 is invalid"),
         ([*CIFAR, "model.data.path=/png", "model.data.size=-5"], r"model.data.size=-5 is invalid"),
+        # accepted before: Lightning takes any truthy value for a switch; a name with a path put the run anywhere
+        (["trainer.enable_progress_bar=maybe"], r"trainer.enable_progress_bar='maybe' is invalid: must be true or"),
+        (["trainer.enable_model_summary=3"], r"trainer.enable_model_summary=3 is invalid: must be true or false"),
+        (["+trainer.detect_anomaly=null"], r"trainer.detect_anomaly=None is invalid"),
+        (["model.name=../../elsewhere"], r"model.name='../../elsewhere' is invalid: the name becomes part of the run"),
+        (["bits.name=w4/a8"], r"bits.name='w4/a8' is invalid"),
+        (["distill.name=.hidden"], r"distill.name='.hidden' is invalid"),
+        (["quantizer=ptq_minmax", "quantizer.name=fp"], r"quantizer.name=fp marks the full-precision teacher alone"),
+        (["quantizer=fp", "quantizer.name=mine"], r"quantizer.name='mine' has no quantizer.spec"),
     ],
 )  # fmt: skip
 def test_settings_that_would_fail_after_training_are_refused_at_start_up(overrides, message, tmp_path, monkeypatch):
@@ -420,6 +429,20 @@ def test_a_keep_8bit_entry_naming_no_layer_is_refused_before_the_run_writes(tmp_
     with pytest.raises(ConfigError, match=r"keep_8bit entries \['\*.conv_shortcutt'\] name no quantizable layer"):
         train(cfg)
     assert not (Path(cfg.run_dir) / "checkpoints").exists()
+
+
+def test_an_unwritable_log_directory_is_refused_before_calibration(tmp_path, monkeypatch):
+    """The CSV logger failed with a traceback once training started; W&B wrote to a temporary directory instead."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setattr("dq.train.calibration_set", lambda *a, **k: pytest.fail("calibrated before the refusal"))
+    for logger in ("csv", "wandb"):
+        cfg = compose_cfg("train", [f"logger={logger}", f"logger.{logger}.save_dir={blocked / 'logs'}"], tmp_path)
+        with pytest.raises(ConfigError, match=rf"logger.{logger}.save_dir=.*a_file/logs: cannot write there"):
+            train(cfg)
+    writable = tmp_path / "new" / "logs"
+    cfg = compose_cfg("train", ["logger=csv", f"logger.csv.save_dir={writable}"], tmp_path)
+    assert build_loggers(cfg.logger) and writable.is_dir()  # made now, as the logger would make it
 
 
 def test_fp_quantizer_is_rejected(tmp_path):
