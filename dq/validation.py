@@ -26,7 +26,7 @@ from dq.distill.base import check_lr_bits
 from dq.distill.calibration import resolve_n_traj
 from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
-from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET
+from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET, inception_net
 from dq.paths import conf_dir
 from dq.quant import QuantSpec
 from dq.student import SET_BY_BITS
@@ -318,6 +318,8 @@ def check_eval_files(cfg: DictConfig, features: str, score_later: str) -> None:
             f"eval.inception_weights_path='{cfg.eval.inception_weights_path}' is not a file: point it at a local "
             f"copy of torch-fidelity's pt_inception-2015-12-05 weights, {score_later}."
         )
+    if features == "inception":  # load them now: a file of other weights was a traceback once training had finished
+        inception_net(str(Path(str(cfg.eval.inception_weights_path)).expanduser()), "2048")
     data = cfg.model.get("data")
     if data is not None and data.get("name") == "image_folder":
         if not Path(str(data.path)).expanduser().is_dir():

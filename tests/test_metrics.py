@@ -1,8 +1,10 @@
 import pytest
 import torch
 from conftest import CLASSIFIER, frechet_by_hand
+from torch import nn
 
 from dq.data import load_mnist_split
+from dq.errors import ConfigError
 from dq.metrics import SampleMetrics, psnr, sqnr_db
 from dq.metrics.fid_is import PSNR_CAP_DB
 
@@ -140,7 +142,7 @@ def test_inception_metrics_build_and_take_rounded_uint8(tmp_path, monkeypatch):
     network as `k` (torchmetrics' normalize=True truncates: 63 of the 256 levels came back one lower)."""
     import dq.metrics.fid_is as fid_is
 
-    monkeypatch.setattr(fid_is, "_inception_net", _StubInception)
+    monkeypatch.setattr(fid_is, "inception_net", _StubInception)
     monkeypatch.setattr("torchmetrics.utilities.imports._TORCH_FIDELITY_AVAILABLE", True)
     weights = tmp_path / "pt_inception.pth"
     weights.write_bytes(b"stub")
@@ -156,6 +158,29 @@ def test_inception_metrics_build_and_take_rounded_uint8(tmp_path, monkeypatch):
     assert torch.equal(fed_real[:, 0], fed_real[:, 2])
     plain = ((fake + 1) * 127.5).round().clamp(0, 255)
     assert torch.equal(m.isc.inception.seen[0][:, 1].double(), plain[:, 0])
+
+
+@pytest.mark.parametrize("content", ["garbage", "wrong keys"])
+def test_a_weights_file_that_is_not_inceptions_is_named(content, tmp_path, monkeypatch):
+    """torch-fidelity loads the file with torch.load and load_state_dict; either failing was a traceback."""
+    import torchmetrics.image.fid
+
+    import dq.metrics.fid_is as fid_is
+
+    class LoadsLikeTorchFidelity(nn.Module):  # what FeatureExtractorInceptionV3 does with the path, on a small net
+        def __init__(self, name, features, feature_extractor_weights_path, antialias):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.load_state_dict(torch.load(feature_extractor_weights_path, weights_only=True))
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", LoadsLikeTorchFidelity)
+    weights = tmp_path / "weights.pth"
+    if content == "garbage":
+        weights.write_bytes(b"not a checkpoint")
+    else:
+        torch.save({"conv.weight": torch.zeros(1)}, weights)
+    with pytest.raises(ConfigError, match=r"eval.inception_weights_path='.*weights.pth' is not torch-fidelity's"):
+        fid_is.inception_net(str(weights), "2048")
 
 
 def test_unknown_features_value():

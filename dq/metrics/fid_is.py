@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import warnings
 from pathlib import Path
 
@@ -47,15 +48,21 @@ class _ClassifierHead(nn.Module):
         return self.classifier.features(x) if self.output == "features" else self.classifier(x)
 
 
-def _inception_net(weights_path: str, feature: str) -> nn.Module:
+def inception_net(weights_path: str, feature: str) -> nn.Module:
     """torchmetrics' Inception-v3 (torch-fidelity's port of the TF graph) from a local weights file, giving `feature`
     ("2048": the pool features FID uses, "logits_unbiased": the logits IS uses) of uint8 images [N, 3, H, W]."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     # antialias=False: TF1's bilinear resize to 299, as torch-fidelity and the published FID / IS numbers
-    net = NoTrainInceptionV3(
-        "inception-v3-compat", [feature], feature_extractor_weights_path=weights_path, antialias=False
-    )
+    try:
+        net = NoTrainInceptionV3(
+            "inception-v3-compat", [feature], feature_extractor_weights_path=weights_path, antialias=False
+        )
+    except (RuntimeError, pickle.UnpicklingError, EOFError, TypeError, ValueError) as e:  # torch.load, load_state_dict
+        raise ConfigError(
+            f"eval.inception_weights_path='{weights_path}' is not torch-fidelity's Inception weights "
+            f"(pt_inception-2015-12-05-6726825d.pth): {str(e).splitlines()[0][:300]}"
+        ) from e
     net.num_features = 2048 if feature == "2048" else 1008  # torchmetrics reads it instead of a dummy forward
     return net
 
@@ -75,9 +82,9 @@ def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistan
         )
     path = str(Path(weights_path).expanduser())
     # Both take the uint8 images `SampleMetrics._prep` rounds; torchmetrics' own normalize=True would truncate them
-    fid = FrechetInceptionDistance(feature=_inception_net(path, "2048"), reset_real_features=False)
+    fid = FrechetInceptionDistance(feature=inception_net(path, "2048"), reset_real_features=False)
     fid.set_dtype(torch.float64)
-    isc = InceptionScore(feature=_inception_net(path, "logits_unbiased"))
+    isc = InceptionScore(feature=inception_net(path, "logits_unbiased"))
     return fid, isc
 
 
