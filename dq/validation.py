@@ -60,8 +60,12 @@ SWITCHES = (
     "eval.progress", "eval.cache_teacher_samples", "eval.print_report", "distill.revert_worse", "distill.progress",
     "quantizer.temporal",
 )  # fmt: skip
-# names that become parts of the run directory's path (conf/train.yaml, eval.yaml, pretrain.yaml: hydra.run.dir)
-PATH_NAMES = ("model.name", "quantizer.name", "bits.name", "distill.name", "pretrain.name")
+# names that become parts of paths (conf/train.yaml, eval.yaml, pretrain.yaml: hydra.run.dir), and what they name
+RUN_PATH, RUN_FILE = "part of the run directory's path", "a file in the run directory"
+PATH_NAMES = {
+    "model.name": RUN_PATH, "quantizer.name": RUN_PATH, "bits.name": RUN_PATH, "distill.name": RUN_PATH,
+    "pretrain.name": RUN_PATH, "callbacks.weight_dilation.filename": RUN_FILE,
+}  # fmt: skip
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # one path component: no separator, no leading dot
 # numbers in [lo, hi) (hi None: no upper bound), and what they are; null passes (lr_act_step_rel's default)
 RANGES = {
@@ -229,14 +233,14 @@ def check_tags(tags: object) -> None:
 
 
 def check_path_names(cfg: DictConfig) -> None:
-    """The names that the default run directory is made of must be plain labels: `model.name=../x` would put the run
-    outside outputs/ (or anywhere on the disk)."""
-    for key in PATH_NAMES:
+    """Names that become parts of paths must be plain: `model.name=../x` put the run outside outputs/ (or anywhere
+    on the disk), a dilation file name with a directory wrote outside the run."""
+    for key, what in PATH_NAMES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not (isinstance(value, str) and PLAIN_NAME.fullmatch(value)):
             raise ConfigError(
-                f"{key}={value!r} is invalid: the name becomes part of the run directory's path, so it must be a plain "
-                "label of letters, digits and _ . + - not starting with a dot (e.g. my_unet)."
+                f"{key}={value!r} is invalid: the name becomes {what}, so it must be a plain name of letters, digits "
+                "and _ . + - not starting with a dot (e.g. my_unet, dilation.json)."
             )
 
 
@@ -432,12 +436,6 @@ def check_callbacks(cfg: DictConfig) -> None:
         raise ConfigError(
             f"callbacks.tpq.num_steps={steps!r} is invalid: TPQ keeps one range per sampling step, so leave it null "
             f"(model.num_inference_steps, here {table}) or set model.num_inference_steps instead."
-        )
-    name = OmegaConf.select(cfg, "callbacks.weight_dilation.filename")
-    if name is not None and (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")):
-        raise ConfigError(
-            f"callbacks.weight_dilation.filename={name!r} is invalid: a plain file name (dilation.json), written into "
-            "the run directory."
         )
 
 

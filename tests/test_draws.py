@@ -14,12 +14,12 @@ def _script():
     return load_script("draws")
 
 
-def _table(path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0) -> Path:
+def _table(path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0, fp_overrides: str = "") -> Path:
     """A collect.py-like CSV: the teacher row, then (overrides, fid, psnr) rows."""
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
-        w.writerow({"quantizer": "fp (teacher)", "bits": "fp", "overrides": "", "fid": fp, "run": "teacher"})
+        w.writerow({"quantizer": "fp (teacher)", "bits": "fp", "overrides": fp_overrides, "fid": fp, "run": "teacher"})
         for i, (overrides, fid, psnr) in enumerate(rows):
             run = {"overrides": overrides, "fid": fid, "psnr_to_teacher": psnr, "train_s": 100 + i, "run": f"/r/{i}"}
             w.writerow({"quantizer": "dilatequant", "bits": "w4a8", "peak_mem_mb": 1000, **run})
@@ -51,10 +51,11 @@ def test_means_ratio_and_paired_change_against_the_largest_base(tmp_path, monkey
     assert fid == "44.0 / 66.0 / 80.0 (63.3)"
     assert ratio == f"{(44 + 66 + 80) / 3 / 40:.2f}x"
     assert train_s == "100-102" and mem == "1000"
-    diffs = [27.5 - 26.0, 24.0 - 25.0]  # seed 4 has no base run
-    half = 12.7062 * statistics.stdev(diffs) / 2**0.5  # t(0.975, 1 degree of freedom) from a printed table
-    assert (
-        change == f"1.50 / -1.00 ({statistics.fmean(diffs):.2f}, SD {statistics.stdev(diffs):.2f}, 95% CI ±{half:.2f})"
+    diffs = [27.5 - 26.0, 24.0 - 25.0]  # seed 4 has no base run: its cell is '-'
+    mean, half = statistics.fmean(diffs), 12.7062 * statistics.stdev(diffs) / 2**0.5  # t(0.975, 1 dof), printed table
+    assert change == (
+        f"1.50 / -1.00 / - ({mean:.2f}, SD {statistics.stdev(diffs):.2f}, "
+        f"95% CI {mean - half:+.2f} to {mean + half:+.2f})"
     )
     assert against == "bits=w4a8"
     assert _cells(out, "bits=w4a8")[8] == "-"  # a base is not paired with itself
@@ -83,7 +84,7 @@ def test_over_training_seeds_pairs_by_seed_and_scores_each_run_against_its_own_t
     assert _cells(out, "bits=w4a8 calib.seed=2")[1:3] == ["1", "30.00"]  # another draw is another setting
     diffs = [27.0 - 26.0, 25.5 - 24.5]
     cells = _cells(out, "bits=w4a8 callbacks=tpq")
-    assert cells[8:] == [f"1.00 / 1.00 ({statistics.fmean(diffs):.2f}, SD 0.00, 95% CI ±0.00)", "bits=w4a8"]
+    assert cells[8:] == [f"1.00 / 1.00 ({statistics.fmean(diffs):.2f}, SD 0.00, 95% CI +1.00 to +1.00)", "bits=w4a8"]
     monkeypatch.setattr("sys.argv", ["draws.py", str(runs), str(runs), "--over", "seed"])
     with pytest.raises(SystemExit, match="has seed=0 twice"):
         _script().main()
@@ -110,8 +111,11 @@ def test_an_unscored_student_and_real_float_noise_in_the_teacher_fid(tmp_path, m
     b = _table(tmp_path / "b.csv", [("bits=w4a8 calib.seed=2", "non-finite 3/1000", "")], fp=42.327694)
     monkeypatch.setattr("sys.argv", ["draws.py", str(a), str(b)])
     _script().main()
-    seeds, psnr, psnr_sd, fid, ratio = _cells(capsys.readouterr().out, "bits=w4a8")[1:6]
-    assert (seeds, psnr, psnr_sd, fid, ratio) == ("1 / 2", "26.00", "-", "50.0", f"{50 / 42.32760238647461:.2f}x")
+    out = capsys.readouterr().out
+    seeds, psnr, psnr_sd, fid, ratio = _cells(out, "bits=w4a8")[1:6]
+    ratio_fp = f"{50 / 42.32760238647461:.2f}x"
+    assert (seeds, psnr, psnr_sd, fid, ratio) == ("1 / 2", "26.00 / -", "-", "50.0 / -", ratio_fp)
+    assert "Not scored, left out of the means and pairs ('-'): 'bits=w4a8' calib.seed 2." in out
 
 
 @pytest.mark.parametrize(
@@ -129,4 +133,23 @@ def test_bad_tables_are_refused_by_name(rows, fp2, argv_extra, message, tmp_path
     b = _table(tmp_path / "b.csv", rows, fp=fp2)
     monkeypatch.setattr("sys.argv", ["draws.py", str(a), str(b), *argv_extra])
     with pytest.raises(SystemExit, match=message):
+        _script().main()
+
+
+def test_a_teacher_run_on_other_noise_is_no_fp_reference(tmp_path, monkeypatch):
+    """A `quantizer=fp eval.seed=3` run among the roots was taken as the students' FP FID (a review helper's
+    finding: 1.43x printed where 1.35x was right)."""
+    runs = _table(tmp_path / "t.csv", [("bits=w4a8 calib.seed=1", 56.0, 26.5)], fp=39.75,
+                  fp_overrides="quantizer=fp eval.seed=3 [eval seed 3, teacher FID 39.75]")  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs)])
+    with pytest.raises(SystemExit, match=r"teacher run teacher was scored on other evaluation noise"):
+        _script().main()
+
+
+def test_over_training_seeds_a_pair_on_two_noises_is_refused(tmp_path, monkeypatch):
+    """A setting scored with eval.seed=0 against a base whose seed 1 drew its own noise was paired silently."""
+    runs = _table(tmp_path / "t.csv", [("bits=w4a8 seed=1 [eval seed 1, teacher FID 30.00]", 45.0, 25.0),
+                                       ("bits=w4a8 callbacks=tpq seed=1 eval.seed=0", 50.0, 26.0)])  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs), "--over", "seed", "--against", "bits=w4a8"])
+    with pytest.raises(SystemExit, match=r"seed=1 was scored on other noise than its pair in 'bits=w4a8'"):
         _script().main()

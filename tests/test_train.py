@@ -865,7 +865,7 @@ def test_adapters_and_their_rate_are_refused_alone_before_any_work(tmp_path, mon
         (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run: would end the distillation early"),
         (["+callbacks.tpq.num_steps=10"], "callbacks.tpq.num_steps=10 is invalid: TPQ keeps one range per sampling"),
         (["+callbacks.weight_dilation.filename=../d.json"], "callbacks.weight_dilation.filename='../d.json' is inv"),
-        (["+callbacks.weight_dilation.filename=/tmp/d.json"], "a plain file name (dilation.json), written into"),
+        (["+callbacks.weight_dilation.filename=/tmp/d.json"], "the name becomes a file in the run directory"),
         (["model=ddpm_cifar10", "eval=none"], "model.path is not set: model=ddpm_cifar10 loads from a local diffusers"),
         (["quantizer=ptq_minmax"], "quantizer.temporal=false (quantizer=ptq_minmax), but dq-train makes activation"),
         (
