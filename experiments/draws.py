@@ -88,6 +88,11 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["bits"] == "fp":
+                    if any(OTHER_NOISE.match(t) for t in TOKEN.findall(row["overrides"])):  # fp on other noise
+                        raise SystemExit(
+                            f"{path}: teacher run {row['run']} was scored on other evaluation noise "
+                            f"({row['overrides']}): its FID is no reference for these students; leave it out"
+                        )
                     fid = number(row["fid"])
                     if fp is not None and fid is not None and not math.isclose(fid, fp, rel_tol=FP_TOLERANCE):
                         raise SystemExit(f"{path}: FP FID {fid} differs from {fp} in an earlier table")
@@ -147,25 +152,37 @@ def spread(values: dict[int, float]) -> str:
     return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
 
 
-def by_seed(values: dict[int, float], digits: int) -> str:
-    """'26.61 / 26.47 / 23.89 (25.66)': the values in seed order and their mean."""
+def by_seed(values: dict[int, float], digits: int, seeds: set[int] | None = None) -> str:
+    """'26.61 / 26.47 / 23.89 (25.66)': the values in seed order and their mean; with `seeds`, one cell per seed, '-'
+    where it has no value (a run not scored, a draw without a pair), so that each cell lines up with its seed."""
     if not values:
         return "-"
-    cells = " / ".join(f"{values[s]:.{digits}f}" for s in sorted(values))
+    cells = " / ".join(f"{values[s]:.{digits}f}" if s in values else "-" for s in sorted(seeds or values))
     return f"{cells} ({statistics.fmean(values.values()):.{digits}f})" if len(values) > 1 else cells
 
 
-def with_sd(diff: dict[int, float]) -> str:
-    """Paired differences by draw, their mean and (over two or more draws) their standard deviation and the half-width
-    of the mean's 95% confidence interval (Student's t with n - 1 degrees of freedom: the draws are independent)."""
+def with_sd(diff: dict[int, float], seeds: set[int] | None = None) -> str:
+    """Paired differences by draw, their mean and (over two or more draws) their standard deviation and the mean's 95%
+    confidence interval (Student's t with n - 1 degrees of freedom: the draws are independent), its ends printed."""
     if not diff:
         return "-"
-    text = by_seed(diff, 2)
+    text = by_seed(diff, 2, seeds)
     if len(diff) < 2:
         return text
-    n, s = len(diff), statistics.stdev(diff.values())
+    n, mean, s = len(diff), statistics.fmean(diff.values()), statistics.stdev(diff.values())
     half = stats.t.ppf(0.975, n - 1) * s / math.sqrt(n)
-    return f"{text[:-1]}, SD {s:.2f}, 95% CI ±{half:.2f})"
+    return f"{text[:-1]}, SD {s:.2f}, 95% CI {mean - half:+.2f} to {mean + half:+.2f})"
+
+
+def check_same_noise(setting: Setting, base: Setting, over: str) -> None:
+    """Over training seeds each seed drew its own noise: the two runs of a pair must have drawn the same."""
+    for seed in sorted(set(setting.psnr) & set(base.psnr)):
+        mine, theirs = setting.teacher_fid.get(seed), base.teacher_fid.get(seed)
+        if (mine is None) != (theirs is None) or (mine is not None and not math.isclose(mine, theirs, rel_tol=1e-3)):
+            raise SystemExit(
+                f"'{setting.name}' {over}={seed} was scored on other noise than its pair in '{base.name}' (teacher FID "
+                f"{mine} against {theirs}): a paired change needs both runs on one noise; leave one out"
+            )
 
 
 def table(
@@ -181,14 +198,19 @@ def table(
             ratio = f"{statistics.fmean(f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()):.2f}x"
         else:
             ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
-        row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2), sd(s.psnr), by_seed(s.fid, 1),
-               ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
+        row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2, s.seeds), sd(s.psnr),
+               by_seed(s.fid, 1, s.seeds), ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
             base = base_of(s, against)
+            if base is not None:
+                check_same_noise(s, settings[base], over)
             diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
-            row += [with_sd(diff), " ".join(base) if diff else "-"]
+            row += [with_sd(diff, s.seeds), " ".join(base) if diff else "-"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n"
+    unscored = [f"'{s.name}' {over} {', '.join(map(str, sorted(m)))}" for s in settings.values()
+                if (m := s.seeds - set(s.psnr))]  # fmt: skip
+    note = f"\nNot scored, left out of the means and pairs ('-'): {'; '.join(unscored)}.\n" if unscored else ""
+    return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n" + note
 
 
 def main() -> None:
