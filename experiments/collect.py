@@ -70,12 +70,13 @@ def block_mse(run: Path, block: str) -> str:
 
 
 def code(provenance: dict) -> str:
-    """`6b8435c+ AVX2`: the short commit (`+`: the checkout differed from it), the CPU's instruction set, a GPU's
-    name; "" for a run without a provenance record."""
+    """`6b8435c+ AVX2`: the short commit (`+`: the checkout differed from it; `?`: git could not tell), the CPU's
+    instruction set, a GPU's name; "" for a run without a provenance record."""
     if not provenance:
         return ""
     git = provenance.get("git") or {}
-    commit = git.get("commit", "")[:7] + ("+" if git.get("dirty") else "") if git else "installed"
+    changed = {True: "+", False: "", None: "?"}[git.get("dirty")]
+    commit = git.get("commit", "")[:7] + changed if git else "installed"
     device = provenance.get("device", "cpu")
     return " ".join([commit, provenance.get("cpu_capability", "")] + ([device] if device != "cpu" else [])).strip()
 
