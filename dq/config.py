@@ -240,21 +240,23 @@ def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     if not logger_cfg:
         return []
     os.environ.setdefault("WANDB_SILENT", "true")
-    for name, c in logger_cfg.items():
-        if c is not None and c.get("save_dir") is not None:
-            _check_writable(Path(str(c.save_dir)), f"logger.{name}.save_dir")
+    check_log_dirs(logger_cfg)
     return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None]
 
 
-def _check_writable(directory: Path, key: str) -> None:
-    """Create `directory` and write a file in it now: otherwise the CSV logger fails once training starts, and W&B
-    quietly writes to a temporary directory instead."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"{key}={directory}: cannot write there ({e.strerror or e}); pass a writable directory, or drop the "
-            "override (the run directory, by default)."
-        ) from e
+def check_log_dirs(logger_cfg: DictConfig | None) -> None:
+    """Create each logger's `save_dir` and write a file in it now: otherwise the CSV logger fails once training
+    starts, and W&B quietly writes to a temporary directory instead."""
+    for name, c in (logger_cfg or {}).items():
+        if c is None or c.get("save_dir") is None:
+            continue
+        directory = Path(str(c.save_dir))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"logger.{name}.save_dir={directory}: cannot write there ({e.strerror or e}); pass a writable "
+                "directory, or drop the override (the run directory, by default)."
+            ) from e

@@ -23,7 +23,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dq.config import build_loggers, cli_errors, keep_hydra_record, register_resolvers, restoring_hydra_record
+from dq.config import (
+    build_loggers,
+    check_log_dirs,
+    cli_errors,
+    keep_hydra_record,
+    register_resolvers,
+    restoring_hydra_record,
+)
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
 from dq.errors import ConfigError
@@ -198,6 +205,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`train` inside the run-directory lock."""
+    check_log_dirs(cfg.logger)  # before check_resumable writes the run's checkpoints/config.json
     teacher, scheduler = load_teacher(cfg.model.path)
     check_unconditional(teacher)
     check_sample_shape(teacher, cfg.model.sample_shape)
@@ -212,8 +220,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         log.warning(overlap)
 
     start = time.perf_counter()
-    # before calibration: a setting they refuse (or an unwritable log directory) costs nothing yet
-    callbacks = build_callbacks(cfg.get("callbacks"))
+    callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet
     loggers = build_loggers(cfg.logger)
     student = quantize_student(cfg, teacher, scheduler)
     calib = calibration_set(cfg, teacher, scheduler)

@@ -425,20 +425,25 @@ def test_non_finite_loss_names_the_block_and_keeps_the_checkpoint(teacher, calib
     assert all(bool(torch.isfinite(p).all()) for p in fresh.parameters())
 
 
-def test_a_step_that_leaves_non_finite_parameters_stops_the_block_too(teacher, calib, tmp_path):
-    """A finite loss whose update overflows (NaN gradients, a huge rate) leaves NaN weights: named, with the advice."""
+@pytest.mark.parametrize("poisoned", [3, 0])
+def test_a_step_that_leaves_non_finite_parameters_stops_the_block_too(teacher, calib, tmp_path, poisoned):
+    """A finite loss whose update overflows (NaN gradients, a huge rate) leaves NaN weights: named, with the advice;
+    the last good checkpoint only where one was written (none before block 0 finishes; it named a missing file)."""
     module = bkd(teacher, calib, tmp_path, iters=1)
 
     class PoisonGrad(pl.Callback):
         def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-            if module._block == 3:
-                block = module.student.get_submodule(module.blocks[3].modules[0])
+            if module._block == poisoned:
+                block = module.student.get_submodule(module.blocks[poisoned].modules[0])
                 weight = next(p for n, p in block.named_parameters() if n.endswith(".weight"))
                 weight.grad.fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLossError, match=r"block 3 \(.*\) left non-finite parameters .*lower learning rates"):
+    match = rf"block {poisoned} \(.*\) left non-finite parameters .*lower learning rates"
+    with pytest.raises(NonFiniteLossError, match=match) as err:
         fit(module, [PoisonGrad()])
-    checkpointed_student(teacher, calib, module, tmp_path)
+    assert ("last good checkpoint" in str(err.value)) == (poisoned > 0) == module.checkpoint_path.is_file()
+    if poisoned == 3:
+        checkpointed_student(teacher, calib, module, tmp_path)
 
 
 def test_model_kd_and_no_distillation(teacher, calib):

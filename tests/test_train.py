@@ -443,6 +443,7 @@ def test_an_unwritable_log_directory_is_refused_before_calibration(tmp_path, mon
         cfg = compose_cfg("train", [f"logger={logger}", f"logger.{logger}.save_dir={blocked / 'logs'}"], tmp_path)
         with pytest.raises(ConfigError, match=rf"logger.{logger}.save_dir=.*a_file/logs: cannot write there"):
             train(cfg)
+        assert not (Path(cfg.run_dir) / "checkpoints").exists()  # nothing written: the refused run leaves no trace
     writable = tmp_path / "new" / "logs"
     cfg = compose_cfg("train", ["logger=csv", f"logger.csv.save_dir={writable}"], tmp_path)
     assert build_loggers(cfg.logger) and writable.is_dir()  # made now, as the logger would make it

@@ -217,8 +217,14 @@ class RelativeAdam(torch.optim.Adam):
 def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
     """Raise `NonFiniteLossError` naming `where` when `loss` is NaN or infinite."""
     if not bool(torch.isfinite(loss)):
-        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
-        raise NonFiniteLossError(f"non-finite distillation loss ({loss.item()}) in {where}{kept}. {DIVERGED}")
+        raise NonFiniteLossError(
+            f"non-finite distillation loss ({loss.item()}) in {where}{kept_checkpoint(checkpoint)}. {DIVERGED}"
+        )
+
+
+def kept_checkpoint(checkpoint: Path | None) -> str:
+    """'; the last good checkpoint is <file>' where one was written (none before the first block finishes)."""
+    return f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
 
 
 def check_lr_bits(lr_bits: object) -> None:

@@ -31,6 +31,7 @@ from dq.distill.base import (
     calib_inputs,
     check_finite,
     cosine_factor,
+    kept_checkpoint,
 )
 from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet
@@ -251,8 +252,8 @@ class BlockwiseDistillation(QuantDistillation):
         bad = [n for n, p in self.student.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             raise NonFiniteLossError(
-                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}; the last good checkpoint is "
-                f"{self.checkpoint_path}. {DIVERGED}"
+                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}"
+                f"{kept_checkpoint(self.checkpoint_path)}. {DIVERGED}"
             )
         mse_trained = mse_after = self.block_mse(k)
         kept = "trained"
