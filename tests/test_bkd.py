@@ -446,6 +446,20 @@ def test_a_step_that_leaves_non_finite_parameters_stops_the_block_too(teacher, c
         checkpointed_student(teacher, calib, module, tmp_path)
 
 
+def test_model_kd_stops_when_its_last_step_leaves_non_finite_parameters(teacher, calib):
+    """Each step's loss catches what the step before broke, but nothing checked after the last (a saved NaN student)."""
+    kd = ModelDistillation(teacher, make_student(teacher, calib), calib, iters=2, batch_size=8, progress=False, **LRS)
+
+    class PoisonLastGrad(pl.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+            if trainer.global_step == kd.iters - 1:
+                module.student.conv_in.weight.grad.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"whole-model distillation's last step \(2/2\) left non-finite "
+                                                 r"parameters \['conv_in.weight'\].*lower learning rates"):  # fmt: skip
+        fit(kd, [PoisonLastGrad()])
+
+
 def test_model_kd_and_no_distillation(teacher, calib):
     kd = ModelDistillation(teacher, make_student(teacher, calib), calib, iters=4, batch_size=8, progress=False, **LRS)
     before = {n: p.clone() for n, p in kd.student.named_parameters()}

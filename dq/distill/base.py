@@ -222,6 +222,15 @@ def check_finite(loss: Tensor, where: str, checkpoint: Path | None) -> None:
         )
 
 
+def check_finite_parameters(model: nn.Module, where: str, checkpoint: Path | None) -> None:
+    """Raise `NonFiniteLossError` naming `where` and up to four parameters when any of `model`'s is NaN or infinite
+    (a finite loss whose update overflowed: the next loss would catch it, but not after the last step)."""
+    if bad := [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]:
+        raise NonFiniteLossError(
+            f"{where} left non-finite parameters {bad[:4]}{kept_checkpoint(checkpoint)}. {DIVERGED}"
+        )
+
+
 def kept_checkpoint(checkpoint: Path | None) -> str:
     """'; the last good checkpoint is <file>' where one was written (none before the first block finishes)."""
     return f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""

@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dq.distill.base import (
-    DIVERGED,
-    NonFiniteLossError,
     QuantDistillation,
     calib_inputs,
     check_finite,
+    check_finite_parameters,
     cosine_factor,
-    kept_checkpoint,
 )
 from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, partition_blocks, run_block
 from dq.distill.calibration import CalibrationSet
@@ -249,12 +247,7 @@ class BlockwiseDistillation(QuantDistillation):
 
     def finish_block(self, k: int) -> None:
         """Check block `k`'s parameters are finite, log its final MSE and write the checkpoint."""
-        bad = [n for n, p in self.student.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
-            raise NonFiniteLossError(
-                f"block {k} ({self.blocks[k].name}) left non-finite parameters {bad[:4]}"
-                f"{kept_checkpoint(self.checkpoint_path)}. {DIVERGED}"
-            )
+        check_finite_parameters(self.student, f"block {k} ({self.blocks[k].name})", self.checkpoint_path)
         mse_trained = mse_after = self.block_mse(k)
         kept = "trained"
         if self.revert_worse and mse_trained > self._mse_before:  # training made the block worse: undo it

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dq.distill.base import QuantDistillation, calib_inputs, check_finite
+from dq.distill.base import QuantDistillation, calib_inputs, check_finite, check_finite_parameters
 from dq.distill.calibration import CalibrationSet
 
 __all__ = ["ModelDistillation"]
@@ -96,4 +96,5 @@ class ModelDistillation(QuantDistillation):
         return loss.detach()
 
     def on_train_end(self) -> None:
+        check_finite_parameters(self.student, f"whole-model distillation's last step ({self.iters}/{self.iters})", None)
         self.student.requires_grad_(False)
