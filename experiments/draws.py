@@ -34,6 +34,7 @@ from dq.utils.io import atomic_write_text
 OTHER_NOISE = re.compile(r"^\[eval seed \d+, teacher FID ([0-9.]+)\]$")  # collect.py's mark of another noise
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
 FP_TOLERANCE = 1e-4  # the teacher's FID in tables from the same noise (float order differs by run: ~2e-6 apart)
+MARK_TOLERANCE = 1e-3  # collect.py's marks print the teacher's FID to two decimals
 DEFAULT_SEEDS = {"calib.seed": 1, "seed": 0}  # conf/calib/default.yaml, conf/train.yaml
 
 
@@ -178,7 +179,8 @@ def check_same_noise(setting: Setting, base: Setting, over: str) -> None:
     """Over training seeds each seed drew its own noise: the two runs of a pair must have drawn the same."""
     for seed in sorted(set(setting.psnr) & set(base.psnr)):
         mine, theirs = setting.teacher_fid.get(seed), base.teacher_fid.get(seed)
-        if (mine is None) != (theirs is None) or (mine is not None and not math.isclose(mine, theirs, rel_tol=1e-3)):
+        same = mine == theirs or (None not in (mine, theirs) and math.isclose(mine, theirs, rel_tol=MARK_TOLERANCE))
+        if not same:
             raise SystemExit(
                 f"'{setting.name}' {over}={seed} was scored on other noise than its pair in '{base.name}' (teacher FID "
                 f"{mine} against {theirs}): a paired change needs both runs on one noise; leave one out"
