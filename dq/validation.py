@@ -126,9 +126,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("eval.features=none skips the evaluation: pass eval=none (the config group) instead.")
     _check_whole_numbers(cfg, COUNTS, SEEDS)
     for key in SWITCHES:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid: must be true or false.")
+        _check_switch(key, OmegaConf.select(cfg, key))  # None: the config has no such key
     _check_ranges(cfg, RANGES)
     try:
         check_lr_bits(OmegaConf.select(cfg, "distill.lr_bits"))
@@ -215,6 +213,12 @@ def _check_ranges(cfg: DictConfig, ranges: dict[str, tuple[float, float | None, 
         if value is not None and (not number or not lo <= value or (hi is not None and not value < hi)):
             span = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
             raise ConfigError(f"{key}={value!r} is invalid: a number {span}, {what}.")
+
+
+def _check_switch(key: str, value: object, nullable: bool = True) -> None:
+    """A setting that must be true or false (or null, where `nullable`)."""
+    if not isinstance(value, bool) and not (value is None and nullable):
+        raise ConfigError(f"{key}={value!r} is invalid: must be true or false.")
 
 
 def _whole(value: object) -> bool:
@@ -541,8 +545,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
         return
     kwargs = OmegaConf.to_container(trainer, resolve=True)
     for key, value in kwargs.items():  # Lightning takes any truthy value for a switch ("maybe", 3) without a word
-        if key in TRAINER_SWITCHES and not isinstance(value, bool) and not (value is None and TRAINER_SWITCHES[key]):
-            raise ConfigError(f"trainer.{key}={value!r} is invalid: must be true or false.")
+        if key in TRAINER_SWITCHES:
+            _check_switch(f"trainer.{key}", value, nullable=TRAINER_SWITCHES[key])
     quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # its "GPU available: ..." lines come later
     level = quiet.level
     quiet.setLevel(logging.WARNING)
