@@ -13,7 +13,8 @@ overrides are the largest subset of its own (`bits=w4a8 callbacks=tpq` with `bit
 two runs of a pair trained on the same calibration pairs; over training seeds they were scored on the same noise
 (`eval.seed` is the run's `seed` unless set). The FP FID is the teacher row's; over training seeds a run that drew
 its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
-mean of the runs' ratios. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this script only
+mean of the runs' ratios. Pairs whose two runs came from different code (collect.py's `code`: commit, changed
+checkout, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this script only
 does the arithmetic the README and BENCHMARKS quote.
 """
 
@@ -49,6 +50,7 @@ class Setting:
     teacher_fid: dict[int, float] = field(default_factory=dict)  # runs scored on another noise than the table's
     train_s: dict[int, float] = field(default_factory=dict)
     peak_mb: dict[int, float] = field(default_factory=dict)
+    code: dict[int, str] = field(default_factory=dict)  # collect.py's `code` (commit and CPU); older tables lack it
 
     @property
     def name(self) -> str:
@@ -113,6 +115,8 @@ def read_tables(paths: list[Path], over: str = "calib.seed") -> tuple[float, dic
                 if seed in s.seeds:
                     raise SystemExit(f"{path}: setting '{s.name}' has {over}={seed} twice ({row['run']})")
                 s.seeds.add(seed)
+                if row.get("code"):
+                    s.code[seed] = row["code"]
                 if marks:  # over training seeds each seed drew its own noise (eval.seed = seed): its own teacher
                     s.teacher_fid[seed] = float(marks[0].group(1))
                 for attr, col in (("psnr", "psnr_to_teacher"), ("fid", "fid"), ("train_s", "train_s"),
@@ -187,6 +191,14 @@ def check_same_noise(setting: Setting, base: Setting, over: str) -> None:
             )
 
 
+def mixed_code(setting: Setting, base: Setting, over: str) -> list[str]:
+    """The pairs whose two runs came from different code (commit, a changed checkout, or CPU): named under the table,
+    since a paired change then holds the code's change too. Runs whose table has no `code` are not named."""
+    seeds = sorted(set(setting.psnr) & set(base.psnr) & set(setting.code) & set(base.code))
+    return [f"'{setting.name}' {over} {k} ({setting.code[k]} against {base.code[k]})"
+            for k in seeds if setting.code[k] != base.code[k]]  # fmt: skip
+
+
 def table(
     fp: float, settings: dict[tuple[str, ...], Setting], against: list[tuple[str, ...]], over: str = "calib.seed"
 ) -> str:
@@ -195,6 +207,7 @@ def table(
     if against:
         head += ["paired PSNR change (mean)", "against"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mixed: list[str] = []
     for s in settings.values():
         if s.teacher_fid:  # each run against the teacher of its own noise
             ratio = f"{statistics.fmean(f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()):.2f}x"
@@ -206,12 +219,15 @@ def table(
             base = base_of(s, against)
             if base is not None:
                 check_same_noise(s, settings[base], over)
+                mixed += mixed_code(s, settings[base], over)
             diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
             row += [with_sd(diff, s.seeds), " ".join(base) if diff else "-"]
         lines.append("| " + " | ".join(row) + " |")
     unscored = [f"'{s.name}' {over} {', '.join(map(str, sorted(m)))}" for s in settings.values()
                 if (m := s.seeds - set(s.psnr))]  # fmt: skip
     note = f"\nNot scored, left out of the means and pairs ('-'): {'; '.join(unscored)}.\n" if unscored else ""
+    if mixed:
+        note += f"\nPairs from different code (collect.py's `code`: commit and CPU): {'; '.join(mixed)}.\n"
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n" + note
 
 

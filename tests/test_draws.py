@@ -7,21 +7,24 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
-COLUMNS = ["quantizer", "bits", "overrides", "fid", "psnr_to_teacher", "train_s", "peak_mem_mb", "run"]
+COLUMNS = ["quantizer", "bits", "overrides", "fid", "psnr_to_teacher", "train_s", "peak_mem_mb", "code", "run"]
 
 
 def _script():
     return load_script("draws")
 
 
-def _table(path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0, fp_overrides: str = "") -> Path:
-    """A collect.py-like CSV: the teacher row, then (overrides, fid, psnr) rows."""
+def _table(
+    path: Path, rows: list[tuple[str, float, float]], fp: float = 40.0, fp_overrides: str = "", codes: list[str] = ()
+) -> Path:
+    """A collect.py-like CSV: the teacher row, then (overrides, fid, psnr) rows, with `codes` their `code` cells."""
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerow({"quantizer": "fp (teacher)", "bits": "fp", "overrides": fp_overrides, "fid": fp, "run": "teacher"})
         for i, (overrides, fid, psnr) in enumerate(rows):
-            run = {"overrides": overrides, "fid": fid, "psnr_to_teacher": psnr, "train_s": 100 + i, "run": f"/r/{i}"}
+            run = {"overrides": overrides, "fid": fid, "psnr_to_teacher": psnr, "train_s": 100 + i, "run": f"/r/{i}",
+                   "code": codes[i] if codes else ""}  # fmt: skip
             w.writerow({"quantizer": "dilatequant", "bits": "w4a8", "peak_mem_mb": 1000, **run})
     return path
 
@@ -153,3 +156,24 @@ def test_over_training_seeds_a_pair_on_two_noises_is_refused(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["draws.py", str(runs), "--over", "seed", "--against", "bits=w4a8"])
     with pytest.raises(SystemExit, match=r"seed=1 was scored on other noise than its pair in 'bits=w4a8'"):
         _script().main()
+
+
+def test_pairs_from_different_code_are_named_under_the_table(tmp_path, monkeypatch, capsys):
+    """A paired change holds any change of code between its two runs (the statistics review's finding): such pairs
+    are named; a run from a table without `code` is not claimed either way."""
+    base = _table(tmp_path / "base.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0),
+                                          ("bits=w4a8 calib.seed=2", 60.0, 25.0),
+                                          ("bits=w4a8 calib.seed=3", 70.0, 24.0)],
+                  codes=["aaaaaaa AVX512", "aaaaaaa AVX512", ""])  # fmt: skip
+    runs = _table(tmp_path / "runs.csv", [("bits=w4a8 callbacks=tpq calib.seed=1", 44.0, 27.5),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=2", 66.0, 24.0),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=3", 66.0, 24.0)],
+                  codes=["aaaaaaa AVX512", "bbbbbbb+ AVX2", "bbbbbbb AVX2"])  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["draws.py", str(base), str(runs), "--against", "bits=w4a8"])
+    _script().main()
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if line.startswith("Pairs from different code"))
+    assert note.endswith(": 'bits=w4a8 callbacks=tpq' calib.seed 2 (bbbbbbb+ AVX2 against aaaaaaa AVX512).")
+    monkeypatch.setattr("sys.argv", ["draws.py", str(base), str(runs)])  # no pairs: nothing to name
+    _script().main()
+    assert "Pairs from different code" not in capsys.readouterr().out
