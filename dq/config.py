@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -128,12 +129,14 @@ def _holds_only_hydra_files(*extra: Path) -> bool:
 
 
 _FOUND_RUN_DIRS: set[Path] = set()  # run directories that existed before Hydra made this command's
+_MADE_DIRS: dict[Path, set[Path]] = {}  # by run directory, the directories Hydra made for it (NoteFoundRunDir)
 
 
 class NoteFoundRunDir(Callback):
     """Hydra callback (`hydra.callbacks.found_run_dir` in conf/train.yaml, eval.yaml, pretrain.yaml): before Hydra
     makes the run directory, notes whether it exists already, so that a refused command never removes a directory
-    the user made, empty or not (`run_dir_is_new`)."""
+    the user made, empty or not (`run_dir_is_new`), and which directories on its path Hydra is about to make, so that
+    a refused command removes those it left empty (`drop_refused_run_dir`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -142,6 +145,10 @@ class NoteFoundRunDir(Callback):
             return
         if run.exists():
             _FOUND_RUN_DIRS.add(run.resolve())
+        # Hydra's mkdir(parents=True) makes every missing directory along the path as written: `outputs/train/..`
+        # makes outputs/train too, so the path's own components are noted, each where it lands
+        made = {r for p in (run.absolute(), *run.absolute().parents) if not (r := p.resolve()).exists()}
+        _MADE_DIRS[run.resolve()] = made
 
 
 def run_dir_is_new() -> bool:
@@ -177,12 +184,12 @@ def drop_refused_run_dir() -> None:
             log_file.unlink(missing_ok=True)
             (run / LOCK_NAME).unlink(missing_ok=True)
         run.rmdir()  # fails, keeping it, if anything appeared meanwhile
-        for parent in run.parents:  # the default run directory's empty parents (outputs/eval/<model>/...), up to cwd
-            if parent == cwd or cwd not in parent.parents:
-                break
-            parent.rmdir()  # fails on the first one with anything in it
     except (Timeout, OSError):
         return
+    # the directories Hydra made on the way (outputs/eval/<model>/...; NoteFoundRunDir), deepest first
+    for made in sorted(_MADE_DIRS.get(run, set()) - {run}, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            made.rmdir()  # fails, keeping it, on one with anything in it
 
 
 def log_command(prog: str) -> None:

@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 
 import dq
 from dq.callbacks import QALoRA, TemporalParallelQuantizer, WeightDilation
-from dq.config import HYDRA_RECORD, build_loggers, cli_errors, drop_refused_run_dir, run_dir_is_new
+from dq.config import (
+    HYDRA_RECORD,
+    NoteFoundRunDir,
+    build_loggers,
+    cli_errors,
+    drop_refused_run_dir,
+    run_dir_is_new,
+)
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
 from dq.distill.calibration import teacher_fingerprint
 from dq.errors import CheckpointError, ConfigError, MissingFileError
@@ -744,15 +751,17 @@ def test_a_refused_command_removes_only_a_run_directory_it_filled_itself(tmp_pat
     """A refused single run leaves no run directory when Hydra's record and this command's log are all there is;
     anything else (the user's files, an earlier attempt's log lines, a lock that a starting process holds) keeps it."""
     run = tmp_path / "outputs" / "eval" / "run"  # as Hydra's default outputs/<app>/<...>/<time>
-    (run / ".hydra").mkdir(parents=True)
+    (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "notes.txt").write_text("kept")
+    NoteFoundRunDir().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(run)}}}))  # before Hydra makes it
+    (run / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(run if case == "working directory" else tmp_path)
     for name in HYDRA_RECORD:
         (run / ".hydra" / name).write_text("{}")
     earlier = "[2026-11-28 03:00:00,000][dq.eval][INFO] - run directory: run\n"  # any line, in any log format
     (run / "eval.log").write_text(earlier if case == "earlier attempt" else "")
     if case == "user file":
         (run / "notes.txt").write_text("kept")
-    monkeypatch.chdir(run if case == "working directory" else tmp_path)
     hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(run)), job=SimpleNamespace(name="eval"),
                                 output_subdir=".hydra")  # fmt: skip
     monkeypatch.setattr(HydraConfig, "get", lambda: hydra_cfg)
@@ -769,6 +778,18 @@ def test_a_refused_command_removes_only_a_run_directory_it_filled_itself(tmp_pat
     if case != "fresh":
         assert "dq-eval eval.n_samples=0" in (run / "eval.log").read_text()
         assert (run / ".hydra" / "config.yaml").exists()
+
+
+def test_a_refused_name_with_a_path_leaves_no_directories_hydra_made(tmp_path):
+    """Hydra makes the run directory `outputs/train/../../../esc/<...>` (and, walking its path, `outputs/train` too)
+    before dq refuses the name: every directory it made goes, wherever it lies; what was there before stays."""
+    here = tmp_path / "work" / "here"
+    (tmp_path / "work" / "notes").mkdir(parents=True)
+    here.mkdir()
+    done = _cli(here, "dq.train", "model.name=../../../esc", "logger=none")
+    assert done.returncode == 2 and "model.name='../../../esc' is invalid" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["here", "notes"]  # no work/esc/...
+    assert list(here.iterdir()) == []  # no outputs/train
 
 
 @pytest.mark.parametrize("error", [ConfigError, MissingFileError, CheckpointError])
