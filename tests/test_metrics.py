@@ -49,9 +49,14 @@ def test_fid_against_plain_frechet_distance():
     assert m.score(fake)["fid"] == pytest.approx(frechet_by_hand(f_r, f_g), rel=1e-4)
 
 
-def test_identical_seeds_identical_results(metrics):
+def test_identical_seeds_identical_results(metrics, monkeypatch):
+    """...and scoring leaves every generator as it found it: CUDA's were reseeded outside the CPU-only fork_rng."""
     x = load_mnist_split(0)["holdout"][0][:300]
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    before = torch.get_rng_state()
     assert metrics.score(x, seed=3) == metrics.score(x, seed=3)
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
 
 
 def test_inception_score_against_plain_formula(metrics):

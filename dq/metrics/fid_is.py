@@ -185,8 +185,8 @@ class SampleMetrics:
             self.fid.update(x, real=False)
             self.isc.update(x)
         fid = float(self.fid.compute())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # IS shuffles before splitting
+        with torch.random.fork_rng(devices=[]):  # IS shuffles before splitting, with the CPU generator
+            torch.default_generator.manual_seed(seed)  # that one alone: torch.manual_seed reseeds CUDA's for good
             is_mean, is_std = (float(v) for v in self.isc.compute())
         # torchmetrics returns the splits' sample std (n - 1); the IS literature (Salimans et al.'s code,
         # torch-fidelity) reports the population std (n): rescale
