@@ -295,8 +295,9 @@ def test_dilate_installs_inverse_and_reinits_quantizer() -> None:
 def test_dilate_plain_conv_and_is_idempotent() -> None:
     torch.manual_seed(9)
     conv = nn.Conv2d(24, 8, 3)
-    w0 = conv.weight.detach().clone()
+    w0, version = conv.weight.detach().clone(), conv.weight._version
     s = dilate_([conv])
+    assert conv.weight._version > version  # an edit through .data kept it: it keys the quantized weight's cache
     assert torch.equal(conv.weight, _dilate(w0, s))
     again = dilate_([conv])
     assert (s > 1).any()

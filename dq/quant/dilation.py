@@ -154,10 +154,11 @@ def dilate_(layers: Sequence[nn.Module], s_max: float = 1e4) -> Tensor:
     inv = 1.0 / s.to(torch.float64)  # [C_in]
     with torch.no_grad():
         for layer in layers:
-            w = stored_weight(layer).data  # under an adapter (QALoRA) the adapted W ...
+            # in place on the Parameters, not .data: their version counters key the fake-quantized weight's cache
+            w = stored_weight(layer)  # under an adapter (QALoRA) the adapted W ...
             w.mul_(_expand(s.to(w.device, w.dtype), w))
             if (delta := adapter(layer)) is not None:  # ... and A's input columns: W s + B (A s) = (W + B A) s
-                delta.A.data.view(-1, *w.shape[1:]).mul_(_expand(s.to(w.device, w.dtype), w))
+                delta.A.view(-1, *w.shape[1:]).mul_(_expand(s.to(w.device, w.dtype), w))
             in_scale = getattr(layer, "in_scale", None)
             if in_scale is not None:
                 if in_scale.numel() != s.numel():
