@@ -14,8 +14,8 @@ two runs of a pair trained on the same calibration pairs; over training seeds th
 (`eval.seed` is the run's `seed` unless set). The FP FID is the teacher row's; over training seeds a run that drew
 its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
 mean of the runs' ratios. Pairs whose two runs came from different code (collect.py's `code`: commit, changed
-checkout, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this script only
-does the arithmetic the README and BENCHMARKS quote.
+checkout, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this
+script only does the arithmetic the README and BENCHMARKS quote.
 """
 
 from __future__ import annotations
