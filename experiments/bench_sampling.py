@@ -2,11 +2,13 @@
 
     python experiments/bench_sampling.py STUDENT_DIR [--n 250] [--repeats 3] [hydra overrides, e.g. model.path=...]
 
-Samples `--n` images on the CPU in float32 (DDIM, the model config's steps, `eval.batch_size` per batch) from the same
+Samples `--n` images on `device` in `eval.dtype` (as dq-train samples: the CPU and float32 by default; `device=cuda`,
+`eval.dtype=bfloat16` override them) with DDIM (the model config's steps, `eval.batch_size` per batch) from the same
 seeded noise (that of `eval.seed`, as dq-train's) with the teacher and with the student that `dq-train` saved
 (`<run>/student`), `--repeats` times each, and prints the fastest time of each, their ratio and the sha256 of the
-student's samples, so a faster quantized forward can be checked to give the same samples bit for bit
-(`OMP_NUM_THREADS=1` for timings comparable across runs).
+student's samples (as float32), so a faster quantized forward can be checked to give the same samples bit for bit
+(`OMP_NUM_THREADS=1` for CPU timings comparable across runs; each time ends with the samples back on the CPU, so a
+GPU's queued work is counted).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dq.config import register_resolvers
+from dq.evaluation import dtype_name, eval_dtype, eval_seed
 from dq.models import ddim_sample, load_teacher, make_noise
 from dq.paths import conf_dir
 from dq.quant import load_quantized
@@ -45,16 +48,21 @@ def main(argv: list[str]) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose("train", overrides=overrides)
     teacher, scheduler = load_teacher(cfg.model.path)
-    teacher.eval()
-    student = load_quantized(args.student_dir).eval()
-    noise = make_noise(args.n, tuple(cfg.model.sample_shape), cfg.eval.get("seed", cfg.seed))  # dq-train's noise
+    student = load_quantized(args.student_dir)
+    dtype = eval_dtype(cfg)
+    for model in (teacher, student):
+        model.eval().to(cfg.device)
+        if dtype != torch.float32:  # as dq-train casts them (a student's latent weights snapped onto their grid)
+            model.to(dtype)
+    noise = make_noise(args.n, tuple(cfg.model.sample_shape), eval_seed(cfg)).to(dtype)  # dq-train's noise
     steps, batch = cfg.model.num_inference_steps, cfg.eval.batch_size
     _, t_s = best_time(teacher, scheduler, noise, steps, batch, args.repeats)
     samples, s_s = best_time(student, scheduler, noise, steps, batch, args.repeats)
-    digest = hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(samples.float().numpy().tobytes()).hexdigest()[:16]
     print(
-        f"{args.n} images, DDIM-{steps}, batch {batch}, {torch.get_num_threads()} thread(s), best of {args.repeats}: "
-        f"teacher {t_s:.2f} s, student {s_s:.2f} s ({s_s / t_s:.2f}x the teacher), student samples sha256 {digest}"
+        f"{args.n} images, DDIM-{steps}, batch {batch}, {cfg.device} {dtype_name(dtype)}, "
+        f"{torch.get_num_threads()} thread(s), best of {args.repeats}: teacher {t_s:.2f} s, student {s_s:.2f} s "
+        f"({s_s / t_s:.2f}x the teacher), student samples sha256 {digest}"
     )
 
 

@@ -93,7 +93,8 @@ def test_sampling_main_prints_the_student_samples_sha_and_the_times(tiny_teacher
     expected = ddim_by_hand(saved, scheduler, noise, 3, 2)
     digest = sha16(expected)
     assert out == (
-        f"4 images, DDIM-3, batch 2, {torch.get_num_threads()} thread(s), best of 2: teacher 0.25 s, student 0.75 s "
+        f"4 images, DDIM-3, batch 2, cpu float32, {torch.get_num_threads()} thread(s), best of 2: teacher 0.25 s, "
+        "student 0.75 s "
         f"(3.00x the teacher), student samples sha256 {digest}"
     )
     # the hand loop is DDIM as diffusers runs it (one batch of 4 there, so float order may differ in the last bit)
@@ -105,6 +106,30 @@ def test_sampling_main_prints_the_student_samples_sha_and_the_times(tiny_teacher
     assert sha16(ddim_by_hand(teacher, scheduler, noise, 3, 2)) != digest
     assert sha16(ddim_by_hand(saved, scheduler, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
                               3, 2)) != digest  # fmt: skip
+
+
+def test_sampling_main_samples_in_eval_dtype_as_dq_train(tiny_teacher_dir, tmp_path, capsys):
+    """`eval.dtype=bfloat16`: both models cast as dq-train casts them (the student's latent weights snapped onto their
+    grid), the noise too; reference: the saved student cast to bfloat16 by hand and sampled by the hand loop."""
+    overrides = [f"model.path={tiny_teacher_dir}", *TINY, "calib.n_calib=12", "calib.batch_size=12"]
+    cfg = compose_cfg("train", [*overrides, "+quantizer.temporal=true", "eval.progress=false"], tmp_path / "run")
+    teacher, scheduler = load_teacher(tiny_teacher_dir)
+    student, _ = build_student(cfg, teacher, scheduler)
+    save_quantized(student, tmp_path / "student")
+    bench = load_script("bench_sampling")
+    bench.main([str(tmp_path / "student"), "--n", "4", "--repeats", "1", *TINY, f"model.path={tiny_teacher_dir}",
+                "eval.batch_size=2", "eval.seed=3", "eval.dtype=bfloat16"])  # fmt: skip
+    out = capsys.readouterr().out.strip()
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    saved = load_quantized(tmp_path / "student").to(torch.bfloat16)
+    expected = ddim_by_hand(saved, scheduler, noise, 3, 2).float()
+    as_float32 = ddim_by_hand(load_quantized(tmp_path / "student"), scheduler, noise.float(), 3, 2)
+    assert sha16(expected) != sha16(as_float32)  # the dtype shows in the samples
+    assert re.fullmatch(
+        rf"4 images, DDIM-3, batch 2, cpu bfloat16, \d+ thread\(s\), best of 1: .* student samples sha256 "
+        rf"{sha16(expected)}",
+        out,
+    ), out
 
 
 def test_calibration_main_fingerprints_the_calibrated_student(tiny_teacher_dir, tmp_path, monkeypatch, capsys) -> None:
