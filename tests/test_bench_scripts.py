@@ -66,14 +66,21 @@ def test_best_time_keeps_the_fastest_run(monkeypatch) -> None:
     assert samples.tolist() in ([1.0, 1.0], [2.0, 2.0], [3.0, 3.0])  # one run's samples (all runs sample alike)
 
 
+def _save_student(teacher_dir, folder):
+    """A TPQ student of the tiny teacher, built as dq-eval builds one, saved to `folder`; returns the teacher and its
+    scheduler."""
+    overrides = [f"model.path={teacher_dir}", *TINY, "calib.n_calib=12", "calib.batch_size=12"]
+    cfg = compose_cfg("train", [*overrides, "+quantizer.temporal=true", "eval.progress=false"], folder.parent / "run")
+    teacher, scheduler = load_teacher(teacher_dir)
+    student, _ = build_student(cfg, teacher, scheduler)
+    save_quantized(student, folder)
+    return teacher, scheduler
+
+
 def test_sampling_main_prints_the_student_samples_sha_and_the_times(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     """Reference: the student saved here, sampled by a hand-written DDIM loop from `make_noise`-like seeded noise and
     checked against diffusers' stock DDIMPipeline; the times are a fake clock's."""
-    overrides = [f"model.path={tiny_teacher_dir}", *TINY, "calib.n_calib=12", "calib.batch_size=12"]
-    cfg = compose_cfg("train", [*overrides, "+quantizer.temporal=true", "eval.progress=false"], tmp_path / "run")
-    teacher, scheduler = load_teacher(tiny_teacher_dir)
-    student, _ = build_student(cfg, teacher, scheduler)
-    save_quantized(student, tmp_path / "student")
+    teacher, scheduler = _save_student(tiny_teacher_dir, tmp_path / "student")
 
     bench = load_script("bench_sampling")
     # teacher runs of 0.25 s and 0.5 s, student runs of 1 s and 0.75 s: the fastest is first for one, last for the other
@@ -111,11 +118,7 @@ def test_sampling_main_prints_the_student_samples_sha_and_the_times(tiny_teacher
 def test_sampling_main_samples_in_eval_dtype_as_dq_train(tiny_teacher_dir, tmp_path, capsys):
     """`eval.dtype=bfloat16`: both models cast as dq-train casts them (the student's latent weights snapped onto their
     grid), the noise too; reference: the saved student cast to bfloat16 by hand and sampled by the hand loop."""
-    overrides = [f"model.path={tiny_teacher_dir}", *TINY, "calib.n_calib=12", "calib.batch_size=12"]
-    cfg = compose_cfg("train", [*overrides, "+quantizer.temporal=true", "eval.progress=false"], tmp_path / "run")
-    teacher, scheduler = load_teacher(tiny_teacher_dir)
-    student, _ = build_student(cfg, teacher, scheduler)
-    save_quantized(student, tmp_path / "student")
+    _, scheduler = _save_student(tiny_teacher_dir, tmp_path / "student")
     bench = load_script("bench_sampling")
     bench.main([str(tmp_path / "student"), "--n", "4", "--repeats", "1", *TINY, f"model.path={tiny_teacher_dir}",
                 "eval.batch_size=2", "eval.seed=3", "eval.dtype=bfloat16"])  # fmt: skip
