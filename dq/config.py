@@ -128,23 +128,22 @@ def _holds_only_hydra_files(*extra: Path) -> bool:
     return record is None or not record.exists() or all(p.name in HYDRA_RECORD for p in record.iterdir())
 
 
-_FOUND_RUN_DIRS: set[Path] = set()  # run directories that existed before Hydra made this command's
-_MADE_DIRS: dict[Path, set[Path]] = {}  # by run directory, the directories Hydra made for it (NoteFoundRunDir)
+# by run directory, the directories on its path that did not exist before Hydra made them (NoteFoundRunDir): a run
+# directory missing from its own set existed already
+_MADE_DIRS: dict[Path, set[Path]] = {}
 
 
 class NoteFoundRunDir(Callback):
     """Hydra callback (`hydra.callbacks.found_run_dir` in conf/train.yaml, eval.yaml, pretrain.yaml): before Hydra
-    makes the run directory, notes whether it exists already, so that a refused command never removes a directory
-    the user made, empty or not (`run_dir_is_new`), and which directories on its path Hydra is about to make, so that
-    a refused command removes those it left empty (`drop_refused_run_dir`)."""
+    makes the run directory, notes which directories on its path do not exist yet, so that a refused command never
+    removes a directory the user made, empty or not (`run_dir_is_new`), and removes those Hydra made and left empty
+    (`drop_refused_run_dir`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             run = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=True)))
         except Exception:  # Hydra itself then fails on it, with its own message
             return
-        if run.exists():
-            _FOUND_RUN_DIRS.add(run.resolve())
         # Hydra's mkdir(parents=True) makes every missing directory along the path as written: `outputs/train/..`
         # makes outputs/train too, so the path's own components are noted, each where it lands
         made = {r for p in (run.absolute(), *run.absolute().parents) if not (r := p.resolve()).exists()}
@@ -156,7 +155,7 @@ def run_dir_is_new() -> bool:
     log file): called before the command logs anything, it tells a directory this command made from one the user
     made (`NoteFoundRunDir`) or with an earlier attempt's log or the user's files in it."""
     run, log_file, _ = _run_files()
-    if run in _FOUND_RUN_DIRS:
+    if run not in _MADE_DIRS.get(run, {run}):  # it existed before (without a note: taken as made)
         return False
     return _holds_only_hydra_files() and (not log_file.exists() or log_file.stat().st_size == 0)
 
@@ -247,11 +246,11 @@ def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     if not logger_cfg:
         return []
     os.environ.setdefault("WANDB_SILENT", "true")
-    check_log_dirs(logger_cfg)
+    _check_log_dirs(logger_cfg)
     return [hydra.utils.instantiate(c) for c in logger_cfg.values() if c is not None]
 
 
-def check_log_dirs(logger_cfg: DictConfig | None) -> None:
+def _check_log_dirs(logger_cfg: DictConfig | None) -> None:
     """Create each logger's `save_dir` and write a file in it now: otherwise the CSV logger fails once training
     starts, and W&B quietly writes to a temporary directory instead."""
     for name, c in (logger_cfg or {}).items():

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from dq.config import (
     build_loggers,
-    check_log_dirs,
     cli_errors,
     keep_hydra_record,
     register_resolvers,
@@ -205,7 +204,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`train` inside the run-directory lock."""
-    check_log_dirs(cfg.logger)  # before check_resumable writes the run's checkpoints/config.json
+    loggers = build_loggers(cfg.logger)  # checks their save_dirs, before check_resumable writes checkpoints/config.json
     teacher, scheduler = load_teacher(cfg.model.path)
     check_unconditional(teacher)
     check_sample_shape(teacher, cfg.model.sample_shape)
@@ -221,7 +220,6 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
     start = time.perf_counter()
     callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet
-    loggers = build_loggers(cfg.logger)
     student = quantize_student(cfg, teacher, scheduler)
     calib = calibration_set(cfg, teacher, scheduler)
     # a partial, then the objects: instantiate would turn the CalibrationSet dataclass into a DictConfig
