@@ -56,6 +56,14 @@ def calibration_noise_overlap(cfg: DictConfig) -> str | None:
     )
 
 
+def to_sampling_dtype(dtype: torch.dtype, *models: nn.Module | None) -> None:
+    """Cast `models` (None skipped) to `dtype` in place where they are not in it already (diffusers' `to` warns on
+    any dtype); a quantized student's latent weights snap onto their grid (`QuantLayerMixin._apply`)."""
+    for model in models:
+        if model is not None and next(model.parameters()).dtype != dtype:
+            model.to(dtype)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """`float16` for `torch.float16`: the spelling of `eval.dtype`."""
     return str(dtype).removeprefix("torch.")
@@ -153,9 +161,7 @@ def evaluate_models(
     if ev.features == "none":
         return record_without_scores(run_dir, loggers, method, cost, cfg.device)
     dtype = eval_dtype(cfg)
-    for model in (teacher, student):
-        if model is not None and next(model.parameters()).dtype != dtype:  # diffusers' `to` warns on any dtype
-            model.to(dtype)
+    to_sampling_dtype(dtype, teacher, student)
     seed = eval_seed(cfg)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
     metrics = build_metrics(cfg)

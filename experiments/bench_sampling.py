@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dq.config import register_resolvers
-from dq.evaluation import dtype_name, eval_dtype, eval_seed
+from dq.evaluation import dtype_name, eval_dtype, eval_seed, to_sampling_dtype
 from dq.models import ddim_sample, load_teacher, make_noise
 from dq.paths import conf_dir
 from dq.quant import load_quantized
@@ -52,8 +52,7 @@ def main(argv: list[str]) -> None:
     dtype = eval_dtype(cfg)
     for model in (teacher, student):
         model.eval().to(cfg.device)
-        if dtype != torch.float32:  # as dq-train casts them (a student's latent weights snapped onto their grid)
-            model.to(dtype)
+    to_sampling_dtype(dtype, teacher, student)  # as dq-train casts them
     noise = make_noise(args.n, tuple(cfg.model.sample_shape), eval_seed(cfg)).to(dtype)  # dq-train's noise
     steps, batch = cfg.model.num_inference_steps, cfg.eval.batch_size
     _, t_s = best_time(teacher, scheduler, noise, steps, batch, args.repeats)

@@ -216,11 +216,11 @@ def table(
         row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2, s.seeds), sd(s.psnr),
                by_seed(s.fid, 1, s.seeds), ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
-            base = base_of(s, against)
+            base, diff = base_of(s, against), {}
             if base is not None:
                 check_same_noise(s, settings[base], over)
                 mixed += mixed_code(s, settings[base], over)
-            diff = paired(s.psnr, settings[base].psnr) if base is not None else {}
+                diff = paired(s.psnr, settings[base].psnr)
             row += [with_sd(diff, s.seeds), " ".join(base) if diff else "-"]
         lines.append("| " + " | ".join(row) + " |")
     unscored = [f"'{s.name}' {over} {', '.join(map(str, sorted(m)))}" for s in settings.values()
