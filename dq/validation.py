@@ -327,7 +327,7 @@ def check_eval_files(cfg: DictConfig, features: str, score_later: str) -> None:
             f"copy of torch-fidelity's pt_inception-2015-12-05 weights, {score_later}."
         )
     if features == "inception":  # load them now: a file of other weights was a traceback once training had finished
-        inception_net(str(Path(str(cfg.eval.inception_weights_path)).expanduser()), "2048")
+        inception_net(str(Path(str(cfg.eval.inception_weights_path)).expanduser()))
     data = cfg.model.get("data")
     if data is not None and data.get("name") == "image_folder":
         if not Path(str(data.path)).expanduser().is_dir():

@@ -126,28 +126,29 @@ def test_inception_without_extra_or_weights_is_a_clear_error(tmp_path):
 
 
 class _StubInception(torch.nn.Module):
-    """Stands in for torchmetrics' Inception-v3 (torch-fidelity is not installed here): takes uint8 RGB, as the real
-    one asserts, and records what it was given."""
+    """Stands in for torch-fidelity's Inception-v3 (not installed here): takes uint8 RGB, as the real one asserts,
+    returns FID's 2048 features and IS's 1008 logits as one tuple, and records what it was given."""
 
-    def __init__(self, weights_path: str, feature: str) -> None:
+    def __init__(self, weights_path: str) -> None:
         super().__init__()
-        self.num_features = 2048 if feature == "2048" else 1008
-        self.proj = torch.nn.Linear(3 * 8 * 8, self.num_features)
+        self.proj = torch.nn.Linear(3 * 8 * 8, 2048 + 1008)
         self.seen = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert x.dtype == torch.uint8 and x.shape[1] == 3
         self.seen.append(x)
-        return self.proj(x.to(self.proj.weight.dtype).flatten(1) / 255)
+        return self.proj(x.to(self.proj.weight.dtype).flatten(1) / 255).split([2048, 1008], dim=1)
 
 
-def test_inception_metrics_build_and_take_rounded_uint8(tmp_path, monkeypatch):
-    """FID and IS both build from the local weights file (IS once failed: torchmetrics' InceptionScore takes no weights
-    path) and see each pixel rounded to the nearest of 256 levels, so a reference image `k / 127.5 - 1` reaches the
-    network as `k` (torchmetrics' normalize=True truncates: 63 of the 256 levels came back one lower)."""
+def test_inception_metrics_take_rounded_uint8_through_one_forward(tmp_path, monkeypatch):
+    """FID and IS both score from the local weights file, loaded once, with one forward per batch for both (each
+    metric loaded and ran its own network), and see each pixel rounded to the nearest of 256 levels, so a reference
+    image `k / 127.5 - 1` reaches the network as `k` (torchmetrics' normalize=True truncates: 63 of the 256 levels
+    came back one lower)."""
     import dq.metrics.fid_is as fid_is
 
-    monkeypatch.setattr(fid_is, "inception_net", _StubInception)
+    loads = []
+    monkeypatch.setattr(fid_is, "inception_net", lambda path: loads.append(path) or _StubInception(path))
     monkeypatch.setattr("torchmetrics.utilities.imports._TORCH_FIDELITY_AVAILABLE", True)
     weights = tmp_path / "pt_inception.pth"
     weights.write_bytes(b"stub")
@@ -156,36 +157,45 @@ def test_inception_metrics_build_and_take_rounded_uint8(tmp_path, monkeypatch):
     real = (levels.repeat(4)[: 4 * 64].reshape(4, 1, 8, 8) / 127.5 - 1).repeat(5, 1, 1, 1)  # every level, one channel
     m.set_reference(real)
     fake = (torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).double()
-    scores = m.score(fake)
+    scores = m.score(fake, batch_size=8)
     assert all(torch.isfinite(torch.tensor(v)) for v in scores.values())
-    fed_real = m.fid.inception.seen[0]
+    assert loads == [str(weights)] and len(m.net.seen) == 1 + 3  # the reference batch, then 20 fakes in batches of 8
+    fed_real = m.net.seen[0]
     assert torch.equal(fed_real[:, 0].float(), ((real[:, 0] + 1) * 127.5).round())
     assert torch.equal(fed_real[:, 0], fed_real[:, 2])
     plain = ((fake + 1) * 127.5).round().clamp(0, 255)
-    assert torch.equal(m.isc.inception.seen[0][:, 1].double(), plain[:, 0])
+    assert torch.equal(torch.cat(m.net.seen[1:])[:, 1].double(), plain[:, 0])
+    with torch.no_grad():  # IS's logits are the second output of the same forward
+        logits = torch.cat([m.net.proj(x.float().flatten(1) / 255)[:, 2048:] for x in m.net.seen[1:]])
+    assert torch.equal(torch.cat(m.isc.features), logits)
 
 
 @pytest.mark.parametrize("content", ["garbage", "wrong keys"])
 def test_a_weights_file_that_is_not_inceptions_is_named(content, tmp_path, monkeypatch):
     """torch-fidelity loads the file with torch.load and load_state_dict; either failing was a traceback."""
-    import torchmetrics.image.fid
+    import sys
+    import types
 
     import dq.metrics.fid_is as fid_is
 
     class LoadsLikeTorchFidelity(nn.Module):  # what FeatureExtractorInceptionV3 does with the path, on a small net
-        def __init__(self, name, features, feature_extractor_weights_path, antialias):
+        def __init__(self, name, features_list, feature_extractor_weights_path):
             super().__init__()
+            assert features_list == ["2048", "logits_unbiased"]
             self.fc = nn.Linear(2, 2)
             self.load_state_dict(torch.load(feature_extractor_weights_path, weights_only=True))
 
-    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", LoadsLikeTorchFidelity)
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = LoadsLikeTorchFidelity
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
     weights = tmp_path / "weights.pth"
     if content == "garbage":
         weights.write_bytes(b"not a checkpoint")
     else:
         torch.save({"conv.weight": torch.zeros(1)}, weights)
     with pytest.raises(ConfigError, match=r"eval.inception_weights_path='.*weights.pth' is not torch-fidelity's"):
-        fid_is.inception_net(str(weights), "2048")
+        fid_is.inception_net(str(weights))
 
 
 def test_unknown_features_value():

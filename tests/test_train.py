@@ -381,7 +381,7 @@ def test_inception_weights_that_are_not_a_file_are_refused_at_start_up(tmp_path,
         validate(compose_cfg("train", given, tmp_path / "run"))
     (tmp_path / "w.pth").write_bytes(b"weights")
     loaded = []  # the weights load at start-up too: a file of other weights failed once training had finished
-    monkeypatch.setattr("dq.validation.inception_net", lambda path, feature: loaded.append(path))
+    monkeypatch.setattr("dq.validation.inception_net", lambda path: loaded.append(path))
     validate(compose_cfg("train", [*given[:-1], f"eval.inception_weights_path={tmp_path / 'w.pth'}"], tmp_path / "run"))
     assert loaded == [str(tmp_path / "w.pth")]
 

@@ -36,38 +36,39 @@ FEATURES = ("classifier", "inception")
 _REF_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-class _ClassifierHead(nn.Module):
-    """Adapts `MNISTClassifier` to torchmetrics' custom-extractor protocol (features or logits)."""
+class _Given(nn.Module):
+    """The feature extractor torchmetrics' FID / IS call, for features computed beforehand: one forward of the network
+    gives both FID's features and IS's logits (`SampleMetrics._extract`), and the metrics take them as they are."""
 
-    def __init__(self, classifier: MNISTClassifier, output: str) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__()
-        self.classifier, self.output = classifier, output
-        self.num_features = classifier.config["feat_dim"] if output == "features" else classifier.config["n_classes"]
+        self.num_features = num_features  # torchmetrics reads it instead of a dummy forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x) if self.output == "features" else self.classifier(x)
+        return x
 
 
-def inception_net(weights_path: str, feature: str) -> nn.Module:
-    """torchmetrics' Inception-v3 (torch-fidelity's port of the TF graph) from a local weights file, giving `feature`
-    ("2048": the pool features FID uses, "logits_unbiased": the logits IS uses) of uint8 images [N, 3, H, W]."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
+INCEPTION_OUTPUTS = ("2048", "logits_unbiased")  # FID's pool features and IS's logits
 
-    # antialias=False: TF1's bilinear resize to 299, as torch-fidelity and the published FID / IS numbers
-    try:
-        net = NoTrainInceptionV3(
-            "inception-v3-compat", [feature], feature_extractor_weights_path=weights_path, antialias=False
+
+def inception_net(weights_path: str) -> nn.Module:
+    """torch-fidelity's Inception-v3 (its port of the TF graph behind published FID / IS) from a local weights file:
+    uint8 images [N, 3, H, W] -> (the 2048-d pool features FID uses, the 1008 logits IS uses), in one forward."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:  # TF1's bilinear resize to 299 inside, as for the published numbers
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", list(INCEPTION_OUTPUTS), feature_extractor_weights_path=weights_path
         )
     except (RuntimeError, pickle.UnpicklingError, EOFError, TypeError, ValueError) as e:  # torch.load, load_state_dict
         raise ConfigError(
             f"eval.inception_weights_path='{weights_path}' is not torch-fidelity's Inception weights "
             f"(pt_inception-2015-12-05-6726825d.pth): {str(e).splitlines()[0][:300]}"
         ) from e
-    net.num_features = 2048 if feature == "2048" else 1008  # torchmetrics reads it instead of a dummy forward
-    return net
+    return net.eval().requires_grad_(False)
 
 
-def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistance, InceptionScore]:
+def _inception(weights_path: str | None) -> nn.Module:
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
@@ -80,12 +81,7 @@ def _inception_metrics(weights_path: str | None) -> tuple[FrechetInceptionDistan
             f"eval.inception_weights_path='{weights_path}' is not a file. Point it at a local copy of the "
             "torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth); dq never downloads them."
         )
-    path = str(Path(weights_path).expanduser())
-    # Both take the uint8 images `SampleMetrics._prep` rounds; torchmetrics' own normalize=True would truncate them
-    fid = FrechetInceptionDistance(feature=inception_net(path, "2048"), reset_real_features=False)
-    fid.set_dtype(torch.float64)
-    isc = InceptionScore(feature=inception_net(path, "logits_unbiased"))
-    return fid, isc
+    return inception_net(str(Path(weights_path).expanduser()))
 
 
 class SampleMetrics:
@@ -114,22 +110,23 @@ class SampleMetrics:
             if classifier_path is None:
                 raise ConfigError(CLASSIFIER_PATH_UNSET)
             clf = MNISTClassifier.load(classifier_path)
-            self.fid = FrechetInceptionDistance(feature=_ClassifierHead(clf, "features"), reset_real_features=False)
-            with warnings.catch_warnings():  # "will save all extracted features": 10 logits per sample, known
-                warnings.filterwarnings("ignore", ".*will save all extracted features in buffer.*")
-                self.isc = InceptionScore(feature=_ClassifierHead(clf, "logits"), splits=is_splits)
+            self.net, dims = clf, (clf.config["feat_dim"], clf.config["n_classes"])
             self.fingerprint = _file_digest(Path(classifier_path) / "model.safetensors")
         else:
-            self.fid, self.isc = _inception_metrics(inception_weights_path)
-            self.isc.splits = is_splits
+            self.net, dims = _inception(inception_weights_path), (2048, 1008)
             self.fingerprint = _file_digest(Path(inception_weights_path).expanduser())
-        self.fid.to(self.device)
-        self.isc.to(self.device)
+        self.net.to(self.device)
+        self.fid = FrechetInceptionDistance(feature=_Given(dims[0]), reset_real_features=False).to(self.device)
+        with warnings.catch_warnings():  # "will save all extracted features": one row of logits per sample, known
+            warnings.filterwarnings("ignore", ".*will save all extracted features in buffer.*")
+            self.isc = InceptionScore(feature=_Given(dims[1]), splits=is_splits).to(self.device)
 
-    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+    def _extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FID's features and IS's logits of images in [-1, 1], from one forward of the network."""
         if self.features == "classifier":
-            return images.to(self.device)
-        return to_uint8_rgb(images).to(self.device)
+            return self.net.features_and_logits(images.to(self.device))
+        # rounded to uint8 here: torchmetrics' normalize=True would truncate
+        return self.net(to_uint8_rgb(images).to(self.device))
 
     @torch.no_grad()
     def set_reference(self, images: torch.Tensor, batch_size: int = 500) -> None:
@@ -138,7 +135,7 @@ class SampleMetrics:
         self.fid.reset()
         self.fid.reset_real_features = False
         for chunk in images.split(batch_size):
-            self.fid.update(self._prep(chunk), real=True)
+            self.fid.update(self._extract(chunk)[0], real=True)
 
     def reference_key(self, dataset: str) -> str:
         """Cache key of `dataset`'s reference statistics under this feature extractor."""
@@ -181,9 +178,9 @@ class SampleMetrics:
         self.fid.reset()  # keeps the real statistics (reset_real_features=False)
         self.isc.reset()
         for chunk in images.split(batch_size):
-            x = self._prep(chunk)
-            self.fid.update(x, real=False)
-            self.isc.update(x)
+            features, logits = self._extract(chunk)
+            self.fid.update(features, real=False)
+            self.isc.update(logits)
         fid = float(self.fid.compute())
         with torch.random.fork_rng(devices=[]):  # IS shuffles before splitting, with the CPU generator
             torch.default_generator.manual_seed(seed)  # that one alone: torch.manual_seed reseeds CUDA's for good
