@@ -11,7 +11,9 @@ input in float, and the evaluation seed with its teacher's FID where a run was s
 `--block NAME` adds a `block_mse` column: that BKD block's calibration MSE before -> after training, from the run's
 `checkpoints/last.json` history ("reverted" when revert_worse put it back; after -> the MSE training reached).
 `code` says what made a run's numbers, from its `provenance`: the commit (`+` where the checkout differed from it),
-the CPU's vector instruction set and, on a GPU, its name; empty for runs from before dq recorded it.
+the CPU's vector instruction set, the intra-op threads (`t2`), the CPU's id (`cpu:<8 hex>`, a digest of its name and
+flags) and, on a GPU, its name; the parts a run's record lacks are left out (all of them for runs from before dq
+recorded it). Two runs that differ in any part can differ in float order.
 """
 
 from __future__ import annotations
@@ -70,15 +72,19 @@ def block_mse(run: Path, block: str) -> str:
 
 
 def code(provenance: dict) -> str:
-    """`6b8435c+ AVX2`: the short commit (`+`: the checkout differed from it; `?`: git could not tell), the CPU's
-    instruction set, a GPU's name; "" for a run without a provenance record."""
+    """`6b8435c+ AVX2 t2 cpu:1f2e3d4c`: the short commit (`+`: the checkout differed from it; `?`: git could not
+    tell), the CPU's instruction set, the threads, the CPU's id, a GPU's name; "" for a run without a provenance
+    record. Older records lack the threads or the CPU's id: those parts are left out."""
     if not provenance:
         return ""
     git = provenance.get("git") or {}
     changed = {True: "+", False: "", None: "?"}[git.get("dirty")]
     commit = git.get("commit", "")[:7] + changed if git else "installed"
+    threads = f"t{provenance['threads']}" if "threads" in provenance else ""
+    cpu = f"cpu:{provenance['cpu']['id']}" if "cpu" in provenance else ""
     device = provenance.get("device", "cpu")
-    return " ".join([commit, provenance.get("cpu_capability", "")] + ([device] if device != "cpu" else [])).strip()
+    parts = [commit, provenance.get("cpu_capability", ""), threads, cpu, "" if device == "cpu" else device]
+    return " ".join(p for p in parts if p)
 
 
 def unscored(scores: dict, metric: dict) -> str:

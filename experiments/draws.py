@@ -14,8 +14,8 @@ two runs of a pair trained on the same calibration pairs; over training seeds th
 (`eval.seed` is the run's `seed` unless set). The FP FID is the teacher row's; over training seeds a run that drew
 its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
 mean of the runs' ratios. Pairs whose two runs came from different code (collect.py's `code`: commit, changed
-checkout, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured them; this
-script only does the arithmetic the README and BENCHMARKS quote.
+checkout, threads, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured
+them; this script only does the arithmetic the README and BENCHMARKS quote.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Setting:
     teacher_fid: dict[int, float] = field(default_factory=dict)  # runs scored on another noise than the table's
     train_s: dict[int, float] = field(default_factory=dict)
     peak_mb: dict[int, float] = field(default_factory=dict)
-    code: dict[int, str] = field(default_factory=dict)  # collect.py's `code` (commit and CPU); older tables lack it
+    code: dict[int, str] = field(default_factory=dict)  # collect.py's `code`; older tables lack it
 
     @property
     def name(self) -> str:
@@ -192,8 +192,8 @@ def check_same_noise(setting: Setting, base: Setting, over: str) -> None:
 
 
 def mixed_code(setting: Setting, base: Setting, over: str) -> list[str]:
-    """The pairs whose two runs came from different code (commit, a changed checkout, or CPU): named under the table,
-    since a paired change then holds the code's change too. Runs whose table has no `code` are not named."""
+    """The pairs whose two runs came from different code (commit, a changed checkout, threads or CPU): named under the
+    table, since a paired change then holds the code's change too. Runs whose table has no `code` are not named."""
     seeds = sorted(set(setting.psnr) & set(base.psnr) & set(setting.code) & set(base.code))
     return [f"'{setting.name}' {over} {k} ({setting.code[k]} against {base.code[k]})"
             for k in seeds if setting.code[k] != base.code[k]]  # fmt: skip
@@ -227,7 +227,7 @@ def table(
                 if (m := s.seeds - set(s.psnr))]  # fmt: skip
     note = f"\nNot scored, left out of the means and pairs ('-'): {'; '.join(unscored)}.\n" if unscored else ""
     if mixed:
-        note += f"\nPairs from different code (collect.py's `code`: commit and CPU): {'; '.join(mixed)}.\n"
+        note += f"\nPairs from different code (collect.py's `code`: commit, threads and CPU): {'; '.join(mixed)}.\n"
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n" + note
 
 

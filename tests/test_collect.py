@@ -95,13 +95,17 @@ def test_a_student_that_sampled_nan_says_so_in_the_fid_cell(tmp_path):
     assert row["fid"] == "non-finite 3/40" and row["psnr_to_teacher"] == ""
 
 
-def test_the_code_column_names_commit_instruction_set_and_gpu(tmp_path):
+def test_the_code_column_names_commit_instruction_set_threads_cpu_and_gpu(tmp_path):
+    cpu = {"model": "Xeon", "id": "1f2e3d4c"}
+    now = {"git": {"commit": "6b8435cd55503e19", "dirty": False}, "cpu_capability": "AVX512", "cpu": cpu}
     for name, record in [
         ("a", {"git": {"commit": "6b8435cd55503e19", "dirty": False}, "cpu_capability": "AVX2", "device": "cpu"}),
         ("b", {"git": {"commit": "6b8435cd55503e19", "dirty": True}, "cpu_capability": "AVX512", "device": "cpu"}),
         ("c", {"git": None, "cpu_capability": "AVX2", "device": "NVIDIA H200"}),
         ("d", None),  # a run from before dq recorded its provenance
         ("e", {"git": {"commit": "6b8435cd55503e19", "dirty": None}, "cpu_capability": "AVX2", "device": "cpu"}),
+        ("f", now | {"threads": 2, "device": "cpu"}),  # what dq records now
+        ("g", now | {"threads": 1, "device": "NVIDIA H200"}),
     ]:
         _run(tmp_path / name, 0, 42.3, {}, [])
         if record is not None:
@@ -109,4 +113,5 @@ def test_the_code_column_names_commit_instruction_set_and_gpu(tmp_path):
             (tmp_path / name / "results.json").write_text(json.dumps(results | {"provenance": record}))
     codes = [r["code"] for r in _collect().rows([tmp_path])]
     # e: git status failed, so whether the checkout differed is unknown (it read as a clean commit)
-    assert codes == ["", "6b8435c AVX2", "6b8435c+ AVX512", "installed AVX2 NVIDIA H200", "", "6b8435c? AVX2"]
+    assert codes[:6] == ["", "6b8435c AVX2", "6b8435c+ AVX512", "installed AVX2 NVIDIA H200", "", "6b8435c? AVX2"]
+    assert codes[6:] == ["6b8435c AVX512 t2 cpu:1f2e3d4c", "6b8435c AVX512 t1 cpu:1f2e3d4c NVIDIA H200"]

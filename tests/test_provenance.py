@@ -8,7 +8,7 @@ from conftest import REPO
 
 import dq
 from dq.utils import provenance as provenance_module
-from dq.utils.provenance import code_at_start, git_state, provenance
+from dq.utils.provenance import code_at_start, cpu_id, git_state, provenance
 
 
 def _git(*args: str, cwd: Path = REPO) -> str:
@@ -46,7 +46,24 @@ def test_provenance_names_versions_instruction_set_threads_and_device():
     assert record["dq"] == dq.__version__ and record["torch"] == torch.__version__
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu_capability"]
     assert record["threads"] == torch.get_num_threads() and record["device"] == "cpu"
-    assert record["git"] == git_state()
+    assert record["git"] == git_state() and record["cpu"] == cpu_id() and record["cpu"]["model"]
+
+
+def test_the_cpu_id_tells_machines_with_one_instruction_set_apart(tmp_path):
+    """Two AVX-512 machines, one with AMX, gave one run 0.4 dB apart at one thread: their ids must differ, and one
+    machine's must not depend on the flags' order."""
+
+    def cpu(name: str, flags: str) -> dict[str, str]:
+        (tmp_path / name).write_text("".join(
+            f"processor\t: {i}\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: {flags}\n\n" for i in (0, 1)
+        ))  # fmt: skip
+        return cpu_id(tmp_path / name)
+
+    plain = cpu("a", "fpu sse2 avx2 avx512f avx512bw")
+    assert plain["model"] == "Intel(R) Xeon(R) Processor" and len(plain["id"]) == 8
+    assert cpu("b", "fpu sse2 avx2 avx512f avx512bw amx_tile amx_bf16")["id"] != plain["id"]
+    assert cpu("c", "avx512bw avx512f avx2 sse2 fpu") == plain
+    assert cpu_id(tmp_path / "missing")["model"]  # no /proc/cpuinfo (macOS, Windows): still a name and an id
 
 
 def test_the_git_state_is_the_one_the_run_started_with(monkeypatch):

@@ -49,7 +49,7 @@ from dq.quant import act_quantizers, load_quantized, quant_report
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 from dq.utils.loggers import WandbLogger
 from dq.utils.progress import ConsoleHandler
-from dq.utils.provenance import git_state
+from dq.utils.provenance import cpu_id, git_state
 from dq.validation import accepted_settings, check_appended, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,7 @@ def test_dq_train_end_to_end(tiny_teacher_dir, tmp_path):
     assert saved["provenance"] == {  # which code, torch and CPU made these numbers
         "dq": dq.__version__, "git": git_state(), "torch": torch.__version__, "device": "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "cpu": cpu_id(),
     }  # fmt: skip
     assert (run / "samples.png").stat().st_size > 0
     assert json.loads((run / "dilation.json").read_text())["summary"]["layers"] > 0

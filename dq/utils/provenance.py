@@ -1,13 +1,16 @@
-"""What produced a run's numbers: dq's version and commit, torch, the CPU's instruction set, threads and device.
+"""What produced a run's numbers: dq's version and commit, torch, the CPU, threads and device.
 
 `results.json` keeps it as `provenance`. One configuration trained with one commit's code on two machines differed
-by up to a dB of PSNR per run (BENCHMARKS.md, "Why Weight Dilation's W4A8 gain moved"), so a table that mixes runs
-must be able to tell them apart.
+by up to a dB of PSNR per run (BENCHMARKS.md, "Why Weight Dilation's W4A8 gain moved"), even on two machines that
+report the same instruction set, and at one thread (BENCHMARKS.md, "Time and memory of the defaults"), so a table
+that mixes runs must be able to tell them apart.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 
 import dq
 
-__all__ = ["code_at_start", "git_state", "provenance"]
+__all__ = ["code_at_start", "cpu_id", "git_state", "provenance"]
 
 _GIT_TIMEOUT_S = 10
 
@@ -55,14 +58,36 @@ def code_at_start() -> dict[str, Any] | None:
     return git_state()
 
 
+def _cpuinfo(path: Path) -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo ({} elsewhere, or where it cannot be read)."""
+    try:
+        first = path.read_text(errors="replace").split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines()) if k.strip()}
+
+
+@functools.cache
+def cpu_id(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """`{"model": <the CPU's name>, "id": <8 hex digits>}`, the id a digest of the name and its feature flags: two
+    machines reporting the same instruction set (torch's cpu capability) can still round differently, since oneDNN
+    picks its kernels by the finer flags (AMX, AVX512-BF16, ...)."""
+    info = _cpuinfo(cpuinfo)
+    model = info.get("model name") or platform.processor() or platform.machine() or "unknown"
+    flags = " ".join(sorted((info.get("flags") or info.get("Features") or "").split()))  # Features: Linux on ARM
+    return {"model": model, "id": hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:8]}
+
+
 def provenance(device: str = "cpu") -> dict[str, Any]:
-    """dq's version and git state, torch's version, the CPU's vector instruction set, intra-op threads and device."""
+    """dq's version and git state, torch's version, the CPU (vector instruction set, name and id), intra-op threads
+    and device."""
     on_gpu = device.startswith("cuda") and torch.cuda.is_available()
     return {
         "dq": dq.__version__,
         "git": code_at_start(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: float order differs
+        "cpu": cpu_id(),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(torch.device(device)) if on_gpu else "cpu",
     }
