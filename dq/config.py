@@ -10,6 +10,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,14 +78,33 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def one_line_warnings(prog: str, default: Any = warnings.formatwarning, end: str = "\n") -> Any:
+    """A `warnings.formatwarning` that gives dq's own warnings (a setting to reconsider, a cache skipped) one line,
+    `<prog>: warning: <message>`, as its errors, and other packages' warnings their usual file, line and source;
+    each ends in `end` ("" where logging, which adds its own, prints them)."""
+
+    def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:  # fmt: skip
+        if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+            return f"{prog}: warning: {message}{end}"
+        return default(message, category, filename, lineno, line).rstrip("\n") + end
+
+    return format_warning
+
+
 @contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
     """Turn a `UserError` (`ConfigError`, `MissingFileError`, `CheckpointError`) into one line on stderr,
     `<prog>: error: <message>`, and exit status 2 (a multirun's job fails alone); other exceptions keep their
-    traceback. In a Hydra app the line, any other traceback and Python's warnings also go to the run's log file
-    (conf/hydra/job_logging/dq.yaml)."""
+    traceback. dq's own warnings are one line too (`one_line_warnings`). In a Hydra app the line, any other traceback
+    and Python's warnings also go to the run's log file (conf/hydra/job_logging/dq.yaml)."""
     in_hydra = HydraConfig.initialized()
     new_run_dir = in_hydra and HydraConfig.get().mode == RunMode.RUN and run_dir_is_new()
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = one_line_warnings(prog, formatwarning, end="" if in_hydra else "\n")
     if in_hydra:
         logging.captureWarnings(True)
         log_command(prog)
@@ -105,6 +125,7 @@ def cli_errors(prog: str) -> Iterator[None]:
             logging.getLogger("dq.crash").exception(f"{prog}: crashed (a bug in dq or a library, not a setting)")
         raise
     finally:
+        warnings.formatwarning = formatwarning
         if in_hydra:
             logging.captureWarnings(False)
 

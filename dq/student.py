@@ -20,7 +20,7 @@ from dq.distill.base import calibrate_student
 from dq.distill.calibration import CalibrationSet, get_calibration_set
 from dq.errors import ConfigError
 from dq.quant import QuantSpec, expand_act_quantizers, quant_report, quantize_model
-from dq.quant.model import quantizable_layers
+from dq.quant.model import act_quantizers, quantizable_layers
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def quantize_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> nn.
     """A quantized deep copy of the teacher (activation quantizers not yet calibrated)."""
     student = copy.deepcopy(teacher)
     report = quantize_model(student, quant_spec_of(cfg), sampler_timesteps(scheduler, cfg.model.num_inference_steps))
-    log.info(f"quantized {report.summary()}")
+    counts = report.summary()  # layer kinds only: activation ranges are shared until TPQ / temporal makes them per step
+    kinds = ", ".join(f"{counts[k]} {k}" for k in ("conv", "linear", "attn-matmul") if k in counts)
+    log.info(f"quantized {counts['total']} layers ({kinds}); {counts.get('split', 0)} inputs split into two ranges")
     return student
 
 
@@ -82,6 +84,8 @@ def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[
     student = quantize_student(cfg, teacher, scheduler)
     if cfg.quantizer.get("temporal", False):
         expand_act_quantizers(student)
+        n = sum(1 for _ in act_quantizers(student))
+        log.info(f"quantizer.temporal: {n} activation quantizers x {cfg.model.num_inference_steps} steps")
     calib = calibration_set(cfg, teacher, scheduler)
     calibrate_student(student, calib, cfg.calib.batch_size, progress=cfg.eval.progress)
     if cfg.eval.get("print_report", False):

@@ -50,8 +50,8 @@ def test_provenance_names_versions_instruction_set_threads_and_device():
 
 
 def test_the_cpu_id_tells_machines_with_one_instruction_set_apart(tmp_path):
-    """Two AVX-512 machines, one with AMX, gave one run 0.4 dB apart at one thread: their ids must differ, and one
-    machine's must not depend on the flags' order."""
+    """Two machines that both report AVX512 gave one run 0.4 dB apart at one thread: ids must differ where the flags
+    do (here AMX), and one machine's must not depend on the flags' order."""
 
     def cpu(name: str, flags: str) -> dict[str, str]:
         (tmp_path / name).write_text("".join(

@@ -37,6 +37,7 @@ from dq.config import (
     build_loggers,
     cli_errors,
     drop_refused_run_dir,
+    one_line_warnings,
     run_dir_is_new,
 )
 from dq.distill import BlockwiseDistillation, ModelDistillation, NoDistillation
@@ -659,6 +660,23 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tiny_teacher_di
     assert "dq-train model.path=" not in first.stdout + first.stderr + refused.stdout + refused.stderr
     eval_line = f"[dq.command][INFO] - dq-eval logger=none hydra.run.dir={run}\n"
     assert eval_line in (run / "eval.log").read_text()
+
+
+def test_dqs_own_warnings_are_one_line_like_its_errors(tmp_path):
+    """A setting dq warns about printed its source file, line and code, and a blank line, before the one-line
+    refusal; other packages' warnings keep their file and line."""
+    refused = _cli(tmp_path, "dq.eval", "logger=none", "eval.n_samples=16", f"model.path={tmp_path / 'missing'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    lines = refused.stderr.splitlines()
+    assert refused.returncode == 2 and len(lines) == 2, refused.stderr
+    assert lines[0].startswith("dq-eval: warning: eval.n_samples=16 is too few for meaningful scores: IS splits")
+    assert lines[1].startswith(f"dq-eval: error: Model directory '{tmp_path / 'missing'}' does not exist.")
+    fmt = one_line_warnings("dq-train", end="")
+    assert fmt("a cache was skipped", UserWarning, str(Path(dq.__file__).parent / "utils" / "io.py"), 62) == (
+        "dq-train: warning: a cache was skipped"
+    )
+    elsewhere = fmt("deprecated", FutureWarning, "/site-packages/other/x.py", 7, "call()")
+    assert elsewhere == "/site-packages/other/x.py:7: FutureWarning: deprecated\n  call()"
 
 
 def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_dir, tmp_path):
