@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.errors import ConfigError, UserError
-from dq.paths import LOCK_NAME, asset, cache_dir
+from dq.paths import LOCK_NAME, PACKAGE_DIR, asset, cache_dir
 from dq.utils.io import atomic_write
 
 
@@ -78,9 +78,6 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
 def one_line_warnings(prog: str, default: Any = warnings.formatwarning, end: str = "\n") -> Any:
     """A `warnings.formatwarning` that gives dq's own warnings (a setting to reconsider, a cache skipped) one line,
     `<prog>: warning: <message>`, as its errors, and other packages' warnings their usual file, line and source;
@@ -88,7 +85,7 @@ def one_line_warnings(prog: str, default: Any = warnings.formatwarning, end: str
 
     def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                        line: str | None = None) -> str:  # fmt: skip
-        if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
             return f"{prog}: warning: {message}{end}"
         return default(message, category, filename, lineno, line).rstrip("\n") + end
 

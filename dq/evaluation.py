@@ -57,11 +57,21 @@ def calibration_noise_overlap(cfg: DictConfig) -> str | None:
 
 
 def to_sampling_dtype(dtype: torch.dtype, *models: nn.Module | None) -> None:
-    """Cast `models` (None skipped) to `dtype` in place where they are not in it already (diffusers' `to` warns on
-    any dtype); a quantized student's latent weights snap onto their grid (`QuantLayerMixin._apply`)."""
-    for model in models:
-        if model is not None and next(model.parameters()).dtype != dtype:
-            model.to(dtype)
+    """Cast `models` (None skipped) to `dtype` in place where they are not in it already; a quantized student's latent
+    weights snap onto their grid (`QuantLayerMixin._apply`)."""
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_log.addFilter(_no_empty_fp32_advice)
+    try:
+        for model in models:
+            if model is not None and next(model.parameters()).dtype != dtype:
+                model.to(dtype)
+    finally:
+        diffusers_log.removeFilter(_no_empty_fp32_advice)
+
+
+def _no_empty_fp32_advice(record: logging.LogRecord) -> bool:
+    """Drop diffusers' advice to keep modules in float32 that names none: its `to` gives it on any cast."""
+    return "that should be kept in float32: []." not in record.getMessage()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

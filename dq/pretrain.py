@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dq.config import build_loggers, cli_errors, register_resolvers
 from dq.errors import ConfigError
 from dq.paths import conf_dir
+from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.progress import progress_bar
 from dq.utils.signals import sigterm_exits_143
@@ -55,7 +56,8 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     )  # fmt: skip
     start = time.time()
     try:
-        with sigterm_exits_143(trainer):
+        # the data module offers the holdout set, which only the classifier validates on
+        with known_fit_warnings(".*val_dataloader but have no validation_step.*"), sigterm_exits_143(trainer):
             trainer.fit(module, datamodule=datamodule)
     except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
         log.warning(f"training stopped at step {trainer.global_step}: nothing was exported; re-run the command")

@@ -14,7 +14,6 @@ import logging
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from dq.models import check_inference_steps, check_sample_shape, check_unconditi
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import save_quantized
 from dq.student import calibration_set, check_layers, check_spec, quantize_student
+from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
@@ -245,15 +245,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
             f"command with hydra.run.dir={run_dir} to resume"
         )
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        # a re-run of a finished run has no batches left; BKD has said so ("nothing left to train")
-        warnings.filterwarnings("ignore", r".*Total length of `.*` across ranks is zero.*")
-        warnings.filterwarnings("ignore", ".*returned `None`, this fit will run with no optimizer.*")
-        # intended: the teacher is frozen and the student trains in eval mode (no dropout, fixed norm behaviour)
-        warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
-        # raised by torch inside Lightning's own code (utilities/_pytree.py); nothing a user of dq can change
-        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning)
+    with known_fit_warnings(
+        r".*Total length of `.*` across ranks is zero.*",  # a finished run re-run has no batches (BKD says so)
+        ".*returned `None`, this fit will run with no optimizer.*",
+        r".*module\(s\) in eval mode at the start of training.*",  # intended: the student trains in eval mode
+    ):
         try:
             with sigterm_exits_143(trainer):
                 trainer.fit(module)

@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from dq.distill.calibration import teacher_fingerprint
 from dq.errors import ConfigError, NonFiniteSamplesError
 from dq.eval import check_steps, evaluate
+from dq.evaluation import to_sampling_dtype
 from dq.models import load_teacher
 from dq.paths import PACKAGE_DIR, conf_dir
 from dq.quant import QuantSpec, expand_act_quantizers, quantize_model, save_quantized
@@ -311,6 +312,22 @@ def test_a_teacher_that_samples_nan_is_refused_and_not_cached(tmp_path, monkeypa
     assert "results.json keeps the run's record" in str(e.value)  # a dq-train run's cost is not lost
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["metric"]["dtype"] == "float32" and "teacher" not in saved and saved["method"]["quantizer"] == "fp"
+
+
+def test_the_cast_to_half_precision_drops_diffusers_advice_that_names_no_module():
+    """diffusers' `to(dtype)` logs "modules ... that should be kept in float32: []" on any cast: twice per run."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        unet = tiny_unet()
+        to_sampling_dtype(torch.float16, unet, None)
+        assert next(unet.parameters()).dtype == torch.float16 and records == []
+        unet.to(torch.float32)  # diffusers' own cast still gives it
+        assert any("kept in float32: []" in r.getMessage() for r in records)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
 
 
 def test_eval_dtype_samples_teacher_and_student_in_half_precision(tmp_path, monkeypatch):

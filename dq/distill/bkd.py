@@ -255,8 +255,9 @@ class BlockwiseDistillation(QuantDistillation):
                 for p, value in self._untrained:
                     p.copy_(value)
             mse_after, kept = self._mse_before, "untrained"
-            log.info(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.3g} to "
-                  f"{mse_trained:.3g}; kept the block as it was before training")  # fmt: skip
+            rise = f" (+{100 * (mse_trained / self._mse_before - 1):.2g}%)" if self._mse_before > 0 else ""
+            log.info(f"block {k} ({self.blocks[k].name}): training raised its MSE from {self._mse_before:.4g} to "
+                     f"{mse_trained:.4g}{rise}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
         seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
         oscillation = {"oscillated": self._oscillation.share()}
