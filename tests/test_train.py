@@ -690,6 +690,7 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_di
     bars = done.stderr
     assert re.search(r"calibration: 100%", bars) and re.search(r"Epoch 0: 100%.*it/s", bars)  # dq's, Lightning's
     assert "block 1 (conv_in)" not in bars
+    assert re.search(r"distill/block=16\b", bars) and not re.search(r"distill/block=\d+\.", bars)  # not 16.000
 
 
 def test_a_log_line_printed_while_a_bar_runs_gets_a_line_of_its_own():

@@ -7,9 +7,12 @@ import contextlib
 import logging
 import sys
 
+import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from tqdm.auto import tqdm
+
+INTEGER_METRIC = "distill/block"  # what BKD logs to the bar as a float (`self.log` takes no int)
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -41,6 +44,13 @@ class StderrProgressBar(TQDMProgressBar):
     def init_validation_tqdm(self) -> Tqdm:
         with contextlib.redirect_stdout(sys.stderr):
             return super().init_validation_tqdm()
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict]:
+        """Lightning's bar metrics, with the block index BKD logs as a whole number (it showed `block=3.000`)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        if isinstance(block := metrics.get(INTEGER_METRIC), float):
+            metrics[INTEGER_METRIC] = int(block)
+        return metrics
 
 
 def progress_bar(enabled: bool) -> list[TQDMProgressBar]:
