@@ -60,6 +60,7 @@ NEUTRAL_OPTIONS: dict[str, object] = {
     "distill.dampen": 0.0,
     "distill.freeze": 0.0,
     "distill.lr_zero_point": None,
+    "distill.adam_eps": 1e-8,
 }
 
 

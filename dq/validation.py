@@ -74,6 +74,7 @@ RANGES = {
     "callbacks.weight_dilation.s_max": (1, None, "the largest dilation factor, >= 1"),
     "distill.dampen": (0, math.inf, "the weight of oscillation dampening relative to each block's MSE, 0 for off"),
     "distill.freeze": (0, 1, "the oscillation frequency above which a latent weight is frozen, 0 for off"),
+    "distill.adam_eps": (1e-30, 1, "Adam's epsilon (1e-8 by default)"),
 }
 
 

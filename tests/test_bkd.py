@@ -264,6 +264,32 @@ def test_lr_zero_point_out_of_range_is_refused(teacher, calib, bad: float, messa
         bkd(teacher, calib, lr_zero_point=bad)
 
 
+@pytest.mark.parametrize("cls", ["bkd", "model_kd"])
+def test_adam_eps_reaches_every_group_and_a_bad_one_is_refused(teacher, calib, cls: str):
+    """A gradient of 1e-8 (an activation step size's, LSQ-scaled) moves a parameter half a rate at ε = 1e-8 and
+    nearly a whole one at 1e-12."""
+
+    def build(**kw):
+        if cls == "bkd":
+            return bkd(teacher, calib, **kw)
+        return ModelDistillation(teacher, make_student(teacher, calib), calib, progress=False, **LRS, **kw)
+
+    assert all(g["eps"] == 1e-8 for g in build().make_adam().param_groups)  # the default: torch's
+    opt = build(adam_eps=1e-12).make_adam()
+    assert all(g["eps"] == 1e-12 for g in opt.param_groups)
+    moved = {}
+    for eps in (1e-8, 1e-12):
+        p = torch.nn.Parameter(torch.zeros(1))
+        adam = torch.optim.Adam([p], lr=1.0, eps=eps)
+        p.grad = torch.full((1,), 1e-8)
+        adam.step()
+        moved[eps] = -float(p)
+    assert moved[1e-8] == pytest.approx(0.5, rel=1e-3) and moved[1e-12] == pytest.approx(1.0, rel=1e-3)
+    for bad in (0.0, -1e-8, float("nan")):
+        with pytest.raises(ValueError, match=r"distill.adam_eps=.* must be a finite number > 0"):
+            build(adam_eps=bad)
+
+
 def test_model_kd_takes_the_relative_rate(teacher, calib):
     kd = ModelDistillation(teacher, make_student(teacher, calib), calib, progress=False, **LRS, lr_act_step_rel=0.02)
     groups = {g["name"]: g for g in kd.make_adam().param_groups}

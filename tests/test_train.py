@@ -285,6 +285,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.act_drop_prob=1.5"], r"distill.act_drop_prob=1.5 is invalid: a number \[0, 1\)"),
         (["distill.dampen=-0.5"], r"distill.dampen=-0.5 is invalid: a number \[0, inf\), the weight of oscillation"),
         (["distill.freeze=1"], r"distill.freeze=1 is invalid: a number \[0, 1\), the oscillation frequency"),
+        (["distill.adam_eps=0"], r"distill.adam_eps=0 is invalid: a number \[1e-30, 1\), Adam's epsilon"),
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"],
          r"distill.lr_weight=0, distill.lr_weight_qparams=0, distill.lr_act_qparams=0, distill.lr_lora=0: nothing "
          r"would train. For post-training quantization without training use distill=none"),

@@ -340,12 +340,18 @@ class QuantDistillation(pl.LightningModule):
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
         lr_zero_point: float | None = None,
+        adam_eps: float = 1e-8,
     ) -> None:
         """Validate and keep the minibatch size, the groups' learning rates / schedule, the weight bit-width the
-        rates are for, the relative rate of activation step sizes and the zero-points' own rate (`param_groups`;
-        BKD, model KD)."""
+        rates are for, the relative rate of activation step sizes, the zero-points' own rate (`param_groups`) and
+        Adam's ε (BKD, model KD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not (math.isfinite(adam_eps) and adam_eps > 0):  # also refuses NaN
+            raise ValueError(
+                f"distill.adam_eps={adam_eps} must be a finite number > 0: Adam's ε, added to the root of each "
+                "parameter's squared-gradient average (1e-8 by default)"
+            )
         cosine_factor(0, 1, lr_schedule)  # validates the name
         named = {"lr_weight": lr_weight, "lr_lora": lr_lora, "lr_weight_qparams": lr_weight_qparams,
                  "lr_act_qparams": lr_act_qparams}  # fmt: skip
@@ -376,13 +382,16 @@ class QuantDistillation(pl.LightningModule):
         self.lr_act_step_rel = lr_act_step_rel
         self.lr_zero_point = lr_zero_point
         self.lr_schedule = lr_schedule
+        self.adam_eps = adam_eps
 
     def make_adam(self) -> RelativeAdam:
         """`RelativeAdam` over the student's `param_groups` (rates scaled per weight bit-width, activation step sizes
         relative when `lr_act_step_rel` is set, zero-points apart when `lr_zero_point` is), each group remembering
         its `base_lr` for `schedule_lr`."""
         groups = param_groups(self.student, self.lrs, self.lr_bits, self.lr_act_step_rel, self.lr_zero_point)
-        return RelativeAdam([g | {"base_lr": g["lr"]} for g in groups], step_sizes=step_sizes(self.student))
+        return RelativeAdam(
+            [g | {"base_lr": g["lr"]} for g in groups], step_sizes=step_sizes(self.student), eps=self.adam_eps
+        )
 
     def schedule_lr(self, i: int, n: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant) in `optimizer` (default:

@@ -85,6 +85,8 @@ class BlockwiseDistillation(QuantDistillation):
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         lr_zero_point: Learning rate of every zero-point, in grid steps per step (`param_groups`); None: they train
             with their step sizes, at `lr_weight_qparams` / `lr_act_qparams`, where `round(z)` never changes.
+        adam_eps: Adam's ε. LSQ's gradient scale makes quantizer parameters' gradients small (1e-8 .. 1e-7 for
+            activation step sizes), where the default 1e-8 shortens their steps below the rates.
         revert_worse: Put a block back as it was before training when training leaves its calibration-set MSE
             higher than before (its history entry then says `"kept": "untrained"`).
         act_drop_prob: QDrop: in each training step every activation element of the block stays full precision
@@ -114,6 +116,7 @@ class BlockwiseDistillation(QuantDistillation):
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
         lr_zero_point: float | None = None,
+        adam_eps: float = 1e-8,
         revert_worse: bool = True,
         act_drop_prob: float = 0.0,
         dampen: float = 0.0,
@@ -126,7 +129,7 @@ class BlockwiseDistillation(QuantDistillation):
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
                               lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora,
-                              lr_zero_point=lr_zero_point)  # fmt: skip
+                              lr_zero_point=lr_zero_point, adam_eps=adam_eps)  # fmt: skip
         if not 0 <= act_drop_prob < 1:  # also refuses NaN
             raise ValueError(
                 f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "

@@ -39,6 +39,8 @@ class ModelDistillation(QuantDistillation):
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         lr_zero_point: Learning rate of every zero-point, in grid steps per step (`param_groups`); None: they train
             with their step sizes, at `lr_weight_qparams` / `lr_act_qparams`, where `round(z)` never changes.
+        adam_eps: Adam's ε. LSQ's gradient scale makes quantizer parameters' gradients small (1e-8 .. 1e-7 for
+            activation step sizes), where the default 1e-8 shortens their steps below the rates.
         **kwargs: `QuantDistillation` arguments.
     """
 
@@ -57,6 +59,7 @@ class ModelDistillation(QuantDistillation):
         lr_act_step_rel: float | None = None,
         lr_lora: float = 0.0,
         lr_zero_point: float | None = None,
+        adam_eps: float = 1e-8,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -65,7 +68,7 @@ class ModelDistillation(QuantDistillation):
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
                               lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora,
-                              lr_zero_point=lr_zero_point)  # fmt: skip
+                              lr_zero_point=lr_zero_point, adam_eps=adam_eps)  # fmt: skip
         self.iters = iters
         self.max_steps = iters
         self._batches: Tensor | None = None  # [iters, batch_size] minibatch indices
