@@ -39,7 +39,7 @@ class ModelDistillation(QuantDistillation):
             (`RelativeAdam`) instead of at `lr_act_qparams`; None: absolute, like zero-points.
         lr_zero_point: Learning rate of every zero-point, in grid steps per step (`param_groups`); None: they train
             with their step sizes, at `lr_weight_qparams` / `lr_act_qparams`, where `round(z)` never changes.
-        adam_eps: Adam's ε. LSQ's gradient scale makes quantizer parameters' gradients small (1e-8 .. 1e-7 for
+        adam_eps: Adam's ε. LSQ's gradient scale makes quantizer parameters' gradients small (mostly 1e-10 .. 1e-8 for
             activation step sizes), where the default 1e-8 shortens their steps below the rates.
         **kwargs: `QuantDistillation` arguments.
     """
