@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from dq.errors import ConfigError, UserError
-from dq.paths import LOCK_NAME, PACKAGE_DIR, asset, cache_dir
+from dq.paths import LOCK_NAME, PACKAGE_DIR, asset, cache_dir, conf_dir
 from dq.utils.io import atomic_write
 
 
@@ -65,14 +65,26 @@ def student_name(quantizer: str, bits: str, student_dir: str | None) -> str:
     return f"saved-{folder.name or 'student'}"
 
 
+def config_groups(config_name: str) -> str:
+    """`group: option, option, ...` for each config group in the defaults list of `conf/<config_name>.yaml`, one line
+    each, sorted: what `--help` lists for that app (Hydra's `$APP_CONFIG_GROUPS` lists every group in conf/, the other
+    apps' included)."""
+    root = Path(conf_dir())
+    defaults = OmegaConf.load(root / f"{config_name}.yaml").get("defaults", [])
+    groups = sorted(str(k) for d in defaults if isinstance(d, dict | DictConfig) for k in d
+                    if not str(k).startswith("override ") and "/" not in str(k))  # fmt: skip
+    return "\n".join(f"{g}: {', '.join(sorted(f.stem for f in (root / g).glob('*.yaml')))}" for g in groups)
+
+
 def register_resolvers() -> None:
-    """`${dq.asset:name}`, `${dq.cache:}`, `${dq.wandb_offline:}` and `${dq.student_name:q,b,dir}` for the yaml
-    files (idempotent)."""
+    """`${dq.asset:name}`, `${dq.cache:}`, `${dq.wandb_offline:}`, `${dq.student_name:q,b,dir}` and
+    `${dq.config_groups:name}` for the yaml files (idempotent)."""
     for name, fn in {
         "dq.asset": asset,
         "dq.cache": lambda: str(cache_dir()),
         "dq.wandb_offline": wandb_offline,
         "dq.student_name": student_name,
+        "dq.config_groups": config_groups,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -36,6 +36,7 @@ from dq.config import (
     NoteFoundRunDir,
     build_loggers,
     cli_errors,
+    config_groups,
     drop_refused_run_dir,
     one_line_warnings,
     run_dir_is_new,
@@ -692,6 +693,17 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_di
     assert re.search(r"calibration: 100%", bars) and re.search(r"Epoch 0: 100%.*it/s", bars)  # dq's, Lightning's
     assert "block 1 (conv_in)" not in bars
     assert re.search(r"distill/block=16\b", bars) and not re.search(r"distill/block=\d+\.", bars)  # not 16.000
+
+
+def test_help_lists_the_groups_the_app_composes(tmp_path):
+    """Hydra's --help listed every group in conf/: dq-train offered pretrain=, which it then refused."""
+    groups = {app: [line.split(":")[0] for line in config_groups(app).splitlines()] for app in ("train", "pretrain")}
+    assert groups["pretrain"] == ["logger", "pretrain", "trainer"]
+    assert "pretrain" not in groups["train"] and {"bits", "distill", "callbacks", "experiment"} <= set(groups["train"])
+    assert "distill: bkd, model_kd, none" in config_groups("train").splitlines()
+    shown = _cli(tmp_path, "dq.train", "--help")
+    assert shown.returncode == 0 and "\ndistill: bkd, model_kd, none\n" in shown.stdout
+    assert "pretrain:" not in shown.stdout
 
 
 def test_a_log_line_printed_while_a_bar_runs_gets_a_line_of_its_own():
