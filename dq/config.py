@@ -90,10 +90,11 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-def one_line_warnings(prog: str, default: Any = warnings.formatwarning, end: str = "\n") -> Any:
+def one_line_warnings(prog: str, default: Any, end: str = "\n") -> Any:
     """A `warnings.formatwarning` that gives dq's own warnings (a setting to reconsider, a cache skipped) one line,
-    `<prog>: warning: <message>`, as its errors, and other packages' warnings their usual file, line and source;
-    each ends in `end` ("" where logging, which adds its own, prints them)."""
+    `<prog>: warning: <message>`, as its errors, and other packages' warnings the format of `default` (the
+    `formatwarning` it replaces: file, line and source); each ends in `end` ("" where logging, which adds its own,
+    prints them)."""
 
     def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                        line: str | None = None) -> str:  # fmt: skip

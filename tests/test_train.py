@@ -673,7 +673,7 @@ def test_dqs_own_warnings_are_one_line_like_its_errors(tmp_path):
     assert refused.returncode == 2 and len(lines) == 2, refused.stderr
     assert lines[0].startswith("dq-eval: warning: eval.n_samples=16 is too few for meaningful scores: IS splits")
     assert lines[1].startswith(f"dq-eval: error: Model directory '{tmp_path / 'missing'}' does not exist.")
-    fmt = one_line_warnings("dq-train", end="")
+    fmt = one_line_warnings("dq-train", warnings.formatwarning, end="")
     assert fmt("a cache was skipped", UserWarning, str(Path(dq.__file__).parent / "utils" / "io.py"), 62) == (
         "dq-train: warning: a cache was skipped"
     )
