@@ -156,6 +156,55 @@ def test_lsq_gradients_of_scale_and_zero_point():
     assert gs == pytest.approx(1 / (200 * 15) ** 0.5)
 
 
+def test_clip_first_takes_lsq_gradients_by_the_unrounded_value():
+    # LSQ (Esser et al. 2020) clamps v = x/Δ + z to the grid before rounding: its gradients are those of
+    # round(clamp(v)), so the grid test is on v itself, where the default tests round(v) (half a step wider)
+    g = torch.Generator().manual_seed(2)
+    edges = torch.tensor([-0.51, -0.49, 0.26, 0.27])  # x/Δ + z = -0.2, 0.2, 15.2, 15.4
+    x = torch.cat([torch.randn(300, generator=g), edges])
+    qmin, qmax, gs = 0, 15, lsq_grad_scale(304, 15)
+    grads = {}
+    for clip_first in (False, True):
+        xx = x.clone().requires_grad_()
+        scale = torch.tensor(0.05, requires_grad=True)
+        zp = torch.tensor(10.0, requires_grad=True)
+        out = fake_quant(xx, scale, zp, qmin, qmax, gs, clip_first=clip_first)
+        out.sum().backward()
+        grads[clip_first] = out.detach(), xx.grad, scale.grad, zp.grad
+    assert torch.equal(grads[True][0], grads[False][0])  # the same values either way
+
+    v = x / 0.05 + 10.0
+    below, above = v < qmin, v > qmax
+    inside = ~(below | above)
+    half_step_out = inside.logical_not() & (torch.round(v) >= qmin) & (torch.round(v) <= qmax)
+    assert half_step_out.sum() >= 3  # values the two orders treat differently (v in (-0.5, 0) or (15, 15.5))
+    _, x_grad, scale_grad, zp_grad = grads[True]
+    assert_close(x_grad, inside.float(), atol=0, rtol=0)
+    d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - 10.0, qmax - 10.0))
+    assert_close(scale_grad, d_scale.sum() * gs)
+    assert_close(zp_grad, torch.where(inside, 0.0, -0.05).sum() * gs)
+    assert not torch.equal(grads[False][1], x_grad)  # the default passes gradient in the half step beyond
+
+
+def test_clip_first_reaches_every_quantizer_of_a_spec():
+    spec = QuantSpec(weight_bits=4, act_bits=4, clip_first=True)
+    assert spec.weight_spec("a").clip_first and spec.act_spec("a").clip_first and spec.prob_spec("a").clip_first
+    assert not QuantSpec().act_spec("a").clip_first
+    w = torch.tensor([[-1.0, -0.2, 0.1, 1.0]])
+    expected = {False: [0.0, 1.0, 1.0, 1.0], True: [0.0, 1.0, 1.0, 0.0]}
+    for clip_first in (False, True):
+        q = UniformQuantizer(QuantizerSpec(4, clip_first=clip_first), 1)
+        q.init_from(w)
+        with torch.no_grad():  # x/Δ + z = -1.33, 5.33, 7.83, 15.33: the last lies within half a step above the grid
+            q.scale.fill_(0.12)
+            q.zero_point.fill_(7.0)
+        ww = w.clone().requires_grad_()
+        q(ww).sum().backward()
+        assert ww.grad[0].tolist() == expected[clip_first]
+    with pytest.raises(ValueError, match="clip_first='yes' is invalid: must be a bool"):
+        QuantSpec(clip_first="yes")
+
+
 # ---- UniformQuantizer --------------------------------------------------------------------------------------------
 def test_uniform_per_channel_minmax_init_and_forward():
     g = torch.Generator().manual_seed(2)

@@ -107,7 +107,9 @@ def lsq_grad_scale(numel_per_param: int, qmax: int) -> float:
     return 1.0 / math.sqrt(max(numel_per_param, 1) * max(qmax, 1))
 
 
-def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+def fake_quant(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_scale: float, clip_first: bool = False
+) -> Tensor:
     """Uniform affine fake quantization with STE rounding and LSQ-scaled step-size gradients.
 
     Args:
@@ -117,17 +119,25 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
         qmin: Lowest integer of the grid.
         qmax: Highest integer of the grid.
         grad_scale: Multiplies the gradients of `scale` and `zero_point`.
+        clip_first: Take the gradient of `round(clamp(x/scale + round(z), qmin, qmax))`, as LSQ does: a value beyond
+            the grid passes no gradient to `x`, and the grid end's to `scale` and `z`. Otherwise (Q-Diffusion's and
+            EfficientDM's order) rounding comes first and a value within half a step beyond either end still counts
+            as on the grid. The forward value is the same either way.
 
     Returns:
         `scale * (clamp(round(x/scale) + round(z), qmin, qmax) - round(z))`, same shape as `x` (computed in
         float32 for a half-precision `x`, returned in the dtype of `x / scale`).
     """
     if x.dtype in HALF_DTYPES:
-        out = fake_quant(x.float(), scale.float(), zero_point.float(), qmin, qmax, grad_scale)
+        out = fake_quant(x.float(), scale.float(), zero_point.float(), qmin, qmax, grad_scale, clip_first)
         return out.to(torch.result_type(x, scale))
     scale = _scale_grad(scale, grad_scale).clamp_min(SCALE_MIN)
     z = round_ste(_scale_grad(zero_point, grad_scale))
-    q = torch.clamp(round_ste(x / scale) + z, qmin, qmax)
+    u = x / scale
+    q = torch.clamp(round_ste(u) + z, qmin, qmax)
+    if clip_first:  # the same values, with the gradient of clamp(u + z) (unrounded) in place of clamp(round(u) + z)
+        v = torch.clamp(u + z, qmin, qmax)
+        q = v + (q - v).detach()
     return scale * (q - z)
 
 
@@ -311,7 +321,7 @@ class UniformQuantizer(_QuantizerBase):
         if not self.initialized:
             raise RuntimeError("weight quantizer is not initialised: call init_from(weight) first")
         scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
-        return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+        return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x), self.spec.clip_first)
 
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """`(Δ, round(z))` of weight `x`'s grid as `forward` uses them (Δ clamped to `SCALE_MIN`), detached, in
@@ -523,7 +533,7 @@ class TemporalQuantizer(_QuantizerBase):
         else:
             shape = [x.shape[0]] + [1] * (x.ndim - 1)  # [B, 1, ...]: each sample its own step's pair
             scale, zp = self.scale[index].reshape(shape), self.zero_point[index].reshape(shape)
-        out = fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x))
+        out = fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x), self.spec.clip_first)
         p = self.step_context.drop_prob
         if p > 0:  # QDrop: each element stays full precision with probability p
             drop = torch.rand(x.shape, generator=self.step_context.generator, device=x.device) < p

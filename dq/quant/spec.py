@@ -58,6 +58,8 @@ class QuantizerSpec:
         granularity: "tensor" (one step size) or "channel" (one per output channel, weights only).
         init: How the step size is initialised: "minmax" range or "mse" search over clipping ratios.
         learnable: Step size and zero-point are trainable `nn.Parameter`s (LSQ) instead of buffers.
+        clip_first: Gradients as LSQ takes them, clamping to the grid before rounding (`fake_quant`); the forward
+            value does not change.
     """
 
     bits: int
@@ -65,6 +67,7 @@ class QuantizerSpec:
     granularity: str = "tensor"
     init: str = "minmax"
     learnable: bool = True
+    clip_first: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
@@ -72,6 +75,7 @@ class QuantizerSpec:
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("init", self.init, INITS)
         _check_bool("learnable", self.learnable)
+        _check_bool("clip_first", self.clip_first)
 
     @property
     def qmin(self) -> int:
@@ -121,6 +125,9 @@ class QuantSpec:
         weight_init: "minmax" or "mse" initialisation of weight step sizes.
         act_init: "minmax" or "mse" initialisation of activation step sizes (from calibration).
         learnable: Step sizes and zero-points are trainable parameters.
+        clip_first: Every quantizer takes its gradients as LSQ does, clamping to the grid before rounding: a value
+            beyond the grid passes none (`dq.quant.fake_quant`). Off, rounding comes first, as in Q-Diffusion's and
+            EfficientDM's code. Sampling is the same either way.
         keep_8bit: Module names (exact, a prefix up to a dot, or a glob such as `*.conv_shortcut`) whose weights
             and input activations are kept at 8 bits (at least; more when the configured bits are higher).
         attn_prob_bits: Bit-width of the post-softmax attention probabilities.
@@ -144,6 +151,7 @@ class QuantSpec:
     weight_init: str = "minmax"
     act_init: str = "minmax"
     learnable: bool = True
+    clip_first: bool = False
     keep_8bit: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
     attn_prob_bits: int = 8
     quantize_attention: bool = True
@@ -166,6 +174,7 @@ class QuantSpec:
         _check_choice("weight_init", self.weight_init, INITS)
         _check_choice("act_init", self.act_init, INITS)
         _check_bool("learnable", self.learnable)
+        _check_bool("clip_first", self.clip_first)
         _check_bool("quantize_attention", self.quantize_attention)
         _check_bool("split_concat", self.split_concat)
         _check_bool("fp_network_input", self.fp_network_input)
@@ -195,16 +204,18 @@ class QuantSpec:
     def weight_spec(self, name: str) -> QuantizerSpec:
         """Weight quantizer spec of layer `name`."""
         bits = max(self.weight_bits, 8) if self.is_kept_8bit(name) else self.weight_bits
-        return QuantizerSpec(bits, self.weight_symmetric, self.weight_granularity, self.weight_init, self.learnable)
+        return QuantizerSpec(
+            bits, self.weight_symmetric, self.weight_granularity, self.weight_init, self.learnable, self.clip_first
+        )
 
     def act_spec(self, name: str) -> QuantizerSpec:
         """Input-activation quantizer spec of layer (or attention module) `name`."""
         bits = max(self.act_bits, 8) if self.is_kept_8bit(name) else self.act_bits
-        return QuantizerSpec(bits, self.act_symmetric, "tensor", self.act_init, self.learnable)
+        return QuantizerSpec(bits, self.act_symmetric, "tensor", self.act_init, self.learnable, self.clip_first)
 
     def prob_spec(self, name: str) -> QuantizerSpec:
         """Post-softmax probability quantizer spec of attention module `name` (always asymmetric)."""
-        return QuantizerSpec(self.attn_prob_bits, False, "tensor", self.act_init, self.learnable)
+        return QuantizerSpec(self.attn_prob_bits, False, "tensor", self.act_init, self.learnable, self.clip_first)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of the fields."""
