@@ -40,6 +40,17 @@ class _DropAdverts(logging.Filter):
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
+class LogFileOnly(logging.Filter):
+    """Lightning's lines that say nothing a dq user acts on: the TPU / HPU it did not find, and why `trainer.fit`
+    stopped (dq sets the steps; a finished run that resumes has none left). conf/hydra/job_logging/dq.yaml keeps them
+    off the terminal and in the run's log file."""
+
+    PREFIXES = ("TPU available:", "HPU available:", "`Trainer.fit` stopped:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("pytorch_lightning") and record.getMessage().startswith(self.PREFIXES))
+
+
 class BelowWarning(logging.Filter):
     """Passes debug and info records only: conf/hydra/job_logging/dq.yaml sends them to stdout, the rest to stderr."""
 

@@ -234,7 +234,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     trainer_kwargs["enable_progress_bar"] = bool(trainer_kwargs.get("enable_progress_bar", True) and cfg.eval.progress)
     trainer = pl.Trainer(
         **trainer_kwargs, logger=loggers or False,
-        callbacks=callbacks + progress_bar(trainer_kwargs["enable_progress_bar"]),
+        callbacks=callbacks + progress_bar(trainer_kwargs["enable_progress_bar"], "distillation"),
         default_root_dir=str(run_dir), enable_checkpointing=False,
     )  # fmt: skip
 

@@ -690,9 +690,14 @@ def test_progress_bars_go_to_stderr_and_stdout_keeps_whole_lines(tiny_teacher_di
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stdout and re.search(r"^block 1 \(conv_in\): ", done.stdout, re.M)
     bars = done.stderr
-    assert re.search(r"calibration: 100%", bars) and re.search(r"Epoch 0: 100%.*it/s", bars)  # dq's, Lightning's
-    assert "block 1 (conv_in)" not in bars
+    assert re.search(r"calibration: 100%", bars) and re.search(r"distillation: 100%.*it/s", bars)  # dq's, Lightning's
+    assert "block 1 (conv_in)" not in bars and "Epoch 0" not in bars  # Lightning's label: one epoch is all of BKD
     assert re.search(r"distill/block=16\b", bars) and not re.search(r"distill/block=\d+\.", bars)  # not 16.000
+    # Lightning's TPU line and why fit stopped go to the log file only; its GPU line stays on the terminal
+    terminal, log = done.stdout + done.stderr, (run / "train.log").read_text()
+    for line in ("TPU available: False", "`Trainer.fit` stopped: `max_steps="):
+        assert line not in terminal and line in log
+    assert "GPU available: False, used: False" in terminal
 
 
 def test_help_lists_the_groups_the_app_composes():

@@ -31,7 +31,16 @@ class ConsoleHandler(logging.StreamHandler):
 
 class StderrProgressBar(TQDMProgressBar):
     """Lightning's bars on stderr, beside dq's other bars (Lightning writes them to stdout). Lightning passes
-    `file=sys.stdout`, read when a bar is made: each bar is made with stdout pointing at stderr."""
+    `file=sys.stdout`, read when a bar is made: each bar is made with stdout pointing at stderr.
+
+    Args:
+        description: The training bar's label in place of Lightning's `Epoch <n>` (dq-train's one epoch is all of
+            distillation); None keeps Lightning's.
+    """
+
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__()
+        self.description = description
 
     def init_sanity_tqdm(self) -> Tqdm:
         with contextlib.redirect_stdout(sys.stderr):
@@ -39,7 +48,12 @@ class StderrProgressBar(TQDMProgressBar):
 
     def init_train_tqdm(self) -> Tqdm:
         with contextlib.redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
+            bar = super().init_train_tqdm()
+        if (label := self.description) is not None:  # every epoch Lightning sets `Epoch <n>`: this bar keeps its label
+            set_description = bar.set_description
+            bar.set_description = lambda desc=None, refresh=True: set_description(label, refresh)
+            bar.set_description(refresh=False)
+        return bar
 
     def init_validation_tqdm(self) -> Tqdm:
         with contextlib.redirect_stdout(sys.stderr):
@@ -53,6 +67,7 @@ class StderrProgressBar(TQDMProgressBar):
         return metrics
 
 
-def progress_bar(enabled: bool) -> list[TQDMProgressBar]:
-    """The callbacks to pass a `pl.Trainer` built with `enable_progress_bar=enabled`."""
-    return [StderrProgressBar()] if enabled else []
+def progress_bar(enabled: bool, description: str | None = None) -> list[TQDMProgressBar]:
+    """The callbacks to pass a `pl.Trainer` built with `enable_progress_bar=enabled` (`description`: the training
+    bar's label, `StderrProgressBar`)."""
+    return [StderrProgressBar(description)] if enabled else []
