@@ -61,6 +61,9 @@ NEUTRAL_OPTIONS: dict[str, object] = {
     "distill.freeze": 0.0,
     "distill.lr_zero_point": None,
     "distill.adam_eps": 1e-8,
+    "quantizer.spec.clip_first": False,
+    "distill.lr_rounding": 0,
+    "distill.rounding_reg": 0.01,
 }
 
 

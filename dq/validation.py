@@ -46,6 +46,7 @@ RATES = (
     "distill.lr_act_qparams",
     "distill.lr_lora",
     "distill.lr_zero_point",
+    "distill.lr_rounding",
 )
 # counts that must be whole numbers >= 1 (where the config has them); seeds must be whole numbers
 COUNTS = (
@@ -75,6 +76,7 @@ RANGES = {
     "distill.dampen": (0, math.inf, "the weight of oscillation dampening relative to each block's MSE, 0 for off"),
     "distill.freeze": (0, 1, "the oscillation frequency above which a latent weight is frozen, 0 for off"),
     "distill.adam_eps": (1e-30, 1, "Adam's epsilon (1e-8 by default)"),
+    "distill.rounding_reg": (0, math.inf, "AdaRound's regulariser weight (BRECQ's 0.01)"),
 }
 
 

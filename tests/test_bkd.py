@@ -28,7 +28,7 @@ from dq.distill.base import RelativeAdam, calibrate_student, step_sizes, weight_
 from dq.distill.calibration import build_calibration_set
 from dq.errors import CheckpointError
 from dq.quant import QuantSpec, act_quantizers, quantize_model, step_context, weight_quantizers
-from dq.quant.quantizer import SCALE_MIN
+from dq.quant.quantizer import SCALE_MIN, UniformQuantizer
 
 LRS = dict(lr_weight=1e-4, lr_weight_qparams=1e-4, lr_act_qparams=1e-4)
 
@@ -385,10 +385,10 @@ def test_log_every_n_steps_zero_logs_each_blocks_last_step_only(teacher, calib):
     assert losses == [f"block/{k:02d}/loss" for k in range(len(module.blocks))]
 
 
-@pytest.mark.parametrize("act_drop_prob", [0.0, 0.5])
-def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, act_drop_prob: float):
+@pytest.mark.parametrize("options", [{}, {"act_drop_prob": 0.5}, {"lr_rounding": 0.1}])
+def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, options: dict):
     def run(run_dir: Path, fail_at_block: int | None = None, logged: list | None = None) -> BlockwiseDistillation:
-        module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", act_drop_prob=act_drop_prob)
+        module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", **options)
         if logged is not None:
             module.log_block = lambda values, step: logged.append((step, values))
         callbacks = [WeightDilation(), TemporalParallelQuantizer()]
@@ -568,6 +568,58 @@ def test_a_block_that_training_makes_worse_is_put_back(teacher, calib, revert_wo
         if reverted:  # the block is back where it began: its MSE over the calibration set is the starting one
             module._cache, module._cache_steps = module.capture(module.blocks[k])
             assert module.block_mse(k) == pytest.approx(h["mse_before"], rel=1e-6)
+
+
+@pytest.mark.parametrize("revert_worse", [False, True])
+def test_adaround_chooses_each_weights_rounding_and_leaves_an_ordinary_student(teacher, calib, revert_worse: bool):
+    """`lr_rounding`: weights and their step sizes frozen, each weight learns to round up or down; a block ends with
+    its choice written into its latent weights as grid values, and the roundings gone."""
+    rates = dict(lr_weight=0, lr_weight_qparams=0, lr_act_qparams=1e-4, lr_rounding=0.1)
+    module = bkd(teacher, calib, iters=6, revert_worse=revert_worse, **rates)
+    start = StartState()
+    fit(module, [start])
+    layers = [m for m in module.student.modules() if isinstance(getattr(m, "weight_quantizer", None), UniformQuantizer)]
+    assert all(m.weight_quantizer.rounding is None for m in layers)
+    assert set(module.student.state_dict()) == set(make_student(teacher, calib).state_dict())
+    shares = [h["rounded_otherwise"] for h in module.history]
+    assert len(shares) == len(module.blocks) and max(shares) > 0 and all(0 <= x < 0.5 for x in shares)
+    params = dict(module.student.named_parameters())
+    for k, h in enumerate(module.history):
+        for name in module.blocks[k].modules:
+            for n, m in module.student.get_submodule(name).named_modules(prefix=name):
+                if m not in layers:
+                    continue
+                w, w0, wq = params[n + ".weight"], start.state[n + ".weight"], m.weight_quantizer
+                if h["kept"] == "untrained":  # put back: the latent weights as they were, rounded to nearest again
+                    assert torch.equal(w, w0), n
+                else:  # each code the chosen one, at most a step from nearest; the latent weight on the grid
+                    assert (wq.codes(w) - wq.codes(w0)).abs().max() <= 1, n
+                    torch.testing.assert_close(m.quantized_weight(), w, atol=1e-6, rtol=0)
+    kept = {h["kept"] for h in module.history}
+    assert kept == ({"trained", "untrained"} if revert_worse else {"trained"})
+
+
+def test_adaround_regulariser_joins_the_loss_after_warmup(teacher, calib):
+    module = bkd(teacher, calib, iters=10, lr_rounding=0.1, rounding_reg=1e6)
+    losses: list[tuple[int, float]] = []
+    step = module.training_step
+
+    def record(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        k, i = divmod(int(batch[0]), module.iters_per_block)
+        if k == 2:
+            losses.append((i, float(loss)))
+        return loss
+
+    module.training_step = record
+    fit(module)
+    assert [i for i, _ in losses] == list(range(10))
+    warm, regularised = [v for i, v in losses if i < 2], [v for i, v in losses if i >= 2]
+    assert max(warm) < 1 < min(regularised)  # λ = 1e6: the regulariser dominates once β is set (step 2 of 10)
+    with pytest.raises(ValueError, match="rounding_reg=-1"):
+        bkd(teacher, calib, lr_rounding=0.1, rounding_reg=-1)
+    with pytest.raises(ValueError, match="lr_rounding=nan"):
+        bkd(teacher, calib, lr_rounding=float("nan"))
 
 
 def test_a_calibration_set_of_another_schedule_is_refused(teacher, calib):

@@ -341,10 +341,11 @@ class QuantDistillation(pl.LightningModule):
         lr_lora: float = 0.0,
         lr_zero_point: float | None = None,
         adam_eps: float = 1e-8,
+        lr_rounding: float = 0.0,
     ) -> None:
         """Validate and keep the minibatch size, the groups' learning rates / schedule, the weight bit-width the
-        rates are for, the relative rate of activation step sizes, the zero-points' own rate (`param_groups`) and
-        Adam's ε (BKD, model KD)."""
+        rates are for, the relative rate of activation step sizes, the zero-points' own rate (`param_groups`),
+        Adam's ε (BKD, model KD) and AdaRound's rate (BKD)."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not (math.isfinite(adam_eps) and adam_eps > 0):  # also refuses NaN
@@ -357,6 +358,8 @@ class QuantDistillation(pl.LightningModule):
                  "lr_act_qparams": lr_act_qparams}  # fmt: skip
         if lr_zero_point is not None:
             named["lr_zero_point"] = lr_zero_point
+        if lr_rounding != 0:
+            named["lr_rounding"] = lr_rounding
         if bad := [f"distill.{k}={v}" for k, v in named.items() if not math.isfinite(v)]:  # NaN would drop the group
             raise ValueError(f"{', '.join(bad)}: learning rates must be finite numbers")
         if lr_act_step_rel is not None:
@@ -381,6 +384,7 @@ class QuantDistillation(pl.LightningModule):
                     "act_qparams": lr_act_qparams}  # fmt: skip
         self.lr_act_step_rel = lr_act_step_rel
         self.lr_zero_point = lr_zero_point
+        self.lr_rounding = lr_rounding
         self.lr_schedule = lr_schedule
         self.adam_eps = adam_eps
 
@@ -395,9 +399,9 @@ class QuantDistillation(pl.LightningModule):
 
     def schedule_lr(self, i: int, n: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Set every group's learning rate for step `i` of `n` (cosine to 0, or constant) in `optimizer` (default:
-        the fit's, `self.optimizers()`)."""
+        the fit's, `self.optimizers()`); a group marked `"constant"` keeps its `base_lr`."""
         for g in (optimizer if optimizer is not None else self.optimizers()).param_groups:
-            g["lr"] = g["base_lr"] * cosine_factor(i, n, self.lr_schedule)
+            g["lr"] = g["base_lr"] * (1.0 if g.get("constant") else cosine_factor(i, n, self.lr_schedule))
 
     def freeze_all_but(self, params: Iterable[nn.Parameter]) -> None:
         """`requires_grad` only for `params`."""

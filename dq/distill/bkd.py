@@ -36,6 +36,7 @@ from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
 from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
 from dq.quant import step_context
+from dq.quant.adaround import AdaRound, adaround_layers, attach_adaround, bake_adaround, rounding_beta, rounding_loss
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class BlockwiseDistillation(QuantDistillation):
         freeze: Oscillation freezing (Nagel et al. 2022, `OscillationTracker`): a latent weight whose moving average
             of code reversals per step (momentum 0.01) passes this threshold is held at its average code for the rest
             of its block. 0: off.
+        lr_rounding: AdaRound (`dq.quant.adaround`, Nagel et al. 2020): each weight of block `k` learns whether it
+            rounds down or up, at this rate, and the block ends with that choice written into its latent weights
+            (BRECQ, Q-Diffusion and EDA-DM: the `ptq_recon` baseline). 0: off, round to nearest.
+        rounding_reg: AdaRound's regulariser weight λ, as BRECQ sets it for a loss summed over each sample's block
+            output (0.01 there); dq's loss is the mean over those elements, so λ is divided by their number.
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -121,6 +127,8 @@ class BlockwiseDistillation(QuantDistillation):
         act_drop_prob: float = 0.0,
         dampen: float = 0.0,
         freeze: float = 0.0,
+        lr_rounding: float = 0.0,
+        rounding_reg: float = 0.01,
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher, student, calib, **kwargs)
@@ -129,7 +137,7 @@ class BlockwiseDistillation(QuantDistillation):
         self.set_optimization(batch_size=batch_size, lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams,
                               lr_act_qparams=lr_act_qparams, lr_schedule=lr_schedule, lr_bits=lr_bits,
                               lr_act_step_rel=lr_act_step_rel, lr_lora=lr_lora,
-                              lr_zero_point=lr_zero_point, adam_eps=adam_eps)  # fmt: skip
+                              lr_zero_point=lr_zero_point, adam_eps=adam_eps, lr_rounding=lr_rounding)  # fmt: skip
         if not 0 <= act_drop_prob < 1:  # also refuses NaN
             raise ValueError(
                 f"distill.act_drop_prob={act_drop_prob} must be in [0, 1): the probability that an activation element "
@@ -145,6 +153,12 @@ class BlockwiseDistillation(QuantDistillation):
                 f"distill.freeze={freeze} must be in [0, 1): the moving-average frequency of code reversals per step "
                 "above which a latent weight is frozen (Nagel et al. 2022; try 0.02 .. 0.05), 0 for off"
             )
+        if not (rounding_reg >= 0 and math.isfinite(rounding_reg)):  # also refuses NaN
+            raise ValueError(
+                f"distill.rounding_reg={rounding_reg} must be a finite number >= 0 (AdaRound's regulariser)"
+            )
+        self.rounding_reg = rounding_reg
+        self._roundings: list[AdaRound] = []  # block k's learned roundings while it trains
         self.iters_per_block = iters_per_block
         self.dampen = dampen
         self.freeze = freeze
@@ -178,6 +192,9 @@ class BlockwiseDistillation(QuantDistillation):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = self.make_adam()
+        if self.lr_rounding > 0:  # AdaRound's α: a block's own, made when it starts; at a constant rate, as in BRECQ
+            lr = self.lr_rounding
+            opt.add_param_group({"name": "rounding", "params": [], "lr": lr, "base_lr": lr, "constant": True})
         self._trainable = {id(p) for g in opt.param_groups for p in g["params"]}
         return opt
 
@@ -247,10 +264,38 @@ class BlockwiseDistillation(QuantDistillation):
         self._oscillation = OscillationTracker(layers, freeze_threshold=self.freeze)
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
+        if self.lr_rounding > 0:
+            self.start_rounding(k)
+
+    def start_rounding(self, k: int) -> None:
+        """AdaRound on block `k`'s quantized weights: attach the roundings, put their α in the optimizer's group
+        `rounding` and keep the latent weights that `finish_rounding` overwrites (for `revert_worse`)."""
+        modules = [self.student.get_submodule(n) for n in self.blocks[k].modules]
+        if self.revert_worse:
+            self._untrained += [(layer.weight, layer.weight.detach().clone()) for layer in adaround_layers(modules)]
+        self._roundings = attach_adaround(modules)
+        group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == "rounding")
+        group["params"] = [r.alpha for r in self._roundings]
+        self._trainable.update(id(r.alpha) for r in self._roundings)
+
+    def finish_rounding(self, k: int) -> float:
+        """Write block `k`'s rounding choices into its latent weights and drop the roundings (and their Adam state);
+        returns the share of its quantized weights that round otherwise than to nearest."""
+        modules = [self.student.get_submodule(n) for n in self.blocks[k].modules]
+        changed = bake_adaround(modules)
+        total = sum(r.alpha.numel() for r in self._roundings)
+        opt = self.optimizers().optimizer
+        for r in self._roundings:
+            opt.state.pop(r.alpha, None)
+            self._trainable.discard(id(r.alpha))
+        next(g for g in opt.param_groups if g["name"] == "rounding")["params"] = []
+        self._roundings = []
+        return changed / max(total, 1)
 
     def finish_block(self, k: int) -> None:
         """Check block `k`'s parameters are finite, log its final MSE and write the checkpoint."""
         check_finite_parameters(self.student, f"block {k} ({self.blocks[k].name})", self.checkpoint_path)
+        rounding = {"rounded_otherwise": self.finish_rounding(k)} if self._roundings else {}
         mse_trained = mse_after = self.block_mse(k)
         kept = "trained"
         if self.revert_worse and mse_trained > self._mse_before:  # training made the block worse: undo it
@@ -263,15 +308,15 @@ class BlockwiseDistillation(QuantDistillation):
                      f"{mse_trained:.4g}{rise}; kept the block as it was before training")  # fmt: skip
         last = (k + 1) * self.iters_per_block - 1
         seconds = self.block_seconds[self.blocks[k].name] = time.perf_counter() - self._block_start
-        oscillation = {"oscillated": self._oscillation.share()}
+        weights = {"oscillated": self._oscillation.share(), **rounding}
         if self.freeze:
-            oscillation["frozen"] = self._oscillation.frozen_share()
+            weights["frozen"] = self._oscillation.frozen_share()
         self.log_block(
             {f"block/{k:02d}/mse_after": mse_after, f"block/{k:02d}/reverted": float(kept == "untrained"),
-             f"block/{k:02d}/seconds": seconds, **{f"block/{k:02d}/{n}": v for n, v in oscillation.items()}}, last,
+             f"block/{k:02d}/seconds": seconds, **{f"block/{k:02d}/{n}": v for n, v in weights.items()}}, last,
         )  # fmt: skip
         self.history.append({"block": self.blocks[k].name, "mse_before": self._mse_before, "mse_trained": mse_trained,
-                             "mse_after": mse_after, "kept": kept, **oscillation})  # fmt: skip
+                             "mse_after": mse_after, "kept": kept, **weights})  # fmt: skip
         self.student.requires_grad_(False)
         ctx = step_context(self.student)
         ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it
@@ -305,6 +350,9 @@ class BlockwiseDistillation(QuantDistillation):
         if self.dampen and self._oscillation.layers:  # rises from 0 as the learning rate falls (Nagel et al.)
             weight = self.dampen * (1.0 - cosine_factor(i, self.iters_per_block, "cosine")) * self._mse_before
             loss = mse + weight * dampening_loss(self._oscillation.layers)
+        if self._roundings and (beta := rounding_beta(i, self.iters_per_block)) is not None:
+            per_element = self.rounding_reg / self._cache.output[0].numel()  # BRECQ's λ, for a mean over outputs
+            loss = loss + per_element * rounding_loss(self._roundings, beta)
         where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
         check_finite(loss, where, self.checkpoint_path)
         opt.zero_grad(set_to_none=True)

@@ -75,9 +75,11 @@ class QuantLayerMixin:
 
         The cache key holds the version counters, ids and storage of the weight, Δ_w and z_w plus the quantizer
         flags, so optimizer steps, `load_state_dict`, in-place edits and `.to()` all invalidate it. A weight computed
-        on every access (an adapter, `dq.quant.lora`) is never cached: a new tensor can reuse a freed one's id.
+        on every access (an adapter, `dq.quant.lora`) is never cached: a new tensor can reuse a freed one's id; nor is
+        one with a learned rounding (`dq.quant.adaround`), whose α changes while the weight does not.
         """
-        if self.training or torch.is_grad_enabled() or parametrize.is_parametrized(self, "weight"):
+        learned = self.weight_quantizer.rounding is not None
+        if self.training or torch.is_grad_enabled() or parametrize.is_parametrized(self, "weight") or learned:
             self._wq_cache = None
             return self.weight_quantizer(self.weight)
         key = self._cache_key()

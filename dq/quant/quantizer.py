@@ -290,6 +290,7 @@ class UniformQuantizer(_QuantizerBase):
     def __init__(self, spec: QuantizerSpec, num_channels: int = 1) -> None:
         n = num_channels if spec.granularity == "channel" else 1
         super().__init__(spec, (n,))  # scale, zero_point: [C_out] or [1]
+        self.rounding: nn.Module | None = None  # learned rounding while a block trains (`dq.quant.adaround.AdaRound`)
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         # [C] -> [C, 1, ...] to broadcast over the weight's trailing dims
@@ -321,6 +322,8 @@ class UniformQuantizer(_QuantizerBase):
         if not self.initialized:
             raise RuntimeError("weight quantizer is not initialised: call init_from(weight) first")
         scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
+        if self.rounding is not None:
+            return self.rounding(x, scale, zp, self.qmin, self.qmax)
         return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x), self.spec.clip_first)
 
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
