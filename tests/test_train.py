@@ -288,8 +288,11 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["distill.freeze=1"], r"distill.freeze=1 is invalid: a number \[0, 1\), the oscillation frequency"),
         (["distill.adam_eps=0"], r"distill.adam_eps=0 is invalid: a number \[1e-30, 1\), Adam's epsilon"),
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0"],
-         r"distill.lr_weight=0, distill.lr_weight_qparams=0, distill.lr_act_qparams=0, distill.lr_lora=0: nothing "
-         r"would train. For post-training quantization without training use distill=none"),
+         r"distill.lr_weight=0, distill.lr_weight_qparams=0, distill.lr_act_qparams=0, distill.lr_lora=0, "
+         r"distill.lr_rounding=0: nothing would train. For post-training quantization without training use "
+         r"distill=none"),
+        (["distill.rounding_reg=-1"], r"distill.rounding_reg=-1 is invalid: a number \[0, inf\), AdaRound's"),
+        (["distill.lr_rounding=-1"], r"distill.lr_rounding=-1 is invalid: a learning rate must be a finite number"),
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0",
           "distill.lr_act_step_rel=0"], r"distill.lr_act_step_rel=0: nothing would train"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),
