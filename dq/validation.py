@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dq.data.folder import IMAGE_SUFFIXES, image_files
 from dq.data.reference import DATASETS
 from dq.distill.base import check_lr_bits
+from dq.distill.bkd import ROUNDING_FIXES_WEIGHTS
 from dq.distill.calibration import resolve_n_traj
 from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
@@ -149,6 +150,9 @@ def validate(cfg: DictConfig) -> None:
             f"{', '.join(f'{k}=0' for k in rates)}: nothing would train. For post-training quantization without "
             "training use distill=none."
         )
+    lr_rounding, lr_weight = (OmegaConf.select(cfg, f"distill.{k}") for k in ("lr_rounding", "lr_weight"))
+    if lr_rounding and lr_weight:  # AdaRound's forward holds the weights fixed
+        raise ConfigError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight))
     batch, n_calib = OmegaConf.select(cfg, "distill.batch_size"), OmegaConf.select(cfg, "calib.n_calib")
     if isinstance(batch, int) and isinstance(n_calib, int) and batch > n_calib:
         raise ConfigError(

@@ -385,7 +385,7 @@ def test_log_every_n_steps_zero_logs_each_blocks_last_step_only(teacher, calib):
     assert losses == [f"block/{k:02d}/loss" for k in range(len(module.blocks))]
 
 
-@pytest.mark.parametrize("options", [{}, {"act_drop_prob": 0.5}, {"lr_rounding": 0.1}])
+@pytest.mark.parametrize("options", [{}, {"act_drop_prob": 0.5}, {"lr_rounding": 0.1, "lr_weight": 0}])
 def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, options: dict):
     def run(run_dir: Path, fail_at_block: int | None = None, logged: list | None = None) -> BlockwiseDistillation:
         module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", **options)
@@ -600,7 +600,7 @@ def test_adaround_chooses_each_weights_rounding_and_leaves_an_ordinary_student(t
 
 
 def test_adaround_regulariser_joins_the_loss_after_warmup(teacher, calib):
-    module = bkd(teacher, calib, iters=10, lr_rounding=0.1, rounding_reg=1e6)
+    module = bkd(teacher, calib, iters=10, lr_rounding=0.1, rounding_reg=1e6, lr_weight=0)
     losses: list[tuple[int, float]] = []
     step = module.training_step
 
@@ -620,6 +620,8 @@ def test_adaround_regulariser_joins_the_loss_after_warmup(teacher, calib):
         bkd(teacher, calib, lr_rounding=0.1, rounding_reg=-1)
     with pytest.raises(ValueError, match="lr_rounding=nan"):
         bkd(teacher, calib, lr_rounding=float("nan"))
+    with pytest.raises(ValueError, match="lr_weight=0.0001: AdaRound learns each weight's rounding with the weights"):
+        bkd(teacher, calib, lr_rounding=0.1, lr_weight=1e-4)
 
 
 def test_a_calibration_set_of_another_schedule_is_refused(teacher, calib):

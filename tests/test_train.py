@@ -293,6 +293,7 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
          r"distill=none"),
         (["distill.rounding_reg=-1"], r"distill.rounding_reg=-1 is invalid: a number \[0, inf\), AdaRound's"),
         (["distill.lr_rounding=-1"], r"distill.lr_rounding=-1 is invalid: a learning rate must be a finite number"),
+        (["distill.lr_rounding=0.01"], r"distill.lr_rounding > 0 with distill.lr_weight=0.001: AdaRound learns each"),
         (["distill.lr_weight=0", "distill.lr_weight_qparams=0", "distill.lr_act_qparams=0",
           "distill.lr_act_step_rel=0"], r"distill.lr_act_step_rel=0: nothing would train"),
         (["distill.lr_act_step_rel=abc"], r"distill.lr_act_step_rel='abc' is invalid"),

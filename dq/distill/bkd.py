@@ -59,6 +59,12 @@ def contiguous_io(io: BlockIO) -> BlockIO:
     return BlockIO(calls, io.output.contiguous())
 
 
+ROUNDING_FIXES_WEIGHTS = (
+    "distill.lr_rounding > 0 with distill.lr_weight={lr_weight}: AdaRound learns each weight's rounding with the "
+    "weights fixed, so they would not train; set distill.lr_weight=0 (experiment=ptq_recon does) or lr_rounding=0"
+)
+
+
 class BlockwiseDistillation(QuantDistillation):
     """Train the quantized student block by block to match the teacher's block outputs (MSE).
 
@@ -157,6 +163,8 @@ class BlockwiseDistillation(QuantDistillation):
             raise ValueError(
                 f"distill.rounding_reg={rounding_reg} must be a finite number >= 0 (AdaRound's regulariser)"
             )
+        if lr_rounding > 0 and lr_weight > 0:
+            raise ValueError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight))
         self.rounding_reg = rounding_reg
         self._roundings: list[AdaRound] = []  # block k's learned roundings while it trains
         self.iters_per_block = iters_per_block
