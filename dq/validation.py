@@ -150,9 +150,10 @@ def validate(cfg: DictConfig) -> None:
             f"{', '.join(f'{k}=0' for k in rates)}: nothing would train. For post-training quantization without "
             "training use distill=none."
         )
-    lr_rounding, lr_weight = (OmegaConf.select(cfg, f"distill.{k}") for k in ("lr_rounding", "lr_weight"))
-    if lr_rounding and lr_weight:  # AdaRound's forward holds the weights fixed
-        raise ConfigError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight))
+    keys = ("lr_rounding", "lr_weight", "lr_weight_qparams")
+    lr_rounding, lr_weight, lr_weight_qparams = (OmegaConf.select(cfg, f"distill.{k}") for k in keys)
+    if lr_rounding and (lr_weight or lr_weight_qparams):  # AdaRound's forward holds the weights and their Δ fixed
+        raise ConfigError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams))
     batch, n_calib = OmegaConf.select(cfg, "distill.batch_size"), OmegaConf.select(cfg, "calib.n_calib")
     if isinstance(batch, int) and isinstance(n_calib, int) and batch > n_calib:
         raise ConfigError(

@@ -62,7 +62,8 @@ def test_forward_is_floor_plus_h_on_the_grid_and_trains_alpha_only():
     assert_close(out, expected)
     out.sum().backward()
     assert rounding.alpha.grad is not None and rounding.alpha.grad.abs().sum() > 0
-    assert layer.weight.grad is None or not layer.weight.grad.any()  # the weight is frozen under AdaRound
+    assert layer.weight.grad is None or not layer.weight.grad.any()  # the weight is fixed under AdaRound
+    assert wq.scale.grad is None and wq.zero_point.grad is None  # and so is its grid (BRECQ)
 
 
 def test_the_cached_weight_follows_alpha():

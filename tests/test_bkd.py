@@ -385,7 +385,10 @@ def test_log_every_n_steps_zero_logs_each_blocks_last_step_only(teacher, calib):
     assert losses == [f"block/{k:02d}/loss" for k in range(len(module.blocks))]
 
 
-@pytest.mark.parametrize("options", [{}, {"act_drop_prob": 0.5}, {"lr_rounding": 0.1, "lr_weight": 0}])
+ADAROUND = {"lr_rounding": 0.1, "lr_weight": 0, "lr_weight_qparams": 0}  # weights and their step sizes fixed
+
+
+@pytest.mark.parametrize("options", [{}, {"act_drop_prob": 0.5}, ADAROUND])
 def test_resume_after_a_crash_gives_the_same_student(teacher, calib, tmp_path, options: dict):
     def run(run_dir: Path, fail_at_block: int | None = None, logged: list | None = None) -> BlockwiseDistillation:
         module = bkd(teacher, calib, run_dir, iters=2, fingerprint="cfg", **options)
@@ -600,7 +603,7 @@ def test_adaround_chooses_each_weights_rounding_and_leaves_an_ordinary_student(t
 
 
 def test_adaround_regulariser_joins_the_loss_after_warmup(teacher, calib):
-    module = bkd(teacher, calib, iters=10, lr_rounding=0.1, rounding_reg=1e6, lr_weight=0)
+    module = bkd(teacher, calib, iters=10, lr_rounding=0.1, rounding_reg=1e6, lr_weight=0, lr_weight_qparams=0)
     losses: list[tuple[int, float]] = []
     step = module.training_step
 
@@ -614,14 +617,45 @@ def test_adaround_regulariser_joins_the_loss_after_warmup(teacher, calib):
     module.training_step = record
     fit(module)
     assert [i for i, _ in losses] == list(range(10))
-    warm, regularised = [v for i, v in losses if i < 2], [v for i, v in losses if i >= 2]
-    assert max(warm) < 1 < min(regularised)  # λ = 1e6: the regulariser dominates once β is set (step 2 of 10)
+    # BRECQ counts steps from 1 and starts the regulariser at step 0.2 n: here from the second step (i = 1) on
+    warm, regularised = [v for i, v in losses if i < 1], [v for i, v in losses if i >= 1]
+    assert max(warm) < 1 < min(regularised)  # λ = 1e6: the regulariser dominates once β is set
     with pytest.raises(ValueError, match="rounding_reg=-1"):
         bkd(teacher, calib, lr_rounding=0.1, rounding_reg=-1)
     with pytest.raises(ValueError, match="lr_rounding=nan"):
         bkd(teacher, calib, lr_rounding=float("nan"))
-    with pytest.raises(ValueError, match="lr_weight=0.0001: AdaRound learns each weight's rounding with the weights"):
-        bkd(teacher, calib, lr_rounding=0.1, lr_weight=1e-4)
+    for rates in ({"lr_weight": 1e-4, "lr_weight_qparams": 0}, {"lr_weight": 0, "lr_weight_qparams": 1e-4}):
+        with pytest.raises(ValueError, match="AdaRound learns each weight's rounding with the weights and their step"):
+            bkd(teacher, calib, lr_rounding=0.1, **rates)
+
+
+def test_adaround_regulariser_weight_is_brecqs_lambda_over_the_output_channels(teacher, calib, monkeypatch):
+    """BRECQ's reconstruction loss sums the squared error over dim 1 and averages the rest (`lp_loss`), C times dq's
+    mean: its λ becomes λ / C, C the block output's size along dim 1."""
+    module = bkd(teacher, calib, iters=10, rounding_reg=0.5, **ADAROUND)
+    channels: list[int] = []  # C of the block at each step with the regulariser on
+
+    def unit_regulariser(roundings, beta):
+        channels.append(module._cache.output.shape[1])
+        return sum(r.alpha.sum() * 0 for r in roundings) + 1.0
+
+    monkeypatch.setattr("dq.distill.bkd.rounding_loss", unit_regulariser)
+    mse = module.block_loss
+    module.block_loss = lambda k, idx: mse(k, idx) * 0
+    losses: list[tuple[int, float]] = []
+    step = module.training_step
+
+    def record(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        losses.append((int(batch[0]) % module.iters_per_block, float(loss)))
+        return loss
+
+    module.training_step = record
+    fit(module)
+    assert all(loss == 0 for i, loss in losses if i == 0)  # warm-up: steps below 0.2 n, counted from 1
+    regularised = [loss for i, loss in losses if i > 0]
+    assert len(regularised) == len(channels) == 9 * len(module.blocks) and len(set(channels)) > 1
+    assert regularised == pytest.approx([0.5 / c for c in channels])
 
 
 def test_a_calibration_set_of_another_schedule_is_refused(teacher, calib):

@@ -60,8 +60,9 @@ def contiguous_io(io: BlockIO) -> BlockIO:
 
 
 ROUNDING_FIXES_WEIGHTS = (
-    "distill.lr_rounding > 0 with distill.lr_weight={lr_weight}: AdaRound learns each weight's rounding with the "
-    "weights fixed, so they would not train; set distill.lr_weight=0 (experiment=ptq_recon does) or lr_rounding=0"
+    "distill.lr_rounding > 0 with distill.lr_weight={lr_weight}, distill.lr_weight_qparams={lr_weight_qparams}: "
+    "AdaRound learns each weight's rounding with the weights and their step sizes fixed, so they would not train; "
+    "set both to 0 or lr_rounding=0"
 )
 
 
@@ -108,8 +109,9 @@ class BlockwiseDistillation(QuantDistillation):
         lr_rounding: AdaRound (`dq.quant.adaround`, Nagel et al. 2020): each weight of block `k` learns whether it
             rounds down or up, at this rate, and the block ends with that choice written into its latent weights
             (BRECQ, Q-Diffusion and EDA-DM: the `ptq_recon` baseline). 0: off, round to nearest.
-        rounding_reg: AdaRound's regulariser weight λ, as BRECQ sets it for a loss summed over each sample's block
-            output (0.01 there); dq's loss is the mean over those elements, so λ is divided by their number.
+        rounding_reg: AdaRound's regulariser weight λ as BRECQ sets it (0.01), for its loss that sums the squared
+            error over dim 1 (channels) and averages the rest; dq's loss is the mean, so λ is divided by the block
+            output's channels.
         **kwargs: `QuantDistillation` arguments (calib_batch_size, run_dir, seed, fingerprint, name, progress).
     """
 
@@ -163,8 +165,8 @@ class BlockwiseDistillation(QuantDistillation):
             raise ValueError(
                 f"distill.rounding_reg={rounding_reg} must be a finite number >= 0 (AdaRound's regulariser)"
             )
-        if lr_rounding > 0 and lr_weight > 0:
-            raise ValueError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight))
+        if lr_rounding > 0 and (lr_weight > 0 or lr_weight_qparams > 0):
+            raise ValueError(ROUNDING_FIXES_WEIGHTS.format(lr_weight=lr_weight, lr_weight_qparams=lr_weight_qparams))
         self.rounding_reg = rounding_reg
         self._roundings: list[AdaRound] = []  # block k's learned roundings while it trains
         self.iters_per_block = iters_per_block
@@ -358,9 +360,11 @@ class BlockwiseDistillation(QuantDistillation):
         if self.dampen and self._oscillation.layers:  # rises from 0 as the learning rate falls (Nagel et al.)
             weight = self.dampen * (1.0 - cosine_factor(i, self.iters_per_block, "cosine")) * self._mse_before
             loss = mse + weight * dampening_loss(self._oscillation.layers)
-        if self._roundings and (beta := rounding_beta(i, self.iters_per_block)) is not None:
-            per_element = self.rounding_reg / self._cache.output[0].numel()  # BRECQ's λ, for a mean over outputs
-            loss = loss + per_element * rounding_loss(self._roundings, beta)
+        if self._roundings and (beta := rounding_beta(i + 1, self.iters_per_block)) is not None:
+            # BRECQ's loss sums the squared error over dim 1 (channels / features) and averages the rest: C times
+            # dq's mean, so BRECQ's λ is λ / C here
+            weight = self.rounding_reg / self._cache.output.shape[1]
+            loss = loss + weight * rounding_loss(self._roundings, beta)
         where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
         check_finite(loss, where, self.checkpoint_path)
         opt.zero_grad(set_to_none=True)

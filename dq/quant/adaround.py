@@ -38,8 +38,9 @@ WARMUP = 0.2  # share of a block's steps before the regulariser starts (BRECQ's 
 
 
 def rounding_beta(i: int, n: int) -> float | None:
-    """The regulariser's β at step `i` of `n`: None during the first `WARMUP` share of steps (no regulariser), then
-    falling linearly from `BETA_START` to `BETA_END` (BRECQ's `LinearTempDecay`)."""
+    """The regulariser's β at step `i` of `n`, counted from 1 as BRECQ counts them: None up to the first `WARMUP`
+    share of steps (no regulariser), then falling linearly from `BETA_START` to `BETA_END` at step `n` (BRECQ's
+    `LinearTempDecay`)."""
     start = WARMUP * n
     if i < start:
         return None
@@ -75,11 +76,11 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
 
     def forward(self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        """`Δ (clamp(floor(x/Δ) + h(α) + round(z), qmin, qmax) - round(z))`; the gradient reaches `α` (and Δ through
-        the outer product only, as in BRECQ, which keeps Δ fixed)."""
-        scale = scale.clamp_min(SCALE_MIN)
+        """`Δ (clamp(floor(x/Δ) + h(α) + round(z), qmin, qmax) - round(z))`; the gradient reaches `α` alone (x, Δ
+        and z stay fixed, as in BRECQ)."""
+        scale = scale.detach().clamp_min(SCALE_MIN)
         z = zero_point.detach().round()
-        q = torch.clamp(torch.floor(x.detach() / scale.detach()) + self.soft() + z, qmin, qmax)
+        q = torch.clamp(torch.floor(x.detach() / scale) + self.soft() + z, qmin, qmax)
         return scale * (q - z)
 
     def extra_repr(self) -> str:
