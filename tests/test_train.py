@@ -48,6 +48,7 @@ from dq.evaluation import eval_seed, evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import run_dir_lock
 from dq.quant import act_quantizers, load_quantized, quant_report
+from dq.quant.quantizer import UniformQuantizer
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 from dq.utils.loggers import WandbLogger
 from dq.utils.progress import ConsoleHandler
@@ -226,15 +227,35 @@ def test_callbacks_run_in_order_whatever_the_config_order(tmp_path):
     assert [type(c) for c in build_callbacks(reordered)] == [WeightDilation, TemporalParallelQuantizer]
 
 
-def test_ptq_recon_trains_quantizer_parameters_only(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_ptq_recon_learns_roundings_and_activation_ranges_only(tiny_teacher_dir, tmp_path, monkeypatch):
+    """`experiment=ptq_recon`: AdaRound with the weights and their MSE-searched step sizes fixed. Biases and norm
+    affines stay the teacher's; each latent weight is the teacher's, or a grid value at most a step from its nearest
+    code (its learned rounding, baked in); activation step sizes train."""
     monkeypatch.setattr("dq.train.evaluate_models", lambda *args, **kwargs: {})  # training only
     run = tmp_path / "run"
     train(compose_cfg("train", fast(tiny_teacher_dir) + ["experiment=ptq_recon", "logger=none"], run))
     teacher, _ = load_teacher(tiny_teacher_dir)
     student = load_quantized(run / "student")
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
-    assert all(torch.equal(p, s_params[n]) for n, p in t_params.items())  # latent weights frozen (no WD either)
-    moved = [n for n, p in s_params.items() if n not in t_params and "scale" in n]
+    layers = {
+        n: m for n, m in student.named_modules() if isinstance(getattr(m, "weight_quantizer", None), UniformQuantizer)
+    }
+    rounded = 0
+    for name, p in t_params.items():
+        layer = layers.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if layer is None:  # biases, norm affines, the time embedding's unquantized parts: the teacher's (no WD either)
+            assert torch.equal(p, s_params[name]), name
+            continue
+        wq = layer.weight_quantizer
+        fresh = UniformQuantizer(wq.spec, p.shape[0])
+        fresh.init_from(p)  # the MSE search of the teacher's weight: the grid AdaRound held fixed
+        assert torch.equal(fresh.scale, wq.scale) and torch.equal(fresh.zero_point, wq.zero_point), name
+        codes, nearest = wq.codes(s_params[name]), wq.codes(p)
+        assert (codes - nearest).abs().max() <= 1, name
+        rounded += int((codes != nearest).sum())
+        assert torch.equal(s_params[name], p) or torch.allclose(layer.quantized_weight(), s_params[name], atol=1e-6)
+    assert rounded > 0  # some weights round otherwise than to nearest
+    moved = [n for n, p in s_params.items() if n not in t_params and "act_quantizer" in n and "scale" in n]
     assert moved and all(q.num_steps == 1 for _, q in act_quantizers(student))
 
 
