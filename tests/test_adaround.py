@@ -9,12 +9,11 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from dq.quant import QuantizerSpec, QuantSpec, quantize_model
+from dq.quant import QuantizerSpec, QuantSpec, quantize_model, quantized_weight_layers
 from dq.quant.adaround import (
     GAMMA,
     ZETA,
     AdaRound,
-    adaround_layers,
     attach_adaround,
     bake_adaround,
     rounding_beta,
@@ -117,11 +116,11 @@ def test_bake_writes_the_chosen_codes_and_leaves_an_ordinary_layer():
 def test_attach_finds_every_quantized_weight_and_refuses_adapters(teacher):
     student = copy.deepcopy(teacher)
     quantize_model(student, QuantSpec(weight_bits=4, act_bits=8), list(range(3)))
-    layers = adaround_layers([student])
+    layers = quantized_weight_layers([student])
     expected = [m for m in student.modules() if isinstance(getattr(m, "weight_quantizer", None), UniformQuantizer)]
     assert layers == expected
     roundings = attach_adaround([student.down_blocks[0]])
-    assert len(roundings) == len(adaround_layers([student.down_blocks[0]])) > 0
+    assert len(roundings) == len(quantized_weight_layers([student.down_blocks[0]])) > 0
     bake_adaround([student])
     add_lora(student, 2)
     with pytest.raises(ValueError, match="merge them first"):

@@ -35,8 +35,8 @@ from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, part
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
 from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
-from dq.quant import step_context
-from dq.quant.adaround import AdaRound, adaround_layers, attach_adaround, bake_adaround, rounding_beta, rounding_loss
+from dq.quant import quantized_weight_layers, step_context
+from dq.quant.adaround import AdaRound, attach_adaround, bake_adaround, rounding_beta, rounding_loss
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,15 @@ class BlockwiseDistillation(QuantDistillation):
     def block_names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    def block_modules(self, k: int) -> list[nn.Module]:
+        """The student's modules of block `k`."""
+        return [self.student.get_submodule(name) for name in self.blocks[k].modules]
+
     def block_params(self, k: int) -> list[nn.Parameter]:
         """Parameters of block `k` of the student (deduplicated, in module order)."""
         seen: dict[int, nn.Parameter] = {}
-        for name in self.blocks[k].modules:
-            for p in self.student.get_submodule(name).parameters():
+        for module in self.block_modules(k):
+            for p in module.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
@@ -270,7 +274,7 @@ class BlockwiseDistillation(QuantDistillation):
         if self.revert_worse:
             self._untrained = [(p, p.detach().clone()) for p in params]
         self._block = k
-        layers = trained_weight_layers(map(self.student.get_submodule, self.blocks[k].modules))
+        layers = trained_weight_layers(self.block_modules(k))
         self._oscillation = OscillationTracker(layers, freeze_threshold=self.freeze)
         self._mse_before = self.block_mse(k)
         self.log_block({f"block/{k:02d}/mse_before": self._mse_before}, k * self.iters_per_block)
@@ -280,9 +284,9 @@ class BlockwiseDistillation(QuantDistillation):
     def start_rounding(self, k: int) -> None:
         """AdaRound on block `k`'s quantized weights: attach the roundings, put their α in the optimizer's group
         `rounding` and keep the latent weights that `finish_rounding` overwrites (for `revert_worse`)."""
-        modules = [self.student.get_submodule(n) for n in self.blocks[k].modules]
+        modules = self.block_modules(k)
         if self.revert_worse:
-            self._untrained += [(layer.weight, layer.weight.detach().clone()) for layer in adaround_layers(modules)]
+            self._untrained += [(m.weight, m.weight.detach().clone()) for m in quantized_weight_layers(modules)]
         self._roundings = attach_adaround(modules)
         group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == "rounding")
         group["params"] = [r.alpha for r in self._roundings]
@@ -291,8 +295,7 @@ class BlockwiseDistillation(QuantDistillation):
     def finish_rounding(self, k: int) -> float:
         """Write block `k`'s rounding choices into its latent weights and drop the roundings (and their Adam state);
         returns the share of its quantized weights that round otherwise than to nearest."""
-        modules = [self.student.get_submodule(n) for n in self.blocks[k].modules]
-        changed = bake_adaround(modules)
+        changed = bake_adaround(self.block_modules(k))
         total = sum(r.alpha.numel() for r in self._roundings)
         opt = self.optimizers().optimizer
         for r in self._roundings:

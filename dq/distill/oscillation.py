@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from dq.quant import QuantLayerMixin, adapter
+from dq.quant import QuantLayerMixin, adapter, quantized_weight_layers
 
 __all__ = ["OscillationTracker", "dampening_loss", "trained_weight_layers"]
 
@@ -24,14 +24,7 @@ def trained_weight_layers(modules: Iterable[nn.Module]) -> list[QuantLayerMixin]
     """The quantized layers in `modules` (and below) whose latent weight is a trained Parameter on an active grid:
     weight quantizer enabled and initialised, no low-rank adapter (`dq.quant.lora`), `requires_grad`. Deduplicated,
     in module order."""
-    seen: dict[int, QuantLayerMixin] = {}
-    for root in modules:
-        for m in root.modules():
-            wq = getattr(m, "weight_quantizer", None)
-            if (isinstance(m, QuantLayerMixin) and wq.enabled and wq.initialized and adapter(m) is None
-                    and m.weight.requires_grad):  # fmt: skip
-                seen.setdefault(id(m), m)
-    return list(seen.values())
+    return [m for m in quantized_weight_layers(modules) if adapter(m) is None and m.weight.requires_grad]
 
 
 def dampening_loss(layers: Iterable[QuantLayerMixin]) -> Tensor:

@@ -6,7 +6,7 @@ Layers follow torchao: a validated spec (`QuantSpec`) → quantizer modules (`Un
 
 from dq.quant.attention import QuantAttnProcessor
 from dq.quant.io import load_quantized, save_quantized
-from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear
+from dq.quant.layers import QuantConv2d, QuantLayerMixin, QuantLinear, quantized_weight_layers
 from dq.quant.lora import LowRankDelta, adapter, add_lora, lora_layers, merge_lora, stored_weight
 from dq.quant.model import (
     QuantReport,
@@ -43,6 +43,7 @@ __all__ = [
     "QuantAttnProcessor",
     "QuantConv2d",
     "QuantLayerMixin",
+    "quantized_weight_layers",
     "QuantLinear",
     "QuantReport",
     "QuantRow",

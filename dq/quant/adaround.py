@@ -18,12 +18,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from dq.quant.layers import QuantLayerMixin
+from dq.quant.layers import quantized_weight_layers
 from dq.quant.quantizer import SCALE_MIN
 
 __all__ = [
     "AdaRound",
-    "adaround_layers",
     "attach_adaround",
     "bake_adaround",
     "rounding_beta",
@@ -71,6 +70,11 @@ class AdaRound(nn.Module):
         """The final choice, 1 (up) where `α >= 0` (where `h(α) >= 0.5`), else 0."""
         return (self.alpha >= 0).to(self.alpha.dtype)
 
+    def codes(self, x: Tensor, scale: Tensor, z: Tensor, qmin: int, qmax: int, hard: bool = False) -> Tensor:
+        """`clamp(floor(x/Δ) + h + z, qmin, qmax)` for Δ `scale` and rounded zero-point `z`, `h` the soft `h(α)` or,
+        with `hard`, the final choice."""
+        return torch.clamp(torch.floor(x / scale) + (self.hard() if hard else self.soft()) + z, qmin, qmax)
+
     def regularizer(self, beta: float) -> Tensor:
         """`Σ 1 - |2h(α) - 1|^β`: 0 once every `h` is 0 or 1."""
         return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
@@ -80,28 +84,17 @@ class AdaRound(nn.Module):
         and z stay fixed, as in BRECQ)."""
         scale = scale.detach().clamp_min(SCALE_MIN)
         z = zero_point.detach().round()
-        q = torch.clamp(torch.floor(x.detach() / scale) + self.soft() + z, qmin, qmax)
-        return scale * (q - z)
+        return scale * (self.codes(x.detach(), scale, z, qmin, qmax) - z)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.alpha.shape)}"
-
-
-def adaround_layers(layers: Iterable[nn.Module]) -> list[QuantLayerMixin]:
-    """The quantized layers among `layers` (and below) whose weights are quantized, deduplicated, in module order."""
-    seen: dict[int, QuantLayerMixin] = {}
-    for root in layers:
-        for m in root.modules():
-            if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled and m.weight_quantizer.initialized:
-                seen.setdefault(id(m), m)
-    return list(seen.values())
 
 
 def attach_adaround(modules: Iterable[nn.Module]) -> list[AdaRound]:
     """Give the weight quantizer of every quantized layer in `modules` an `AdaRound` started at its latent weight;
     returns them (their `alpha`s are what trains). A layer with a low-rank adapter (`dq.quant.lora`) is refused."""
     added = []
-    for layer in adaround_layers(modules):
+    for layer in quantized_weight_layers(modules):
         if torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
             raise ValueError("AdaRound on a layer with low-rank adapters: merge them first (dq.quant.lora.merge_lora)")
         wq = layer.weight_quantizer
@@ -115,14 +108,14 @@ def bake_adaround(modules: Iterable[nn.Module]) -> int:
     """Write each `AdaRound`'s hard choice into its layer's latent weight (the grid value of the chosen code) and
     remove it; returns how many weights round otherwise than to nearest."""
     changed = 0
-    for layer in adaround_layers(modules):
+    for layer in quantized_weight_layers(modules):
         wq = layer.weight_quantizer
         if wq.rounding is None:
             continue
         w = layer.weight
         scale, zp = wq.grid(w)
         nearest = wq.codes(w)
-        codes = torch.clamp(torch.floor(w.float() / scale) + wq.rounding.hard().float() + zp, wq.qmin, wq.qmax)
+        codes = wq.rounding.codes(w.float(), scale, zp, wq.qmin, wq.qmax, hard=True)
         w.copy_(((codes - zp) * scale).to(w.dtype))
         wq.rounding = None
         changed += int((codes != nearest).sum())

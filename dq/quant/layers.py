@@ -9,7 +9,7 @@ In eval mode without autograd the fake-quantized weight is cached and reused acr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from dq.quant.quantizer import HALF_DTYPES, SCALE_MIN, StepContext, TemporalQuantizer, UniformQuantizer
 from dq.quant.spec import QuantizerSpec
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerMixin"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayerMixin", "quantized_weight_layers"]
 
 
 def _tensor_key(t: Tensor) -> tuple:
@@ -205,3 +205,14 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self._quant_input(x, -1), self.quantized_weight(), self.bias)
+
+
+def quantized_weight_layers(modules: Iterable[nn.Module]) -> list[QuantLayerMixin]:
+    """The quantized layers in `modules` (and below) whose weight quantizer is enabled and initialised, deduplicated,
+    in module order."""
+    seen: dict[int, QuantLayerMixin] = {}
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, QuantLayerMixin) and m.weight_quantizer.enabled and m.weight_quantizer.initialized:
+                seen.setdefault(id(m), m)
+    return list(seen.values())
