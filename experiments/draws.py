@@ -3,7 +3,7 @@ their means and PSNR's standard deviation, FID as a multiple of FP, training sec
 each setting's PSNR change against a base setting, with its 95% confidence interval over the draws.
 
     python experiments/draws.py TABLE.csv [TABLE.csv ...] [--against "bits=w4a8" --against "bits=w4a4"]
-                                [--over calib.seed | seed] [--out OUT]
+                                [--over calib.seed | seed] [--out OUT] [--plot OUT.png [--label "SETTING as NAME"]]
 
 TABLE.csv: tables written by `experiments/collect.py` (`experiments/tables/*.csv`). A setting is a run's overrides
 without the `--over` seed (default `calib.seed`); a run without that override has its default (calib.seed 1,
@@ -15,7 +15,10 @@ two runs of a pair trained on the same calibration pairs; over training seeds th
 its own noise (collect.py's `[eval seed N, teacher FID X]`) is measured against its own teacher, and `x FP` is the
 mean of the runs' ratios. Pairs whose two runs came from different code (collect.py's `code`: commit, changed
 checkout, threads, CPU) are named under the table. Seconds, memory and PSNR in the tables are as `dq-train` measured
-them; this script only does the arithmetic the README and BENCHMARKS quote.
+them; this script only does the arithmetic the README and BENCHMARKS quote. `--plot` draws the same: one row per
+setting, a dot per draw and a bar at the mean, PSNR on the left, FID as a multiple of FP (log scale) on the right;
+with `--label "bits=w4a8 callbacks=tpq as without WD, W4A8"` (repeatable) it draws the settings named so, in that
+order, under those names.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.figure import Figure  # mlxtend's dependency, so always installed; no pyplot, no display needed
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from scipy import stats  # mlxtend's dependency, so always installed
 
-from dq.utils.io import atomic_write_text
+from dq.utils.io import atomic_write, atomic_write_text
 
 OTHER_NOISE = re.compile(r"^\[eval seed \d+, teacher FID ([0-9.]+)\]$")  # collect.py's mark of another noise
 TOKEN = re.compile(r"\[[^\]]*\]|\S+")  # an override, or one of collect.py's bracketed marks, whole
@@ -231,6 +236,38 @@ def table(
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n" + note
 
 
+def ratios(fp: float, s: Setting) -> dict[int, float]:
+    """Each draw's FID over the FP FID (over training seeds, over the teacher of the run's own noise)."""
+    return {k: f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()}
+
+
+def figure(fp: float, settings: dict[tuple[str, ...], Setting], labels: dict[tuple[str, ...], str]) -> Figure:
+    """Dot plot of the table: one row per setting (the first at the top), each draw a dot, the mean a bar; PSNR to
+    the teacher on the left, FID as a multiple of FP on the right, log scale (a dashed line at FP). With `labels`,
+    only those settings, in that order, under those names."""
+    rows = [settings[k] for k in labels] if labels else list(settings.values())
+    fig = Figure(figsize=(10, 0.9 + 0.32 * len(rows)), layout="constrained")
+    psnr_ax, fid_ax = fig.subplots(1, 2, sharey=True)
+    panels = ((psnr_ax, lambda s: s.psnr, "PSNR to the teacher, dB (higher is better)"),
+              (fid_ax, lambda s: ratios(fp, s), f"classifier-FID / FP {fp:.2f} (lower is better)"))  # fmt: skip
+    for ax, values, title in panels:
+        for y, s in enumerate(rows):
+            draws = values(s)
+            ax.scatter(list(draws.values()), [y] * len(draws), s=14, color="tab:blue", alpha=0.6, zorder=2)
+            if draws:
+                ax.plot([statistics.fmean(draws.values())] * 2, [y - 0.3, y + 0.3], color="black", lw=2, zorder=3)
+        ax.set_xlabel(title)
+        ax.grid(axis="x", alpha=0.3)
+    fid_ax.axvline(1.0, color="grey", ls="--", lw=1)
+    fid_ax.set_xscale("log")  # 1.1x to 40x in one table
+    fid_ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    fid_ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    fid_ax.xaxis.set_minor_formatter(NullFormatter())
+    psnr_ax.set_yticks(range(len(rows)), [labels.get(s.overrides, s.name) for s in rows])
+    psnr_ax.set_ylim(len(rows) - 0.5, -0.5)  # the table's first row at the top
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tables", nargs="+", type=Path)
@@ -238,16 +275,34 @@ def main() -> None:
     over_help = "the seed a setting's runs vary over: calibration draws (default) or training seeds"
     parser.add_argument("--over", choices=sorted(DEFAULT_SEEDS), default="calib.seed", help=over_help)
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--plot", type=Path, help="also draw the table as a dot plot into this PNG file")
+    label_help = "the name of a setting in the plot: 'SETTING as NAME' (repeatable)"
+    parser.add_argument("--label", action="append", default=[], help=label_help)
     args = parser.parse_args()
     fp, settings = read_tables(args.tables, args.over)
     against = [split_overrides(a, args.over)[0] for a in args.against]
+    held = [s.name for s in settings.values()]
     if missing := [" ".join(a) for a in against if a not in settings]:
-        held = [s.name for s in settings.values()]
         raise SystemExit(f"--against {missing}: no such setting in the tables; they hold {held}")
+    labels: dict[tuple[str, ...], str] = {}
+    for text in args.label:
+        setting, sep, name = text.rpartition(" as ")
+        key = split_overrides(setting, args.over)[0]
+        if not sep or not name.strip():
+            raise SystemExit(f"--label {text!r}: write 'SETTING as NAME', e.g. 'bits=w4a8 callbacks=tpq as without WD'")
+        if key not in settings:
+            raise SystemExit(f"--label {text!r}: no setting '{setting}' in the tables; they hold {held}")
+        labels[key] = name.strip()
+    if labels and args.plot is None:
+        raise SystemExit("--label names settings in the plot: pass --plot OUT.png too")
     text = table(fp, settings, against, args.over)
     print(text)
     if args.out is not None:
         atomic_write_text(args.out, text)
+    if args.plot is not None:
+        fig = figure(fp, settings, labels)
+        atomic_write(args.plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

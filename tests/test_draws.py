@@ -177,3 +177,49 @@ def test_pairs_from_different_code_are_named_under_the_table(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["draws.py", str(base), str(runs)])  # no pairs: nothing to name
     _script().main()
     assert "Pairs from different code" not in capsys.readouterr().out
+
+
+def test_the_plot_draws_each_draw_and_the_mean_of_the_labelled_settings_in_order(tmp_path, monkeypatch, capsys):
+    runs = _table(tmp_path / "runs.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0),
+                                          ("bits=w4a8 calib.seed=2", 60.0, 25.0),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=1", 80.0, 20.0),
+                                          ("bits=w4a8 callbacks=tpq calib.seed=2", 100.0, 22.0),
+                                          ("bits=w4a4 calib.seed=1", 400.0, 14.0)])  # fmt: skip
+    draws = _script()
+    fp, settings = draws.read_tables([runs])
+    labels = {("bits=w4a8", "callbacks=tpq"): "without WD", ("bits=w4a8",): "DilateQuant"}
+    psnr_ax, fid_ax = draws.figure(fp, settings, labels).axes
+    assert [t.get_text() for t in psnr_ax.get_yticklabels()] == ["without WD", "DilateQuant"]  # w4a4 left out
+    assert psnr_ax.get_ylim() == (1.5, -0.5)  # the first label at the top
+    for ax, expected in ((psnr_ax, [[20.0, 22.0], [26.0, 25.0]]), (fid_ax, [[2.0, 2.5], [1.25, 1.5]])):
+        dots = [c.get_offsets() for c in ax.collections]
+        assert [list(d[:, 0]) for d in dots] == expected  # x: each draw's value
+        assert [set(d[:, 1]) for d in dots] == [{0.0}, {1.0}]  # y: the setting's row
+        means = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "-"]
+        assert means == pytest.approx([statistics.fmean(e) for e in expected])
+    assert fid_ax.get_xscale() == "log"
+    assert len(draws.figure(fp, settings, {}).axes[0].collections) == 3  # no labels: every setting
+
+    plot = tmp_path / "plot.png"
+    argv = ["draws.py", str(runs), "--plot", str(plot), "--label", "bits=w4a8 callbacks=tpq calib.seed=1 as without WD"]
+    monkeypatch.setattr("sys.argv", argv)
+    draws.main()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {plot}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv_extra, message",
+    [
+        (["--plot", "p.png", "--label", "bits=w4a8 without WD"], "write 'SETTING as NAME'"),
+        (["--plot", "p.png", "--label", "bits=w4a2 as W4A2"], "no setting 'bits=w4a2' in the tables"),
+        (["--label", "bits=w4a8 as DilateQuant"], "pass --plot OUT.png too"),
+    ],
+)
+def test_bad_labels_are_refused_by_name(argv_extra, message, tmp_path, monkeypatch):
+    runs = _table(tmp_path / "runs.csv", [("bits=w4a8 calib.seed=1", 50.0, 26.0)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["draws.py", str(runs), *argv_extra])
+    with pytest.raises(SystemExit, match=message):
+        _script().main()
+    assert not (tmp_path / "p.png").exists()
