@@ -223,3 +223,17 @@ def test_bad_labels_are_refused_by_name(argv_extra, message, tmp_path, monkeypat
     with pytest.raises(SystemExit, match=message):
         _script().main()
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_readme_baseline_table_is_what_its_committed_command_makes(tmp_path):
+    """experiments/baselines_table.sh re-makes experiments/tables/baselines_one_machine_draws.md (the README's table of
+    DilateQuant, its ablation and the baselines) from the committed run tables, and its plot."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    md, png = tmp_path / "t.md", tmp_path / "p.png"
+    subprocess.run(["bash", str(root / "experiments/baselines_table.sh"), str(md), str(png)], check=True,
+                   capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert md.read_text() == (root / "experiments/tables/baselines_one_machine_draws.md").read_text()
+    assert "| bits=w4a8 distill=model_kd | 1 / 2 / 3 |" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
