@@ -16,7 +16,8 @@ t=experiments/tables
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 keep() {  # keep <table> <grep -E pattern>: the header and the rows that match
-  { head -n 1 "$t/$1.csv"; tail -n +2 "$t/$1.csv" | grep -E "$2"; } > "$tmp/$1.csv"
+  { head -n 1 "$t/$1.csv"; tail -n +2 "$t/$1.csv" | grep -E "$2"; } > "$tmp/$1.csv" \
+    || { echo "$t/$1.csv holds no rows matching '$2'" >&2; exit 1; }
 }
 keep adam_eps '^fp|,bits=w4a[48] calib.seed=[123],'
 keep dilatequant_adaround 'lr_rounding'
