@@ -204,6 +204,11 @@ def mixed_code(setting: Setting, base: Setting, over: str) -> list[str]:
             for k in seeds if setting.code[k] != base.code[k]]  # fmt: skip
 
 
+def ratios(fp: float, s: Setting) -> dict[int, float]:
+    """Each draw's FID over the FP FID (over training seeds, over the teacher of the run's own noise)."""
+    return {k: f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()}
+
+
 def table(
     fp: float, settings: dict[tuple[str, ...], Setting], against: list[tuple[str, ...]], over: str = "calib.seed"
 ) -> str:
@@ -214,10 +219,7 @@ def table(
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mixed: list[str] = []
     for s in settings.values():
-        if s.teacher_fid:  # each run against the teacher of its own noise
-            ratio = f"{statistics.fmean(f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()):.2f}x"
-        else:
-            ratio = f"{statistics.fmean(s.fid.values()) / fp:.2f}x" if s.fid else "-"
+        ratio = f"{statistics.fmean(ratios(fp, s).values()):.2f}x" if s.fid else "-"
         row = [s.name, " / ".join(map(str, sorted(s.seeds))), by_seed(s.psnr, 2, s.seeds), sd(s.psnr),
                by_seed(s.fid, 1, s.seeds), ratio, spread(s.train_s), spread(s.peak_mb)]  # fmt: skip
         if against:
@@ -234,11 +236,6 @@ def table(
     if mixed:
         note += f"\nPairs from different code (collect.py's `code`: commit, threads and CPU): {'; '.join(mixed)}.\n"
     return "\n".join(lines) + f"\n\nFP classifier-FID {fp:.2f}.\n" + note
-
-
-def ratios(fp: float, s: Setting) -> dict[int, float]:
-    """Each draw's FID over the FP FID (over training seeds, over the teacher of the run's own noise)."""
-    return {k: f / s.teacher_fid.get(k, fp) for k, f in s.fid.items()}
 
 
 def figure(fp: float, settings: dict[tuple[str, ...], Setting], labels: dict[tuple[str, ...], str]) -> Figure:
