@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from dq.quant.layers import quantized_weight_layers
-from dq.quant.quantizer import SCALE_MIN
 
 __all__ = [
     "AdaRound",
@@ -51,13 +50,13 @@ class AdaRound(nn.Module):
 
     Args:
         weight: The latent weight the quantizer sees (fixed while `α` trains).
-        scale: Its step sizes Δ, broadcastable to `weight`.
+        scale: Its step sizes Δ as `UniformQuantizer.grid` gives them, broadcastable to `weight`.
     """
 
     def __init__(self, weight: Tensor, scale: Tensor) -> None:
         super().__init__()
         w = weight.detach().float()
-        rest = w / scale.detach().float().clamp_min(SCALE_MIN)
+        rest = w / scale
         rest = (rest - rest.floor()).clamp(1e-6, 1 - 1e-6)  # in (0, 1): the inverse below stays finite
         alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)  # h(α) = rest
         self.alpha = nn.Parameter(alpha.to(weight.dtype))
@@ -79,12 +78,10 @@ class AdaRound(nn.Module):
         """`Σ 1 - |2h(α) - 1|^β`: 0 once every `h` is 0 or 1."""
         return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
 
-    def forward(self, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        """`Δ (clamp(floor(x/Δ) + h(α) + round(z), qmin, qmax) - round(z))`; the gradient reaches `α` alone (x, Δ
-        and z stay fixed, as in BRECQ)."""
-        scale = scale.detach().clamp_min(SCALE_MIN)
-        z = zero_point.detach().round()
-        return scale * (self.codes(x.detach(), scale, z, qmin, qmax) - z)
+    def forward(self, x: Tensor, scale: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+        """`Δ (clamp(floor(x/Δ) + h(α) + z, qmin, qmax) - z)` for the grid `(Δ, round(z))` of
+        `UniformQuantizer.grid` (detached); the gradient reaches `α` alone (x, Δ and z stay fixed, as in BRECQ)."""
+        return (scale * (self.codes(x.detach().float(), scale, z, qmin, qmax) - z)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.alpha.shape)}"

@@ -321,9 +321,9 @@ class UniformQuantizer(_QuantizerBase):
             return x
         if not self.initialized:
             raise RuntimeError("weight quantizer is not initialised: call init_from(weight) first")
+        if self.rounding is not None:  # AdaRound: the grid fixed, only the rounding trains
+            return self.rounding(x, *self.grid(x), self.qmin, self.qmax)
         scale, zp = self._view(self.scale, x), self._view(self.zero_point, x)
-        if self.rounding is not None:
-            return self.rounding(x, scale, zp, self.qmin, self.qmax)
         return fake_quant(x, scale, zp, self.qmin, self.qmax, self.grad_scale(x), self.spec.clip_first)
 
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
