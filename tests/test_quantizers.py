@@ -249,6 +249,33 @@ def test_uniform_symmetric():
     assert levels.round().min() >= -8 and levels.round().max() <= 7
 
 
+def test_lsq_init_is_two_mean_abs_over_sqrt_qp_per_row():
+    w = torch.tensor([[-2.0, 0.3, 1.0, 0.05], [0.5, -0.25, 0.1, 0.0]])
+    q = UniformQuantizer(QuantizerSpec(4, symmetric=True, granularity="channel", init="lsq"), num_channels=2)
+    q.init_from(w)
+    # Esser et al. 2020: s = 2 <|v|> / sqrt(Q_P), Q_P = 7 at 4 bits; rows' mean |w| are 3.35 / 4 and 0.85 / 4
+    scale = torch.tensor([2 * 3.35 / 4, 2 * 0.85 / 4]) / 7**0.5
+    assert_close(q.scale.detach(), scale)
+    assert_close(q.zero_point, torch.zeros(2), atol=0, rtol=0)
+    assert_close(q(w), scale[:, None] * torch.clamp(torch.round(w / scale[:, None]), -8, 7))
+    q = UniformQuantizer(QuantizerSpec(8, symmetric=True, granularity="tensor", init="lsq"), num_channels=2)
+    q.init_from(w)
+    assert_close(q.scale.detach(), torch.tensor([2 * 4.2 / 8 / 127**0.5]))
+    assert (UniformQuantizer(QuantizerSpec(4, True, "channel", "lsq"), 2).scale == 1).all()  # untouched until init
+
+
+def test_lsq_init_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="init='lsq' is for a symmetric grid .*weight_symmetric=true"):
+        QuantizerSpec(4, symmetric=False, init="lsq")
+    with pytest.raises(ValueError, match="weight_init='lsq' is for a symmetric grid .*set weight_symmetric=true"):
+        QuantSpec(weight_init="lsq")
+    assert QuantSpec(weight_init="lsq", weight_symmetric=True).weight_spec("conv1").init == "lsq"
+    with pytest.raises(ValueError, match="act_init='lsq' is invalid: allowed values are 'minmax', 'mse'"):
+        QuantSpec(act_init="lsq", act_symmetric=True)
+    with pytest.raises(ValueError, match="init='lsq' is invalid for TemporalQuantizer: allowed minmax, mse"):
+        TemporalQuantizer(QuantizerSpec(8, symmetric=True, init="lsq"))
+
+
 def test_mse_init_is_never_worse_than_minmax():
     g = torch.Generator().manual_seed(3)
     u = torch.rand(8, 1024, generator=g) - 0.5

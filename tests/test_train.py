@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -27,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from pytorch_lightning.trainer.states import TrainerStatus
 from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
 from tqdm.auto import tqdm
 
 import dq
@@ -47,8 +49,9 @@ from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.evaluation import eval_seed, evaluate_models, method_of
 from dq.models import load_teacher
 from dq.paths import run_dir_lock
-from dq.quant import act_quantizers, load_quantized, quant_report
+from dq.quant import act_quantizers, load_quantized, quant_report, quantize_model, weight_quantizers
 from dq.quant.quantizer import UniformQuantizer
+from dq.student import quant_spec_of, sampler_timesteps
 from dq.train import build_callbacks, config_fingerprint, peak_memory, reset_peak_memory, train
 from dq.utils.loggers import WandbLogger
 from dq.utils.progress import ConsoleHandler
@@ -191,6 +194,23 @@ def test_the_tuned_efficientdm_is_efficientdm_with_the_two_rates_its_runs_used(t
     assert tuned.pop("tags") == [*same.pop("tags"), "tuned"]
     assert tuned == same
     assert OmegaConf.to_container(compose_cfg("train", ["experiment=efficientdm"], tmp_path)) != same
+
+
+def test_qat_lsq_quantizes_weights_as_lsq_does(tiny_teacher_dir, tmp_path):
+    """experiment=qat_lsq: symmetric per-channel weight grids starting at 2 mean|w| / sqrt(Q_P) (Esser et al. 2020),
+    8-bit ones for conv_in / conv_out; the activations keep dq's asymmetric grids."""
+    spec = quant_spec_of(compose_cfg("train", ["experiment=qat_lsq", "bits=w4a4"], tmp_path))
+    teacher, scheduler = load_teacher(tiny_teacher_dir)
+    student = copy.deepcopy(teacher)
+    quantize_model(student, spec, sampler_timesteps(scheduler, 3))
+    weights = dict(teacher.named_modules())
+    for name, q in weight_quantizers(student):
+        w = weights[name.removesuffix(".weight_quantizer")].weight.detach().reshape(len(q.scale), -1)
+        qp = 127 if name.startswith(("conv_in.", "conv_out.")) else 7
+        assert (q.qmin, q.qmax) == (-qp - 1, qp), name
+        assert_close(q.scale.detach(), 2 * w.abs().mean(1) / qp**0.5, msg=name)
+        assert not q.zero_point.any() and "zero_point" not in dict(q.named_parameters()), name
+    assert all(not a.spec.symmetric and a.spec.init == "mse" for _, a in act_quantizers(student))
 
 
 def test_config_fingerprint_ignores_location_and_sees_the_student_settings(tiny_teacher_dir, tmp_path):

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dq.quant.spec import QuantizerSpec
+from dq.quant.spec import ACT_INITS, QuantizerSpec
 
 __all__ = [
     "NonFiniteActivationError",
@@ -303,7 +303,7 @@ class UniformQuantizer(_QuantizerBase):
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """Initialise (Δ, z) from weight `x` by min-max or MSE search (per the spec)."""
+        """Initialise (Δ, z) from weight `x` by min-max, MSE search or LSQ's rule (per the spec)."""
         rows = x.detach().float().reshape(x.shape[0], -1) if self.spec.granularity == "channel" else x.reshape(1, -1)
         if rows.shape[0] != self.scale.numel():
             raise ValueError(
@@ -312,6 +312,9 @@ class UniformQuantizer(_QuantizerBase):
         rows = rows.detach().float()
         if self.spec.init == "mse":
             scale, zp = mse_search(rows, self.qmin, self.qmax, self.spec.symmetric)
+        elif self.spec.init == "lsq":  # Esser et al. 2020, per row; the spec allows it on symmetric grids only (z = 0)
+            scale = (2 * rows.abs().mean(1) / math.sqrt(self.qmax)).clamp_min(SCALE_MIN)
+            zp = torch.zeros_like(scale)
         else:
             scale, zp = affine_params(rows.amin(1), rows.amax(1), self.qmin, self.qmax, self.spec.symmetric)
         self._assign(scale, zp)
@@ -356,6 +359,8 @@ class TemporalQuantizer(_QuantizerBase):
     def __init__(self, spec: QuantizerSpec, step_context: StepContext | None = None, num_steps: int = 1) -> None:
         if spec.granularity != "tensor":
             raise ValueError(f"granularity={spec.granularity!r} is invalid for TemporalQuantizer: allowed 'tensor'")
+        if spec.init not in ACT_INITS:
+            raise ValueError(f"init={spec.init!r} is invalid for TemporalQuantizer: allowed {', '.join(ACT_INITS)}")
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} is invalid: must be >= 1")
         super().__init__(spec, (num_steps,))  # scale, zero_point: [T] one step size per sampling step

@@ -16,7 +16,8 @@ __all__ = ["QuantizerSpec", "QuantSpec", "MIN_BITS", "MAX_BITS", "module_matches
 MIN_BITS = 2
 MAX_BITS = 16
 GRANULARITIES = ("tensor", "channel")
-INITS = ("minmax", "mse")
+INITS = ("minmax", "mse", "lsq")
+ACT_INITS = ("minmax", "mse")  # "lsq" is a weight init: activations start from calibration statistics
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -56,7 +57,8 @@ class QuantizerSpec:
         bits: Bit-width, an integer in [2, 16].
         symmetric: Symmetric (zero-point 0, signed grid) instead of asymmetric (affine, unsigned grid).
         granularity: "tensor" (one step size) or "channel" (one per output channel, weights only).
-        init: How the step size is initialised: "minmax" range or "mse" search over clipping ratios.
+        init: How the step size is initialised: "minmax" range, "mse" search over clipping ratios, or "lsq"
+            (Esser et al. 2020: Δ = 2 mean|w| / sqrt(qmax) per row; weights on a symmetric grid only).
         learnable: Step size and zero-point are trainable `nn.Parameter`s (LSQ) instead of buffers.
         clip_first: Gradients as LSQ takes them, clamping to the grid before rounding (`fake_quant`); the forward
             value does not change.
@@ -74,6 +76,11 @@ class QuantizerSpec:
         _check_bool("symmetric", self.symmetric)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("init", self.init, INITS)
+        if self.init == "lsq" and not self.symmetric:
+            raise ValueError(
+                "init='lsq' is for a symmetric grid (LSQ's Δ = 2 mean|w| / sqrt(Q_P) has no zero-point): set "
+                "quantizer.spec.weight_symmetric=true with weight_init=lsq"
+            )
         _check_bool("learnable", self.learnable)
         _check_bool("clip_first", self.clip_first)
 
@@ -122,7 +129,8 @@ class QuantSpec:
         act_granularity: Only "tensor": activation quantizers are per tensor (per step under TPQ).
         weight_symmetric: Symmetric weight grid.
         act_symmetric: Symmetric activation grid.
-        weight_init: "minmax" or "mse" initialisation of weight step sizes.
+        weight_init: "minmax", "mse" or "lsq" (LSQ's 2 mean|w| / sqrt(Q_P), symmetric grids only) initialisation
+            of weight step sizes.
         act_init: "minmax" or "mse" initialisation of activation step sizes (from calibration).
         learnable: Step sizes and zero-points are trainable parameters.
         clip_first: Every quantizer takes its gradients as LSQ does, clamping to the grid before rounding: a value
@@ -172,7 +180,12 @@ class QuantSpec:
         _check_bool("weight_symmetric", self.weight_symmetric)
         _check_bool("act_symmetric", self.act_symmetric)
         _check_choice("weight_init", self.weight_init, INITS)
-        _check_choice("act_init", self.act_init, INITS)
+        _check_choice("act_init", self.act_init, ACT_INITS)
+        if self.weight_init == "lsq" and not self.weight_symmetric:
+            raise ValueError(
+                "weight_init='lsq' is for a symmetric grid (LSQ's Δ = 2 mean|w| / sqrt(Q_P) has no zero-point): "
+                "set weight_symmetric=true as well, or use weight_init=minmax or mse"
+            )
         _check_bool("learnable", self.learnable)
         _check_bool("clip_first", self.clip_first)
         _check_bool("quantize_attention", self.quantize_attention)
