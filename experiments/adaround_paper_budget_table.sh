@@ -9,10 +9,7 @@
 # two sets ran on different machines, so each pair also holds the machines' float order.
 set -euo pipefail
 md=$(realpath -m "${1:-$(dirname "$0")/tables/adaround_paper_budget_draws.md}")
-cd "$(dirname "$0")/.."
-t=experiments/tables
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+source "$(dirname "$0")/paired_tables.sh"
 cp "$t/paper_setting_paper_budget_current.csv" "$t/adaround_paper_budget.csv" "$tmp/"
 ada='quantizer.spec.weight_init=mse distill.lr_weight=0 distill.lr_weight_qparams=0 distill.lr_rounding=0.3'
 both='experiment=\[paper_budget,dilatequant_adaround\]'

@@ -12,14 +12,7 @@
 set -euo pipefail
 md=$(realpath -m "${1:-$(dirname "$0")/tables/baselines_one_machine_draws.md}")
 png=$(realpath -m "${2:-$(dirname "$0")/figures/baselines.png}")
-cd "$(dirname "$0")/.."
-t=experiments/tables
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-keep() {  # keep <table> <grep -E pattern>: the header and the rows that match
-  { head -n 1 "$t/$1.csv"; tail -n +2 "$t/$1.csv" | grep -E "$2"; } > "$tmp/$1.csv" \
-    || { echo "$t/$1.csv holds no rows matching '$2'" >&2; exit 1; }
-}
+source "$(dirname "$0")/paired_tables.sh"
 keep adam_eps '^fp|,bits=w4a[48] calib.seed=[123],'
 keep dilatequant_adaround 'lr_rounding'
 adaround=' quantizer.spec.weight_init=mse distill.lr_weight_qparams=0 distill.lr_rounding=3e-1'

@@ -7,14 +7,7 @@
 # (baselines_one_machine.txt; calib.seed 1 from qat_lsq_clip_first.txt); "change" is new minus before.
 set -euo pipefail
 md=$(realpath -m "${1:-$(dirname "$0")/tables/qat_lsq_symmetric_draws.md}")
-cd "$(dirname "$0")/.."
-t=experiments/tables
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-keep() {  # keep <table> <grep -E pattern>: the header and the rows that match
-  { head -n 1 "$t/$1.csv"; tail -n +2 "$t/$1.csv" | grep -E "$2"; } > "$tmp/$1.csv" \
-    || { echo "$t/$1.csv holds no rows matching '$2'" >&2; exit 1; }
-}
+source "$(dirname "$0")/paired_tables.sh"
 keep baselines_one_machine '^fp|experiment=qat_lsq calib.seed=[23],'
 keep qat_lsq_clip_first 'experiment=qat_lsq calib.seed=1,'
 keep qat_lsq_symmetric 'experiment=qat_lsq calib.seed=[123],'
