@@ -265,7 +265,7 @@ def test_lsq_init_is_two_mean_abs_over_sqrt_qp_per_row():
 
 
 def test_lsq_init_is_refused_where_it_does_not_apply():
-    with pytest.raises(ValueError, match="init='lsq' is for a symmetric grid .*weight_symmetric=true"):
+    with pytest.raises(ValueError, match=r"init='lsq' is for a symmetric grid .*set symmetric=True \(in a config"):
         QuantizerSpec(4, symmetric=False, init="lsq")
     with pytest.raises(ValueError, match="weight_init='lsq' is for a symmetric grid .*set weight_symmetric=true"):
         QuantSpec(weight_init="lsq")

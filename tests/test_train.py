@@ -204,7 +204,10 @@ def test_qat_lsq_quantizes_weights_as_lsq_does(tiny_teacher_dir, tmp_path):
     student = copy.deepcopy(teacher)
     quantize_model(student, spec, sampler_timesteps(scheduler, 3))
     weights = dict(teacher.named_modules())
-    for name, q in weight_quantizers(student):
+    quantizers = list(weight_quantizers(student))
+    layers = [r.name for r in quant_report(student).rows if r.kind in ("conv", "linear")]
+    assert [n.removesuffix(".weight_quantizer") for n, _ in quantizers] == layers and layers  # every conv / linear
+    for name, q in quantizers:
         w = weights[name.removesuffix(".weight_quantizer")].weight.detach().reshape(len(q.scale), -1)
         qp = 127 if name.startswith(("conv_in.", "conv_out.")) else 7
         assert (q.qmin, q.qmax) == (-qp - 1, qp), name

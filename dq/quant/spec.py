@@ -79,7 +79,7 @@ class QuantizerSpec:
         if self.init == "lsq" and not self.symmetric:
             raise ValueError(
                 "init='lsq' is for a symmetric grid (LSQ's Δ = 2 mean|w| / sqrt(Q_P) has no zero-point): set "
-                "quantizer.spec.weight_symmetric=true with weight_init=lsq"
+                "symmetric=True (in a config: quantizer.spec.weight_symmetric=true)"
             )
         _check_bool("learnable", self.learnable)
         _check_bool("clip_first", self.clip_first)
