@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -31,6 +32,7 @@ from dq.config import (
 )
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
+from dq.distill.parallel import launched_rank
 from dq.errors import ConfigError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
@@ -40,7 +42,7 @@ from dq.student import calibration_set, check_layers, check_spec, quantize_stude
 from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
-from dq.utils.progress import progress_bar
+from dq.utils.progress import ConsoleHandler, progress_bar
 from dq.utils.provenance import code_at_start
 from dq.utils.signals import sigterm_exits_143
 from dq.validation import validate
@@ -177,6 +179,28 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+def join_parent(cfg: DictConfig) -> None:
+    """Set up a process that Lightning's launcher started for `trainer=ddp`: its info lines go to its own log file
+    only (`<run>/train_ddp_process_<rank>.log`; the first process prints them), and `device: cuda` is its own GPU."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ConsoleHandler) and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
+    if str(cfg.device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_equal_students(student: torch.nn.Module) -> None:
+    """trainer=ddp: every process must end with the same student (same minibatches, summed gradients); the first one
+    saves and evaluates its own. Raise, naming the processes that differ, when they do not."""
+    digests: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, teacher_fingerprint(student))
+    if differ := [rank for rank, d in enumerate(digests) if d != digests[0]]:
+        raise RuntimeError(
+            f"trainer=ddp: the students of processes {differ} differ from process 0's after training; nothing was "
+            "saved. This is a bug in dq: please report it, and train with trainer.devices=1 meanwhile."
+        )
+
+
 @ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
@@ -202,6 +226,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "with its own eval settings, or use a new run directory."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if launched_rank() > 0:  # trainer=ddp: a process Lightning started for the fit, inside its parent's lock
+        join_parent(cfg)
+        return _quantize_distill_evaluate(cfg, run_dir)
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
 
@@ -232,7 +259,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         teacher=teacher, student=student, calib=calib, run_dir=run_dir, seed=cfg.seed, fingerprint=fingerprint
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1}
+    # the batches are step indices, the same in every process (trainer=ddp shards each minibatch itself)
+    trainer_kwargs |= {"max_steps": module.max_steps, "max_epochs": 1, "use_distributed_sampler": False}
     # eval.progress=false silences every bar of the run (sweeps log to files), the trainer's included
     trainer_kwargs["enable_progress_bar"] = bool(trainer_kwargs.get("enable_progress_bar", True) and cfg.eval.progress)
     trainer = pl.Trainer(
@@ -264,6 +292,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     if trainer.interrupted:
         raise RuntimeError(resume())
     train_s = time.perf_counter() - start
+    if (processes := trainer.world_size) > 1:  # trainer=ddp: the students are equal; the first process goes on alone
+        check_equal_students(student)
+        torch.distributed.destroy_process_group()  # evaluation's torchmetrics would wait for the others
+        if trainer.global_rank > 0:
+            return {}
 
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
@@ -280,6 +313,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         "train_s": train_s,
         **peak_memory(),
         "steps": int(module.max_steps),
+        "processes": processes,
         "resumed_at_step": int(module.start_step),
         "blocks": len(getattr(module, "blocks", [])),
         "reverted_blocks": reverted,

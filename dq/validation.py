@@ -18,13 +18,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dq.data.folder import IMAGE_SUFFIXES, image_files
 from dq.data.reference import DATASETS
-from dq.distill.base import check_lr_bits
+from dq.distill.base import batch_too_small, check_lr_bits
 from dq.distill.bkd import ROUNDING_FIXES_WEIGHTS
 from dq.distill.calibration import resolve_n_traj
+from dq.distill.parallel import STRATEGY, BlockParallelStrategy
 from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
 from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET, inception_net
@@ -564,12 +566,22 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
         raise ConfigError(f"trainer: pytorch_lightning.Trainer refuses these settings: {e}") from e
     finally:
         quiet.setLevel(level)
-    if one_process and dry.world_size > 1:
+    if one_process and dry.world_size > 1 and not isinstance(dry.strategy, BlockParallelStrategy):
         raise ConfigError(
-            f"trainer.devices={kwargs.get('devices', 'auto')}, trainer.num_nodes={kwargs.get('num_nodes', 1)}: "
-            f"{dry.world_size} processes. dq-train distils one block at a time in one process (each process would "
-            "train the same block and write the run directory's checkpoints); use trainer.devices=1. On a GPU, "
-            "several runs at once share one card (experiments/parallel_runs.sh)."
+            f"trainer.devices={kwargs.get('devices', 'auto')}, trainer.num_nodes={kwargs.get('num_nodes', 1)}, "
+            f"trainer.strategy={kwargs.get('strategy', 'auto')}: {dry.world_size} processes with Lightning's "
+            f"{type(dry.strategy).__name__}, whose DDP wrapper fixes the trained parameters when the fit starts, and "
+            f"dq-train trains one block's at a time. Use trainer=ddp (trainer.strategy={STRATEGY}), or "
+            "trainer.devices=1."
+        )
+    batch = OmegaConf.select(cfg, "distill.batch_size")
+    if one_process and isinstance(batch, int) and dry.world_size > batch:
+        raise ConfigError(batch_too_small(batch, dry.world_size))
+    if one_process and dry.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"trainer.strategy={STRATEGY} with {dry.world_size} processes in a multirun (-m): Lightning starts the "
+            "other processes by re-running the command, so each would run the whole sweep. Run each setting as its "
+            "own dq-train command, or sweep with trainer.devices=1."
         )
     if str(dry.precision).startswith("64"):
         raise ConfigError(

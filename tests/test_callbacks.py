@@ -32,7 +32,9 @@ def quantized(teacher: UNet2DModel, table: torch.Tensor, act_init: str = "minmax
 
 
 def fake_trainer(tmp_path: Path) -> SimpleNamespace:
-    return SimpleNamespace(loggers=[CSVLogger(tmp_path, name="csv", version="")], default_root_dir=str(tmp_path))
+    return SimpleNamespace(
+        loggers=[CSVLogger(tmp_path, name="csv", version="")], default_root_dir=str(tmp_path), is_global_zero=True
+    )
 
 
 def test_weight_dilation_keeps_function_and_reports(teacher, calib, tmp_path):

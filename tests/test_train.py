@@ -347,7 +347,10 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["callbacks.tpq.batch_size=abc"], r"callbacks.tpq.batch_size='abc' is invalid: must be a whole number >= 1"),
         (["callbacks=efficientdm", "distill.lr_lora=1e-4", "callbacks.lora.rank=0"], r"callbacks.lora.rank=0 is"),
         (["trainer.devices=0"], r"Trainer refuses these settings: `Trainer\(devices=0\)` value is not a valid"),
-        (["trainer.devices=2"], r"trainer.devices=2, trainer.num_nodes=1: 2 processes. dq-train distils one block"),
+        (["trainer.devices=2"], r"trainer.devices=2, trainer.num_nodes=1, trainer.strategy=auto: 2 processes with "
+                                r"Lightning's DDPStrategy, .* Use trainer=ddp \(trainer.strategy=dq_ddp\)"),
+        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "device=cpu", "distill.batch_size=1"],
+         r"distill.batch_size=1 is smaller than the 2 processes of trainer=ddp"),
         (["+trainer.precision=banana"], r"Trainer refuses these settings: Precision 'banana' is invalid"),
         (["+trainer.precision=bf16-true"], r"trainer.precision=bf16-true casts the student to half precision.*use "
                                            r"bf16-mixed"),

@@ -104,5 +104,5 @@ class WeightDilation(pl.Callback):
             metrics |= {f"wd/{name}/{k}": float(row[k]) for k in ("s_mean", "s_max", "dilated_share")}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
-        out = Path(trainer.default_root_dir) / self.filename
-        atomic_write_text(out, json.dumps(self.report, indent=2))
+        if trainer.is_global_zero:  # every process dilates its student alike (trainer=ddp); one writes the file
+            atomic_write_text(Path(trainer.default_root_dir) / self.filename, json.dumps(self.report, indent=2))

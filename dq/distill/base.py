@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
+from dq.distill.parallel import sum_gradients, world
 from dq.errors import UserError
 from dq.quant import (
     LowRankDelta,
@@ -236,6 +237,14 @@ def kept_checkpoint(checkpoint: Path | None) -> str:
     return f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
 
 
+def batch_too_small(batch_size: int, processes: int) -> str:
+    """Why `distill.batch_size` cannot be smaller than the processes of `trainer=ddp` (each takes a share)."""
+    return (
+        f"distill.batch_size={batch_size} is smaller than the {processes} processes of trainer=ddp, each of which "
+        "takes a share of every minibatch: raise it, or use fewer trainer.devices"
+    )
+
+
 def check_lr_bits(lr_bits: object) -> None:
     """`distill.lr_bits`: the weight bit-width the learning rates are for, a whole number in [2, 16], or None."""
     if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
@@ -320,6 +329,8 @@ class QuantDistillation(pl.LightningModule):
     def on_fit_start(self) -> None:
         """Calibrate the activation quantizers no callback initialised (shared ranges when TPQ is off)."""
         self.student.eval()
+        if (processes := world()[1]) > getattr(self, "batch_size", processes):
+            raise ValueError(batch_too_small(self.batch_size, processes))
         calibrate_student(self.student, self.calib, self.calib_batch_size, progress=self.progress)
 
     def train_dataloader(self) -> DataLoader:
@@ -402,6 +413,14 @@ class QuantDistillation(pl.LightningModule):
         the fit's, `self.optimizers()`); a group marked `"constant"` keeps its `base_lr`."""
         for g in (optimizer if optimizer is not None else self.optimizers()).param_groups:
             g["lr"] = g["base_lr"] * (1.0 if g.get("constant") else cosine_factor(i, n, self.lr_schedule))
+
+    def take_step(self, optimizer: Any, loss: Tensor) -> None:
+        """Backward `loss` (this process's part), sum the gradients over the processes (`trainer=ddp`; nothing in one
+        process) and take `optimizer`'s step (a `LightningOptimizer`)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        sum_gradients(p for g in optimizer.optimizer.param_groups for p in g["params"])
+        optimizer.step()
 
     def freeze_all_but(self, params: Iterable[nn.Parameter]) -> None:
         """`requires_grad` only for `params`."""

@@ -35,6 +35,7 @@ from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, part
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
 from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
+from dq.distill.parallel import all_sum, shard, world
 from dq.quant import quantized_weight_layers, step_context
 from dq.quant.adaround import AdaRound, attach_adaround, bake_adaround, rounding_beta, rounding_loss
 
@@ -253,11 +254,13 @@ class BlockwiseDistillation(QuantDistillation):
 
     @torch.no_grad()
     def block_mse(self, k: int) -> float:
-        """Block `k`'s MSE to the teacher over the whole cached calibration set."""
-        total = 0.0
-        for idx in torch.arange(len(self.calib)).split(self.calib_batch_size):
-            total += self.block_loss(k, idx).item() * len(idx)
-        return total / len(self.calib)
+        """Block `k`'s MSE to the teacher over the whole cached calibration set (each process of trainer=ddp sums
+        every `world_size`-th sample's, and the sums are added: the same value in every process)."""
+        rank, size = world()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for idx in torch.arange(len(self.calib))[rank::size].split(self.calib_batch_size):
+            total += self.block_loss(k, idx).double() * len(idx)
+        return all_sum(total).item() / len(self.calib)
 
     def start_block(self, k: int) -> None:
         """Cache block `k`'s I/O, draw its minibatches from `(seed, k)`, unfreeze its parameters."""
@@ -335,9 +338,10 @@ class BlockwiseDistillation(QuantDistillation):
         ctx.drop_prob, ctx.generator = 0.0, None  # QDrop off again: only training steps use it
         self._cache, self._cache_steps, self._batches, self._untrained = None, None, None, []
         self._oscillation = None
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self.trainer.is_global_zero:  # trainer=ddp: the students are equal
             meta = {"history": self.history, "block_seconds": self.block_seconds}
             save_block_checkpoint(self.checkpoint_dir, self.student, k + 1, self.block_names, self.fingerprint, **meta)
+        self.trainer.strategy.barrier()  # no process starts the next block before the checkpoint is written
 
     def log_block(self, metrics: dict[str, float], step: int) -> None:
         """Write block metrics to every logger once, at global step `step` (`k * iters_per_block + i`).
@@ -359,20 +363,23 @@ class BlockwiseDistillation(QuantDistillation):
             self.start_block(k)
         self.schedule_lr(i, self.iters_per_block)
         opt = self.optimizers()
-        loss = mse = self.block_loss(k, self._batches[i])
+        # this process's share of the minibatch, weighted so that the shares' losses sum to the minibatch's mean
+        idx, share = shard(self._batches[i])
+        mse = self.block_loss(k, idx)
+        loss = share * mse
+        size = world()[1]  # the parameter terms below are counted once over the processes
         if self.dampen and self._oscillation.layers:  # rises from 0 as the learning rate falls (Nagel et al.)
             weight = self.dampen * (1.0 - cosine_factor(i, self.iters_per_block, "cosine")) * self._mse_before
-            loss = mse + weight * dampening_loss(self._oscillation.layers)
+            loss = loss + weight * dampening_loss(self._oscillation.layers) / size
         if self._roundings and (beta := rounding_beta(i + 1, self.iters_per_block)) is not None:
             # BRECQ's loss sums the squared error over dim 1 (channels / features) and averages the rest: C times
             # dq's mean, so BRECQ's λ is λ / C here
             weight = self.rounding_reg / self._cache.output.shape[1]
-            loss = loss + weight * rounding_loss(self._roundings, beta)
+            loss = loss + weight * rounding_loss(self._roundings, beta) / size
+        mse, total = all_sum(torch.stack([share * mse.detach(), loss.detach()]))  # the whole minibatch's
         where = f"block {k} ({self.blocks[k].name}) at step {i}/{self.iters_per_block}"
-        check_finite(loss, where, self.checkpoint_path)
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
+        check_finite(total, where, self.checkpoint_path)  # the same in every process: all stop together
+        self.take_step(opt, loss)
         self._oscillation.update()
         # the bar only: Lightning's step restarts at 0 in a resumed run, the run's own step (batch[0]) does not
         self.log("distill/loss", mse.detach(), prog_bar=True, logger=False)
@@ -383,4 +390,4 @@ class BlockwiseDistillation(QuantDistillation):
             self.log_block({f"block/{k:02d}/loss": value, "distill/loss": value, "distill/block": k}, int(batch[0]))
         if i == self.iters_per_block - 1:
             self.finish_block(k)
-        return loss.detach()
+        return total

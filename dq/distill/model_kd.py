@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dq.distill.base import QuantDistillation, calib_inputs, check_finite, check_finite_parameters
 from dq.distill.calibration import CalibrationSet
+from dq.distill.parallel import all_sum, shard
 
 __all__ = ["ModelDistillation"]
 
@@ -87,16 +88,16 @@ class ModelDistillation(QuantDistillation):
         i = int(batch[0])
         self.schedule_lr(i, self.iters)
         opt = self.optimizers()
-        x, t, kw = calib_inputs(self.calib, self._batches[i], self.device)
+        idx, share = shard(self._batches[i])  # this process's share of the minibatch (all of it in one process)
+        x, t, kw = calib_inputs(self.calib, idx, self.device)
         with torch.no_grad():
             target = self.teacher(x, t, **kw).sample
-        loss = F.mse_loss(self.student(x, t, **kw).sample, target)
-        check_finite(loss, f"whole-model distillation at step {i}/{self.iters}", None)
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
-        self.log("distill/loss", loss.detach(), prog_bar=True)
-        return loss.detach()
+        loss = share * F.mse_loss(self.student(x, t, **kw).sample, target)
+        total = all_sum(loss)  # the whole minibatch's mean, the same in every process
+        check_finite(total, f"whole-model distillation at step {i}/{self.iters}", None)
+        self.take_step(opt, loss)
+        self.log("distill/loss", total, prog_bar=True)
+        return total
 
     def on_train_end(self) -> None:
         check_finite_parameters(self.student, f"whole-model distillation's last step ({self.iters}/{self.iters})", None)

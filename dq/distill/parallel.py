@@ -1,0 +1,100 @@
+"""Data-parallel distillation over several processes (`trainer=ddp`): Lightning's DDP launcher, process group and
+barriers, without torch's `DistributedDataParallel` wrapper.
+
+Every process holds the whole teacher, student and calibration set and runs the same steps on the same minibatch
+indices; each takes its own share of every minibatch (`shard`), and the gradients are summed across processes
+(`sum_gradients`) before the optimizer step, so every process applies the same update and the students stay equal.
+The wrapper does not fit block-wise distillation: it registers the parameters that require gradients once, when the
+fit starts, while BKD trains one block's parameters at a time and AdaRound makes new ones for each block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from torch import Tensor, nn
+
+__all__ = [
+    "STRATEGY",
+    "BlockParallelStrategy",
+    "all_sum",
+    "launched_rank",
+    "shard",
+    "sum_gradients",
+    "world",
+]
+
+STRATEGY = "dq_ddp"  # `trainer.strategy` of conf/trainer/ddp.yaml
+
+
+class BlockParallelStrategy(DDPStrategy):
+    """Lightning's `DDPStrategy` (processes started by re-running the command, one per device; `torch.distributed`
+    process group; barriers) that leaves the LightningModule unwrapped: the distillation modules reduce their own
+    gradients (`sum_gradients`). The processes start with the same student (rank 0's state is broadcast once)."""
+
+    strategy_name = STRATEGY
+
+    def configure_ddp(self) -> None:
+        from pytorch_lightning.overrides.distributed import _sync_module_states
+
+        _sync_module_states(self.model)  # rank 0's parameters and buffers everywhere
+
+
+if STRATEGY not in StrategyRegistry:
+    StrategyRegistry.register(
+        STRATEGY, BlockParallelStrategy, description="dq: data-parallel distillation without the DDP wrapper"
+    )
+
+
+def world() -> tuple[int, int]:
+    """`(rank, world_size)` of this process in the process group; `(0, 1)` outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_rank() -> int:
+    """The global rank Lightning's launcher (or torchrun / SLURM) gave this process in its environment, before any
+    process group exists: 0 in the process the user started."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # Lightning's order (lightning_fabric rank_zero._get_rank)
+        if (value := os.environ.get(key)) is not None:
+            return int(value)
+    return 0
+
+
+def shard(idx: Tensor) -> tuple[Tensor, float]:
+    """This process's share of the minibatch `idx` [B] (every `world_size`-th entry from its rank on) and the share's
+    weight `len(share) / B`: the weighted per-share means sum to the whole minibatch's mean over processes."""
+    rank, size = world()
+    part = idx[rank::size]
+    return part, len(part) / len(idx)
+
+
+def all_sum(value: Tensor) -> Tensor:
+    """`value` summed over the processes (a detached copy; `value` itself outside a process group)."""
+    if world()[1] == 1:
+        return value.detach()
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def sum_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Sum the gradients of `params` over the processes, in place, in one flat all-reduce (no-op in one process).
+
+    Every process runs the same code on the same block, so the same parameters have gradients everywhere; those
+    without (None) are left out, as a single process's Adam would skip them.
+    """
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
