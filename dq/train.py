@@ -32,7 +32,7 @@ from dq.config import (
 )
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
-from dq.distill.parallel import launched_rank
+from dq.distill.parallel import check_equal_students, launched_rank
 from dq.errors import ConfigError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
@@ -187,18 +187,6 @@ def join_parent(cfg: DictConfig) -> None:
             handler.setLevel(logging.WARNING)
     if str(cfg.device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def check_equal_students(student: torch.nn.Module) -> None:
-    """trainer=ddp: every process must end with the same student (same minibatches, summed gradients); the first one
-    saves and evaluates its own. Raise, naming the processes that differ, when they do not."""
-    digests: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, teacher_fingerprint(student))
-    if differ := [rank for rank, d in enumerate(digests) if d != digests[0]]:
-        raise RuntimeError(
-            f"trainer=ddp: the students of processes {differ} differ from process 0's after training; nothing was "
-            "saved. This is a bug in dq: please report it, and train with trainer.devices=1 meanwhile."
-        )
 
 
 @ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from test_train import fast
 from torch import nn
 
-from dq.distill.parallel import all_sum, shard, sum_gradients, world
-from dq.train import check_equal_students
+from dq.distill.parallel import all_sum, check_equal_students, shard, sum_gradients, world
 
 BATCH = 5  # uneven over two processes: shares of 3 and 2
 

@@ -18,10 +18,13 @@ import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 
+from dq.distill.calibration import teacher_fingerprint
+
 __all__ = [
     "STRATEGY",
     "BlockParallelStrategy",
     "all_sum",
+    "check_equal_students",
     "launched_rank",
     "shard",
     "sum_gradients",
@@ -98,3 +101,15 @@ def sum_gradients(params: Iterable[nn.Parameter]) -> None:
     dist.all_reduce(flat)
     for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         g.copy_(part.view_as(g))
+
+
+def check_equal_students(student: nn.Module) -> None:
+    """trainer=ddp: every process must end with the same student (same minibatches, summed gradients); the first one
+    saves and evaluates its own. Raise, naming the processes that differ, when they do not."""
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, teacher_fingerprint(student))
+    if differ := [rank for rank, d in enumerate(digests) if d != digests[0]]:
+        raise RuntimeError(
+            f"trainer=ddp: the students of processes {differ} differ from process 0's after training; nothing was "
+            "saved. This is a bug in dq: please report it, and train with trainer.devices=1 meanwhile."
+        )
