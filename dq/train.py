@@ -32,8 +32,8 @@ from dq.config import (
 )
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
-from dq.distill.parallel import check_equal_students, launched_rank
-from dq.errors import ConfigError
+from dq.distill.parallel import check_equal_students, ddp_child, mark_parent, wait_for_parent
+from dq.errors import ConfigError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
@@ -181,7 +181,9 @@ def peak_memory() -> dict[str, float]:
 
 def join_parent(cfg: DictConfig) -> None:
     """Set up a process that Lightning's launcher started for `trainer=ddp`: its info lines go to its own log file
-    only (`<run>/train_ddp_process_<rank>.log`; the first process prints them), and `device: cuda` is its own GPU."""
+    only (`<run>/train_ddp_process_<rank>.log`; the first process prints them, and its progress bars), and
+    `device: cuda` is its own GPU."""
+    cfg.eval.progress = False
     for handler in logging.getLogger().handlers:
         if isinstance(handler, ConsoleHandler) and handler.level < logging.WARNING:
             handler.setLevel(logging.WARNING)
@@ -214,9 +216,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "with its own eval settings, or use a new run directory."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    if launched_rank() > 0:  # trainer=ddp: a process Lightning started for the fit, inside its parent's lock
+    if ddp_child():  # trainer=ddp: a process Lightning started for the fit, inside its parent's lock
         join_parent(cfg)
-        return _quantize_distill_evaluate(cfg, run_dir)
+        try:
+            return _quantize_distill_evaluate(cfg, run_dir)
+        except UserError:  # raised in every process (a non-finite loss): the parent reports it
+            wait_for_parent()
+            raise
     with run_dir_lock(run_dir):  # one writer per run directory
         return _quantize_distill_evaluate(cfg, run_dir)
 
@@ -271,7 +277,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         r".*module\(s\) in eval mode at the start of training.*",  # intended: the student trains in eval mode
     ):
         try:
-            with sigterm_exits_143(trainer):
+            with sigterm_exits_143(trainer), mark_parent():
                 trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
             if trainer.interrupted:
@@ -280,7 +286,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     if trainer.interrupted:
         raise RuntimeError(resume())
     train_s = time.perf_counter() - start
-    if (processes := trainer.world_size) > 1:  # trainer=ddp: the students are equal; the first process goes on alone
+    processes = trainer.world_size
+    if torch.distributed.is_initialized():  # trainer=ddp: the students are equal; the first process goes on alone
         check_equal_students(student)
         torch.distributed.destroy_process_group()  # evaluation's torchmetrics would wait for the others
         if trainer.global_rank > 0:

@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
@@ -574,6 +575,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             f"dq-train trains one block's at a time. Use trainer=ddp (trainer.strategy={STRATEGY}), or "
             "trainer.devices=1."
         )
+    if isinstance(dry.strategy, BlockParallelStrategy):
+        check_block_parallel(cfg, kwargs, one_process)
     batch = OmegaConf.select(cfg, "distill.batch_size")
     if one_process and isinstance(batch, int) and dry.world_size > batch:
         raise ConfigError(batch_too_small(batch, dry.world_size))
@@ -593,6 +596,32 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             f"trainer.precision={kwargs.get('precision')} casts the student to half precision, so its latent weights "
             "would train in steps of 2^-11 (2^-8) of themselves and start snapped onto their grid: use "
             f"{str(dry.precision).replace('-true', '-mixed')} (autocast; the latent weights stay in float32)."
+        )
+
+
+def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: bool) -> None:
+    """`trainer.strategy=dq_ddp`: dq-train only (its distillation sums its own gradients), on one machine, on the
+    first N devices (each process takes the GPU of its local rank) and a `device` without an index."""
+    if not one_process:
+        raise ConfigError(
+            f"trainer.strategy={STRATEGY} is dq-train's (its distillation sums the gradients itself); dq-pretrain "
+            "trains one process per device with Lightning's own strategy=ddp."
+        )
+    if trainer.get("num_nodes", 1) != 1:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer['num_nodes']} with trainer.strategy={STRATEGY}: dq-train's data-parallel "
+            "distillation runs on one machine (one process per GPU); use trainer.num_nodes=1."
+        )
+    devices = trainer.get("devices", "auto")
+    if not (devices == "auto" or (type(devices) is int and devices >= -1)):
+        raise ConfigError(
+            f"trainer.devices={devices!r} with trainer.strategy={STRATEGY}: give a number of devices (-1: all); to use "
+            "particular GPUs, name them in CUDA_VISIBLE_DEVICES (each process takes the GPU of its local rank)."
+        )
+    if ":" in str(cfg.get("device", "")):
+        raise ConfigError(
+            f"device={cfg.device} with trainer.strategy={STRATEGY}: each process uses the device of its local rank; "
+            f"pass device={str(cfg.device).split(':')[0]} (and CUDA_VISIBLE_DEVICES to pick GPUs)."
         )
 
 

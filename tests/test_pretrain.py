@@ -200,6 +200,10 @@ def test_install_into_a_linked_folder_replaces_its_target_and_keeps_the_link(tmp
         (["pretrain=classifier", "pretrain.module.max_shift=abc"], r"pretrain.module.max_shift='abc' is invalid"),
         (["pretrain.name=../../x"], r"pretrain.name='../../x' is invalid: the name becomes part of the run"),
         (["trainer.enable_model_summary=yes"], r"trainer.enable_model_summary='yes' is invalid"),
+        (
+            ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "device=cpu"],
+            r"trainer.strategy=dq_ddp is dq-train's .* dq-pretrain trains one process per device with Lightning's own",
+        ),
     ],
 )
 def test_bad_pretraining_settings_are_refused_before_any_work(tmp_path, overrides, message):

@@ -61,6 +61,9 @@ from dq.validation import accepted_settings, check_appended, validate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "device=cpu"]  # trainer=ddp on CPUs
+
+
 def fast(tiny_dir: Path) -> list[str]:
     return [
         f"model.path={tiny_dir}", "model.num_inference_steps=3", "calib.n_calib=12", "calib.batch_size=12",
@@ -351,6 +354,8 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
                                 r"Lightning's DDPStrategy, .* Use trainer=ddp \(trainer.strategy=dq_ddp\)"),
         (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "device=cpu", "distill.batch_size=1"],
          r"distill.batch_size=1 is smaller than the 2 processes of trainer=ddp"),
+        ([*DDP_CPU, "+trainer.num_nodes=2"], r"trainer.num_nodes=2 with trainer.strategy=dq_ddp: .* one machine"),
+        ([*DDP_CPU[:3], "device=cpu:0"], r"device=cpu:0 with trainer.strategy=dq_ddp: .* pass device=cpu"),
         (["+trainer.precision=banana"], r"Trainer refuses these settings: Precision 'banana' is invalid"),
         (["+trainer.precision=bf16-true"], r"trainer.precision=bf16-true casts the student to half precision.*use "
                                            r"bf16-mixed"),

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
-from dq.distill.parallel import sum_gradients, world
+from dq.distill.parallel import broadcast_from_first, sum_gradients, world
 from dq.errors import UserError
 from dq.quant import (
     LowRankDelta,
@@ -332,6 +332,11 @@ class QuantDistillation(pl.LightningModule):
         if (processes := world()[1]) > getattr(self, "batch_size", processes):
             raise ValueError(batch_too_small(self.batch_size, processes))
         calibrate_student(self.student, self.calib, self.calib_batch_size, progress=self.progress)
+
+    def on_train_start(self) -> None:
+        """trainer=ddp: each process has run the callbacks, the calibration and the checkpoint load on its own; all
+        go on from the first process's student, so that no difference among them (a GPU kernel's float order) grows."""
+        broadcast_from_first(self.student)
 
     def train_dataloader(self) -> DataLoader:
         """The global step indices still to run, one per batch (the real minibatches are drawn inside)."""

@@ -271,7 +271,8 @@ class BlockwiseDistillation(QuantDistillation):
         self._batches = torch.randint(len(self.calib), (self.iters_per_block, self.batch_size), generator=g)
         ctx = step_context(self.student)  # QDrop masks: drawn from (seed, k) too, so resuming does not change them
         ctx.drop_prob = self.act_drop_prob
-        ctx.generator = torch.Generator(self.device).manual_seed(block_seed(self.seed, k) + 1)
+        # each process its own masks (trainer=ddp: its own share of the minibatch)
+        ctx.generator = torch.Generator(self.device).manual_seed(block_seed(self.seed, k) + 1 + world()[0])
         params = [p for p in self.block_params(k) if id(p) in self._trainable]
         self.freeze_all_but(params)
         if self.revert_worse:

@@ -11,10 +11,13 @@ fit starts, while BKD trains one block's parameters at a time and AdaRound makes
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 
@@ -24,27 +27,39 @@ __all__ = [
     "STRATEGY",
     "BlockParallelStrategy",
     "all_sum",
+    "broadcast_from_first",
     "check_equal_students",
-    "launched_rank",
+    "ddp_child",
+    "mark_parent",
     "shard",
     "sum_gradients",
+    "wait_for_parent",
     "world",
 ]
 
 STRATEGY = "dq_ddp"  # `trainer.strategy` of conf/trainer/ddp.yaml
+PARENT_ENV = "DQ_DDP_PARENT"  # the pid of the process that started the others (`ddp_child`)
 
 
 class BlockParallelStrategy(DDPStrategy):
     """Lightning's `DDPStrategy` (processes started by re-running the command, one per device; `torch.distributed`
     process group; barriers) that leaves the LightningModule unwrapped: the distillation modules reduce their own
-    gradients (`sum_gradients`). The processes start with the same student (rank 0's state is broadcast once)."""
+    gradients (`sum_gradients`). The processes start with the same student (rank 0's state is broadcast once here,
+    and again once the callbacks and calibration have run: `QuantDistillation.on_train_start`)."""
 
     strategy_name = STRATEGY
 
     def configure_ddp(self) -> None:
-        from pytorch_lightning.overrides.distributed import _sync_module_states
-
         _sync_module_states(self.model)  # rank 0's parameters and buffers everywhere
+
+    def on_exception(self, exception: BaseException) -> None:
+        """In the first process: end the others, which would otherwise wait in their next collective (NCCL: for 30
+        minutes) for a process that has stopped (an error raised in the first process alone, e.g. writing a
+        checkpoint)."""
+        super().on_exception(exception)
+        for proc in getattr(self.launcher, "procs", []):
+            if proc.poll() is None:
+                proc.kill()
 
 
 if STRATEGY not in StrategyRegistry:
@@ -60,13 +75,30 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def launched_rank() -> int:
-    """The global rank Lightning's launcher (or torchrun / SLURM) gave this process in its environment, before any
-    process group exists: 0 in the process the user started."""
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # Lightning's order (lightning_fabric rank_zero._get_rank)
-        if (value := os.environ.get(key)) is not None:
-            return int(value)
-    return 0
+def ddp_child() -> bool:
+    """True in a process that Lightning's launcher started for `trainer=ddp`: its parent, the process the user
+    started, put its own pid in `DQ_DDP_PARENT` before the fit (`mark_parent`). Processes that torchrun or srun start
+    are not children: each would be a run of its own (and the run-directory lock refuses the second)."""
+    parent = os.environ.get(PARENT_ENV)
+    return parent is not None and parent != str(os.getpid())
+
+
+@contextmanager
+def mark_parent() -> Iterator[None]:
+    """Mark this process as the parent of the processes a `trainer=ddp` fit starts (`ddp_child`), for the fit."""
+    os.environ[PARENT_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        os.environ.pop(PARENT_ENV, None)
+
+
+def wait_for_parent(timeout_s: float = 120.0) -> None:
+    """In a child: wait until the parent exits (or `timeout_s`). An error that every process raises (a non-finite
+    loss) then reaches the user through the parent, which Lightning would SIGKILL as soon as a child exits with it."""
+    parent, end = os.getppid(), time.monotonic() + timeout_s
+    while os.getppid() == parent and time.monotonic() < end:
+        time.sleep(0.2)
 
 
 def shard(idx: Tensor) -> tuple[Tensor, float]:
@@ -75,6 +107,12 @@ def shard(idx: Tensor) -> tuple[Tensor, float]:
     rank, size = world()
     part = idx[rank::size]
     return part, len(part) / len(idx)
+
+
+def broadcast_from_first(module: nn.Module) -> None:
+    """Put the first process's parameters and buffers into `module` in every process (nothing in one process)."""
+    if world()[1] > 1:
+        _sync_module_states(module)
 
 
 def all_sum(value: Tensor) -> Tensor:
