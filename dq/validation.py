@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dq.data.folder import IMAGE_SUFFIXES, image_files
 from dq.data.reference import DATASETS
-from dq.distill.base import batch_too_small, check_lr_bits
+from dq.distill.base import check_lr_bits
 from dq.distill.bkd import ROUNDING_FIXES_WEIGHTS
 from dq.distill.calibration import resolve_n_traj
 from dq.distill.parallel import STRATEGY, BlockParallelStrategy
@@ -577,9 +577,6 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
         )
     if isinstance(dry.strategy, BlockParallelStrategy):
         check_block_parallel(cfg, kwargs, one_process)
-    batch = OmegaConf.select(cfg, "distill.batch_size")
-    if one_process and isinstance(batch, int) and dry.world_size > batch:
-        raise ConfigError(batch_too_small(batch, dry.world_size))
     if one_process and dry.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(
             f"trainer.strategy={STRATEGY} with {dry.world_size} processes in a multirun (-m): Lightning starts the "

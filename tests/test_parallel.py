@@ -46,6 +46,13 @@ def _process(rank: int, size: int, store: str, out: str) -> None:
     loss.backward()
     sum_gradients(model.parameters())
     result = {"world": world(), "idx": idx, "total": total, "grads": [p.grad for p in model.parameters()]}
+    # an empty share (process 1 here) has no gradients: it takes process 0's; a parameter without any stays None
+    model, unused = _model(), nn.Parameter(torch.zeros(2))
+    if rank == 0:
+        F.mse_loss(model(x[:2]), y[:2]).backward()
+    sum_gradients([*model.parameters(), unused])
+    result["one_sided"] = [p.grad for p in model.parameters()]
+    result["unused"] = unused.grad
     check_equal_students(model)  # equal: passes
     if rank == 1:
         with torch.no_grad():
@@ -71,6 +78,11 @@ def test_shares_with_summed_gradients_give_the_whole_minibatchs_gradient(tmp_pat
         for got, p in zip(r["grads"], model.parameters(), strict=True):
             torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["grads"], ranks[1]["grads"], strict=True))  # same update
+    model.zero_grad()
+    F.mse_loss(model(x[:2]), y[:2]).backward()
+    for r in ranks:
+        assert r["unused"] is None
+        assert all(torch.equal(g, p.grad) for g, p in zip(r["one_sided"], model.parameters(), strict=True))
     for r in ranks:  # every process learns that process 1's student differs
         assert "students of processes [1] differ from process 0's" in r["error"]
 
@@ -117,11 +129,11 @@ def test_dq_train_on_two_processes_trains_as_one_process_does(tiny_teacher_dir, 
 )
 def test_adaround_dampening_and_qdrop_keep_the_processes_students_equal(tiny_teacher_dir, tmp_path, extra):
     """The terms of each block's loss that are not the MSE (AdaRound's regulariser, dampening), AdaRound's
-    per-block parameters and QDrop's masks under trainer=ddp: the run ends only if every process holds the same
-    student."""
+    per-block parameters, QDrop's masks and minibatches of 2, of which a process often owns no entry, under
+    trainer=ddp: the run ends only if every process holds the same student."""
     run = tmp_path / "run"
     over = [o for o in fast(tiny_teacher_dir) if not o.startswith(("eval.", "distill.iters_per_block"))]
-    over += ["logger=csv", "eval=none", "distill.iters_per_block=3", *extra]
+    over += ["logger=csv", "eval=none", "distill.iters_per_block=3", "distill.batch_size=2", *extra]  # empty shares
     done = _cli(tmp_path, *over, *DDP_CPU, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((run / "checkpoints" / "last.json").read_text())["history"]

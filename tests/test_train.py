@@ -352,8 +352,6 @@ CIFAR = ["model=ddpm_cifar10", "model.path=/models/ddpm-cifar10-32"]
         (["trainer.devices=0"], r"Trainer refuses these settings: `Trainer\(devices=0\)` value is not a valid"),
         (["trainer.devices=2"], r"trainer.devices=2, trainer.num_nodes=1, trainer.strategy=auto: 2 processes with "
                                 r"Lightning's DDPStrategy, .* Use trainer=ddp \(trainer.strategy=dq_ddp\)"),
-        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "device=cpu", "distill.batch_size=1"],
-         r"distill.batch_size=1 is smaller than the 2 processes of trainer=ddp"),
         ([*DDP_CPU, "+trainer.num_nodes=2"], r"trainer.num_nodes=2 with trainer.strategy=dq_ddp: .* one machine"),
         ([*DDP_CPU[:3], "device=cpu:0"], r"device=cpu:0 with trainer.strategy=dq_ddp: .* pass device=cpu"),
         (["+trainer.precision=banana"], r"Trainer refuses these settings: Precision 'banana' is invalid"),

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dq.distill.calibration import CalibrationSet
-from dq.distill.parallel import broadcast_from_first, sum_gradients, world
+from dq.distill.parallel import broadcast_from_first, sum_gradients
 from dq.errors import UserError
 from dq.quant import (
     LowRankDelta,
@@ -237,14 +237,6 @@ def kept_checkpoint(checkpoint: Path | None) -> str:
     return f"; the last good checkpoint is {checkpoint}" if checkpoint is not None and checkpoint.is_file() else ""
 
 
-def batch_too_small(batch_size: int, processes: int) -> str:
-    """Why `distill.batch_size` cannot be smaller than the processes of `trainer=ddp` (each takes a share)."""
-    return (
-        f"distill.batch_size={batch_size} is smaller than the {processes} processes of trainer=ddp, each of which "
-        "takes a share of every minibatch: raise it, or use fewer trainer.devices"
-    )
-
-
 def check_lr_bits(lr_bits: object) -> None:
     """`distill.lr_bits`: the weight bit-width the learning rates are for, a whole number in [2, 16], or None."""
     if lr_bits is not None and (type(lr_bits) is not int or not 2 <= lr_bits <= 16):
@@ -329,8 +321,6 @@ class QuantDistillation(pl.LightningModule):
     def on_fit_start(self) -> None:
         """Calibrate the activation quantizers no callback initialised (shared ranges when TPQ is off)."""
         self.student.eval()
-        if (processes := world()[1]) > getattr(self, "batch_size", processes):
-            raise ValueError(batch_too_small(self.batch_size, processes))
         calibrate_student(self.student, self.calib, self.calib_batch_size, progress=self.progress)
 
     def on_train_start(self) -> None:
@@ -423,7 +413,8 @@ class QuantDistillation(pl.LightningModule):
         """Backward `loss` (this process's part), sum the gradients over the processes (`trainer=ddp`; nothing in one
         process) and take `optimizer`'s step (a `LightningOptimizer`)."""
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if loss.requires_grad:  # not where this process's share of the minibatch was empty (trainer=ddp)
+            self.manual_backward(loss)
         sum_gradients(p for g in optimizer.optimizer.param_groups for p in g["params"])
         optimizer.step()
 

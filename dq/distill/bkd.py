@@ -35,7 +35,7 @@ from dq.distill.blocks import Block, BlockIO, ModuleCall, capture_block_io, part
 from dq.distill.calibration import CalibrationSet
 from dq.distill.checkpoint import CHECKPOINT_NAME, load_block_checkpoint, save_block_checkpoint
 from dq.distill.oscillation import OscillationTracker, dampening_loss, trained_weight_layers
-from dq.distill.parallel import all_sum, shard, world
+from dq.distill.parallel import all_sum, local, owned, shard, world
 from dq.quant import quantized_weight_layers, step_context
 from dq.quant.adaround import AdaRound, attach_adaround, bake_adaround, rounding_beta, rounding_loss
 
@@ -238,13 +238,13 @@ class BlockwiseDistillation(QuantDistillation):
             `(io, steps)`: `io.calls` the student's inputs, `io.output` [N, ...] the teacher's block output;
             `steps` [N] each sample's step index.
         """
-        ios = []
-        for idx in torch.arange(len(self.calib)).split(self.calib_batch_size):
+        ios, mine = [], owned(len(self.calib))  # trainer=ddp: this process's samples (all in one process)
+        for idx in mine.split(self.calib_batch_size):
             x, t, kw = calib_inputs(self.calib, idx, self.device)
             s_io = capture_block_io(self.student, block, lambda x=x, t=t, kw=kw: self.student(x, t, **kw))
             t_io = capture_block_io(self.teacher, block, lambda x=x, t=t, kw=kw: self.teacher(x, t, **kw))
             ios.append(contiguous_io(BlockIO(s_io.calls, t_io.output)))
-        return BlockIO.cat(ios), self.calib.step_index.to(self.device)
+        return BlockIO.cat(ios), self.calib.step_index[mine].to(self.device)
 
     def block_loss(self, k: int, idx: Tensor) -> Tensor:
         """MSE between student block `k` on cached inputs `idx` and the teacher's block output."""
@@ -254,11 +254,10 @@ class BlockwiseDistillation(QuantDistillation):
 
     @torch.no_grad()
     def block_mse(self, k: int) -> float:
-        """Block `k`'s MSE to the teacher over the whole cached calibration set (each process of trainer=ddp sums
-        every `world_size`-th sample's, and the sums are added: the same value in every process)."""
-        rank, size = world()
+        """Block `k`'s MSE to the teacher over the whole calibration set (each process of trainer=ddp sums its
+        cached samples', and the sums are added: the same value in every process)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for idx in torch.arange(len(self.calib))[rank::size].split(self.calib_batch_size):
+        for idx in torch.arange(self._cache.batch_size).split(self.calib_batch_size):
             total += self.block_loss(k, idx).double() * len(idx)
         return all_sum(total).item() / len(self.calib)
 
@@ -365,8 +364,8 @@ class BlockwiseDistillation(QuantDistillation):
         self.schedule_lr(i, self.iters_per_block)
         opt = self.optimizers()
         # this process's share of the minibatch, weighted so that the shares' losses sum to the minibatch's mean
-        idx, share = shard(self._batches[i])
-        mse = self.block_loss(k, idx)
+        mine, share = shard(self._batches[i])
+        mse = self.block_loss(k, local(mine)) if len(mine) else torch.zeros((), device=self.device)
         loss = share * mse
         size = world()[1]  # the parameter terms below are counted once over the processes
         if self.dampen and self._oscillation.layers:  # rises from 0 as the learning rate falls (Nagel et al.)

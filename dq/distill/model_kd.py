@@ -88,11 +88,13 @@ class ModelDistillation(QuantDistillation):
         i = int(batch[0])
         self.schedule_lr(i, self.iters)
         opt = self.optimizers()
-        idx, share = shard(self._batches[i])  # this process's share of the minibatch (all of it in one process)
-        x, t, kw = calib_inputs(self.calib, idx, self.device)
-        with torch.no_grad():
-            target = self.teacher(x, t, **kw).sample
-        loss = share * F.mse_loss(self.student(x, t, **kw).sample, target)
+        mine, share = shard(self._batches[i])  # this process's share of the minibatch (all of it in one process)
+        loss = torch.zeros((), device=self.device)  # an empty share (trainer=ddp) adds nothing
+        if len(mine):
+            x, t, kw = calib_inputs(self.calib, mine, self.device)
+            with torch.no_grad():
+                target = self.teacher(x, t, **kw).sample
+            loss = share * F.mse_loss(self.student(x, t, **kw).sample, target)
         total = all_sum(loss)  # the whole minibatch's mean, the same in every process
         check_finite(total, f"whole-model distillation at step {i}/{self.iters}", None)
         self.take_step(opt, loss)

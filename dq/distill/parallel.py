@@ -2,8 +2,10 @@
 barriers, without torch's `DistributedDataParallel` wrapper.
 
 Every process holds the whole teacher, student and calibration set and runs the same steps on the same minibatch
-indices; each takes its own share of every minibatch (`shard`), and the gradients are summed across processes
-(`sum_gradients`) before the optimizer step, so every process applies the same update and the students stay equal.
+indices. Each owns every `world_size`-th calibration sample (`owned`): BKD captures each block's inputs for those
+alone, and each process takes the entries of every minibatch that it owns (`shard`). The gradients are summed across
+processes (`sum_gradients`) before the optimizer step, so every process applies the same update and the students
+stay equal.
 The wrapper does not fit block-wise distillation: it registers the parameters that require gradients once, when the
 fit starts, while BKD trains one block's parameters at a time and AdaRound makes new ones for each block.
 """
@@ -30,7 +32,9 @@ __all__ = [
     "broadcast_from_first",
     "check_equal_students",
     "ddp_child",
+    "local",
     "mark_parent",
+    "owned",
     "shard",
     "sum_gradients",
     "wait_for_parent",
@@ -101,12 +105,25 @@ def wait_for_parent(timeout_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def shard(idx: Tensor) -> tuple[Tensor, float]:
-    """This process's share of the minibatch `idx` [B] (every `world_size`-th entry from its rank on) and the share's
-    weight `len(share) / B`: the weighted per-share means sum to the whole minibatch's mean over processes."""
+def owned(n: int) -> Tensor:
+    """The calibration samples (of `n`) this process owns: every `world_size`-th from its rank on. BKD captures each
+    block's inputs for these alone, so the capture and its memory are split over the processes."""
     rank, size = world()
-    part = idx[rank::size]
-    return part, len(part) / len(idx)
+    return torch.arange(n)[rank::size]
+
+
+def local(idx: Tensor) -> Tensor:
+    """Positions of owned samples `idx` among this process's owned samples (`owned`)."""
+    return idx // world()[1]
+
+
+def shard(idx: Tensor) -> tuple[Tensor, float]:
+    """This process's share of the minibatch `idx` [B] of calibration-set indices: the entries it owns (`owned`; in
+    one process all of them, in their order), and the share's weight `len(share) / B`. The weighted per-share means
+    sum to the whole minibatch's mean over the processes. A share may be empty."""
+    rank, size = world()
+    mine = idx[idx % size == rank]
+    return mine, len(mine) / len(idx)
 
 
 def broadcast_from_first(module: nn.Module) -> None:
@@ -125,14 +142,24 @@ def all_sum(value: Tensor) -> Tensor:
 
 
 def sum_gradients(params: Iterable[nn.Parameter]) -> None:
-    """Sum the gradients of `params` over the processes, in place, in one flat all-reduce (no-op in one process).
+    """Sum the gradients of `params` over the processes, in place, in one flat all-reduce (nothing in one process).
 
-    Every process runs the same code on the same block, so the same parameters have gradients everywhere; those
-    without (None) are left out, as a single process's Adam would skip them.
+    A parameter that has a gradient in some process and none (None) in another (whose share of the minibatch was
+    empty) takes zeros there; one with none anywhere keeps None, as a single process's Adam would skip it.
     """
     if world()[1] == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    params = list(params)
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has)
+    grads = []
+    for p, h in zip(params, has.tolist(), strict=True):
+        if h and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if h:
+            grads.append(p.grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
