@@ -2,7 +2,7 @@
 # trainer=ddp against one process, on this machine's CPUs: dq-train's defaults (DilateQuant W4A8) in one process with
 # two threads, then as two processes of one thread each (trainer=ddp, gloo), each taking half of every minibatch.
 # Prints each run's training seconds, the first process's peak memory, FID and PSNR to the teacher.
-#   bash experiments/bench_ddp.sh ROOT [overrides...]      # runs go to ROOT/one and ROOT/two (about 8 minutes)
+#   bash experiments/bench_ddp.sh ROOT [overrides...]      # runs go to ROOT/one and ROOT/two (about 6 minutes)
 cd "$(dirname "$0")/.." || exit 1
 root=${1:?usage: bash experiments/bench_ddp.sh ROOT [overrides...]}
 shift
