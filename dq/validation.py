@@ -550,7 +550,8 @@ def check_pretrain(cfg: DictConfig) -> None:
 
 def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
     """Refuse at start-up a `trainer.<key>` value `pl.Trainer` refuses: one made now, with nothing to run, says what
-    the real one would say after calibration. `one_process`: also refuse several devices or nodes (dq-train)."""
+    the real one would say after calibration. `one_process` (dq-train): refuse several processes but with
+    `trainer.strategy=dq_ddp` (`check_block_parallel`); otherwise (dq-pretrain) refuse dq_ddp."""
     trainer = OmegaConf.select(cfg, "trainer")
     if not isinstance(trainer, DictConfig):
         return

@@ -6,7 +6,8 @@ indices. Each owns every `world_size`-th calibration sample (`owned`): BKD captu
 alone, and each process takes the entries of every minibatch that it owns (`shard`). The gradients are summed across
 processes (`sum_gradients`) before the optimizer step, so every process applies the same update and the students
 stay equal.
-The wrapper does not fit block-wise distillation: it registers the parameters that require gradients once, when the
+
+torch's wrapper does not fit block-wise distillation: it registers the parameters that require gradients once, when the
 fit starts, while BKD trains one block's parameters at a time and AdaRound makes new ones for each block.
 """
 
