@@ -1,7 +1,7 @@
 #!/bin/bash
 # trainer=ddp against one process, on this machine's CPUs: dq-train's defaults (DilateQuant W4A8) in one process with
-# two threads, then as two processes of one thread each (trainer=ddp, gloo), each taking half of every minibatch.
-# Prints each run's training seconds, the first process's peak memory, FID and PSNR to the teacher.
+# two threads, then as two processes of one thread each (trainer=ddp, gloo), each owning half the calibration samples.
+# Prints collect.py's table of the two runs: training seconds, the first process's peak memory, FID, PSNR.
 #   bash experiments/bench_ddp.sh ROOT [overrides...]      # runs go to ROOT/one and ROOT/two (about 6 minutes)
 cd "$(dirname "$0")/.." || exit 1
 root=${1:?usage: bash experiments/bench_ddp.sh ROOT [overrides...]}
@@ -15,14 +15,4 @@ common=(logger=csv eval.progress=false trainer.enable_progress_bar=false "$@")
 OMP_NUM_THREADS=2 python -m dq.train "${common[@]}" "hydra.run.dir=$root/one" > "$root.one.log" 2>&1 || exit 1
 OMP_NUM_THREADS=1 python -m dq.train "${common[@]}" trainer=ddp trainer.accelerator=cpu trainer.devices=2 device=cpu \
     "hydra.run.dir=$root/two" > "$root.two.log" 2>&1 || exit 1
-python - "$root" <<'PY'
-import json, sys
-print("| processes x threads | train s | peak MB (first process) | FID | PSNR dB |")
-print("|---|---|---|---|---|")
-for name in ("one", "two"):
-    r = json.load(open(f"{sys.argv[1]}/{name}/results.json"))
-    c, s = r["cost"], r["student"]
-    threads = r["provenance"]["threads"]
-    print(f"| {c['processes']} x {threads} | {c['train_s']:.1f} | {c['peak_mem_mb']:.0f} | {s['fid']:.2f} | "
-          f"{s['psnr_to_teacher']:.2f} |")
-PY
+python experiments/collect.py "$root"  # threads in `code`, the processes in `overrides`

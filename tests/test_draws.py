@@ -225,29 +225,37 @@ def test_bad_labels_are_refused_by_name(argv_extra, message, tmp_path, monkeypat
     assert not (tmp_path / "p.png").exists()
 
 
+DDP_DRAWS = ["python", "experiments/draws.py", "--against", "bits=w4a8", "--out"]  # experiments/README.md's command
+
+
 @pytest.mark.parametrize(
-    ("script", "table", "row"),
+    ("command", "table", "row"),
     [
-        ("baselines_table.sh", "baselines_one_machine_draws.md", "| bits=w4a8 distill=model_kd | 1 / 2 / 3 |"),
-        ("qat_lsq_symmetric_table.sh", "qat_lsq_symmetric_draws.md",
+        (["bash", "experiments/baselines_table.sh"], "baselines_one_machine_draws.md",
+         "| bits=w4a8 distill=model_kd | 1 / 2 / 3 |"),
+        (["bash", "experiments/qat_lsq_symmetric_table.sh"], "qat_lsq_symmetric_draws.md",
          "| bits=w4a4 experiment=qat_lsq quantizer.spec.weight_init=lsq quantizer.spec.weight_symmetric=true "
          "| 1 / 2 / 3 |"),
-        ("adaround_paper_budget_table.sh", "adaround_paper_budget_draws.md",
+        (["bash", "experiments/adaround_paper_budget_table.sh"], "adaround_paper_budget_draws.md",
          "| bits=w4a8 distill.lr_rounding=0.3 distill.lr_weight=0 distill.lr_weight_qparams=0 experiment=paper_budget "
          "quantizer.spec.weight_init=mse | 1 / 2 / 3 |"),
+        ([*DDP_DRAWS[:2], "experiments/tables/ddp_draws.csv", *DDP_DRAWS[2:]], "ddp_draws_draws.md",
+         "| bits=w4a8 device=cpu trainer.accelerator=cpu trainer.devices=2 trainer=ddp | 1 / 2 / 3 / 4 / 5 / 6 |"),
+        ([*DDP_DRAWS[:2], "experiments/tables/ddp_draws_owned.csv", *DDP_DRAWS[2:]], "ddp_draws_owned_draws.md",
+         "| bits=w4a8 device=cpu trainer.accelerator=cpu trainer.devices=2 trainer=ddp | 1 / 2 / 3 / 4 / 5 / 6 |"),
     ],
 )  # fmt: skip
-def test_paired_tables_are_what_their_committed_commands_make(script, table, row, tmp_path):
+def test_paired_tables_are_what_their_committed_commands_make(command, table, row, tmp_path):
     """Each paired table the README and BENCHMARKS quote (the README's table of DilateQuant, its ablation and the
-    baselines, and each study's) is re-made byte for byte from the committed run tables by its script, and pairs the
-    runs on all three draws; baselines_table.sh also draws the README's plot."""
+    baselines, and each study's) is re-made byte for byte from the committed run tables by its command, and pairs
+    the runs on every draw; baselines_table.sh also draws the README's plot."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     md, png = tmp_path / "t.md", tmp_path / "p.png"
-    plot = [str(png)] if script == "baselines_table.sh" else []
-    subprocess.run(["bash", str(root / "experiments" / script), str(md), *plot], check=True, capture_output=True,
-                   cwd=tmp_path)  # fmt: skip
+    plot = [str(png)] if command[-1].endswith("baselines_table.sh") else []
+    command = [str(root / c) if c.startswith("experiments/") else c for c in command]  # run from elsewhere
+    subprocess.run([*command, str(md), *plot], check=True, capture_output=True, cwd=tmp_path)
     assert md.read_text() == (root / "experiments/tables" / table).read_text()
     assert row in md.read_text()
     if plot:

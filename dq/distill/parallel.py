@@ -123,6 +123,8 @@ def shard(idx: Tensor) -> tuple[Tensor, float]:
     one process all of them, in their order), and the share's weight `len(share) / B`. The weighted per-share means
     sum to the whole minibatch's mean over the processes. A share may be empty."""
     rank, size = world()
+    if size == 1:
+        return idx, 1.0
     mine = idx[idx % size == rank]
     return mine, len(mine) / len(idx)
 
