@@ -19,6 +19,7 @@ from torch import nn
 
 from dq.data import reference_images, reference_name
 from dq.distill.calibration import resolve_n_traj, teacher_fingerprint
+from dq.distill.parallel import barrier, batch_share, first_decides, gather_in_order, world
 from dq.errors import NonFiniteSamplesError
 from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
@@ -79,48 +80,60 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def sample_timed(model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str) -> tuple:
+def sample_timed(
+    model: nn.Module, scheduler: Any, noise: torch.Tensor, cfg: DictConfig, desc: str
+) -> tuple[torch.Tensor | None, float]:
     """DDIM samples of `model` from `noise`, sampled in the model's dtype and returned in float32, and the wall time
-    it took (seconds)."""
+    it took (seconds).
+
+    Under trainer=ddp every process samples its run of whole batches (`batch_share`) and the first process gathers
+    all the samples in order (the others get None); the time runs from every process's start to the first's holding
+    them all."""
+    part = noise[batch_share(len(noise), cfg.eval.batch_size)]
+    device = next(model.parameters()).device
+    if world()[1] > 1:
+        log.info(f"{desc}: process {world()[0]} samples {len(part)} of {len(noise)}")
+    barrier()
     start = time.perf_counter()
-    samples = ddim_sample(
-        model, scheduler, noise.to(next(model.parameters()).dtype), cfg.model.num_inference_steps, cfg.eval.batch_size,
-        progress=cfg.eval.progress, desc=desc,
-    )  # fmt: skip
-    return samples.float(), time.perf_counter() - start
+    samples = part.float()  # an empty share (fewer batches than processes)
+    if len(part):
+        samples = ddim_sample(
+            model, scheduler, part.to(next(model.parameters()).dtype), cfg.model.num_inference_steps,
+            cfg.eval.batch_size, progress=cfg.eval.progress, desc=desc,
+        ).float()  # fmt: skip
+    samples = gather_in_order(samples, device)
+    return samples, time.perf_counter() - start
 
 
 def teacher_samples(
     cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor
-) -> tuple[torch.Tensor, float | None]:
+) -> tuple[torch.Tensor | None, float | None]:
     """Teacher samples from `noise`, cached on disk: every student of a sweep is compared with the same ones.
 
     The key covers the teacher's weights, the noise (seed, N, shape), the sampler, its step count and the device.
     A corrupt cache file is reported and rebuilt. Returns `(samples, seconds)`; `seconds` is None for cached samples:
     a time measured in another run (other threads, other load) must not be compared with this run's (`teacher_time`).
+    Under trainer=ddp the first process reads and writes the cache, and the others get `(None, seconds)`.
     """
-    fields = {
-        "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": eval_seed(cfg),
-        "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
-        "device": next(teacher.parameters()).device.type,  # another device's samples differ in the last bits
-    }  # fmt: skip
-    # the fingerprint covers the teacher's dtype (eval.dtype): a float16 teacher's samples have their own key
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors"
-    if cfg.eval.get("cache_teacher_samples", True) and path.is_file():
+    caching, first = cfg.eval.get("cache_teacher_samples", True), world()[0] == 0
+    path, fields = _teacher_cache(cfg, teacher, scheduler, noise) if caching and first else (None, {})
+    cached = None
+    if path is not None and path.is_file():
         try:
             with safe_open(str(path), "pt") as f:
-                samples = f.get_tensor("samples")
-            if samples.shape == noise.shape and torch.isfinite(samples).all():
-                return samples, None
-            raise ValueError(f"shape {tuple(samples.shape)} or values do not match")
+                cached = f.get_tensor("samples")
+            if cached.shape != noise.shape or not torch.isfinite(cached).all():
+                raise ValueError(f"shape {tuple(cached.shape)} or values do not match")
         except Exception as e:
+            cached = None
             warnings.warn(f"Teacher-sample cache '{path}' is unusable ({e}); sampling again.", stacklevel=2)
+    if first_decides(cached is not None):
+        return cached, None
     samples, sample_s = sample_timed(teacher, scheduler, noise, cfg, "teacher")
-    if bad := non_finite_count(samples):  # never cached; nothing to compare a student with
+    if bad := first_decides(non_finite_count(samples) if first else 0):  # never cached; nothing to compare with
         dtype = next(teacher.parameters()).dtype
         raise NonFiniteSamplesError(
-            f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(samples)} images with NaN or infinite "
+            f"the teacher (model.path={cfg.model.path}) sampled {bad} of {len(noise)} images with NaN or infinite "
             f"values in {dtype_name(dtype)}: it cannot be scored or compared with. "
             + (
                 "Sample in float32 (eval.dtype=float32), where its activations do not overflow."
@@ -128,7 +141,7 @@ def teacher_samples(
                 else "Check that model.path holds a trained model (dq-eval quantizer=fp scores it alone)."
             )
         )
-    if cfg.eval.get("cache_teacher_samples", True):
+    if path is not None:
         meta = {"fields": json.dumps(fields, default=str)}
         write_cache(
             path, lambda tmp: save_file({"samples": samples.contiguous()}, tmp, metadata=meta), "teacher-sample cache"
@@ -136,9 +149,23 @@ def teacher_samples(
     return samples, sample_s
 
 
+def _teacher_cache(
+    cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor
+) -> tuple[Path, dict[str, Any]]:
+    """Where the teacher's samples from `noise` are cached (`teacher_samples`), and the fields of its key."""
+    fields = {
+        "teacher": teacher_fingerprint(teacher), "scheduler": dict(scheduler.config), "seed": eval_seed(cfg),
+        "n": len(noise), "shape": list(noise.shape[1:]), "steps": cfg.model.num_inference_steps, "version": 1,
+        "device": next(teacher.parameters()).device.type,  # another device's samples differ in the last bits
+    }  # fmt: skip
+    # the fingerprint covers the teacher's dtype (eval.dtype): a float16 teacher's samples have their own key
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cfg.eval.cache_dir) / "teacher_samples" / f"{key}.safetensors", fields
+
+
 def teacher_time(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: torch.Tensor) -> float:
     """The teacher's sampling time for all of `noise`, estimated now from its first batch (linear in N)."""
-    batch = noise[: cfg.eval.batch_size]
+    batch = noise[: cfg.eval.batch_size * world()[1]]  # trainer=ddp: one batch in each process, as they sample
     _, seconds = sample_timed(teacher, scheduler, batch, cfg, "teacher timing")
     return seconds * len(noise) / len(batch)
 
@@ -166,15 +193,17 @@ def evaluate_models(
 
     Both models sample in `eval.dtype`: with float16 / bfloat16 they are cast to it in place (a quantized student's
     latent weights snapped onto their grid, `QuantLayerMixin._apply`); scores are computed in float32.
-    With `eval=none` (features `none`) nothing is sampled: results.json holds the method and the cost only."""
-    ev = cfg.eval
+    With `eval=none` (features `none`) nothing is sampled: results.json holds the method and the cost only.
+    Under trainer=ddp every process samples its share of the noise (`sample_timed`); the first scores, writes and logs
+    alone, and the others return {}."""
+    ev, first = cfg.eval, world()[0] == 0
     if ev.features == "none":
-        return record_without_scores(run_dir, loggers, method, cost, cfg.device)
+        return record_without_scores(run_dir, loggers, method, cost, cfg.device) if first else {}
     dtype = eval_dtype(cfg)
     to_sampling_dtype(dtype, teacher, student)
     seed = eval_seed(cfg)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
-    metrics = build_metrics(cfg)
+    metrics = build_metrics(cfg) if first else None
     results: dict[str, Any] = {}
     metric = {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
               "seed": seed, "dtype": dtype_name(dtype)}  # fmt: skip
@@ -182,17 +211,21 @@ def evaluate_models(
     try:
         t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)
     except NonFiniteSamplesError as e:  # keep the run's record (a dq-train run's cost) and say where its student is
+        if not first:
+            raise
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"metric": metric, "method": method, "cost": cost or {}, "provenance": provenance(cfg.device)}
         atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
         raise NonFiniteSamplesError(f"{e} {run_dir / 'results.json'} keeps the run's record{_kept(run_dir)}.") from None
     if t_s is None:  # cached samples: time the teacher in this run, so the student's time ratio is like for like
         t_s = teacher_time(cfg, teacher, scheduler, noise)
+    s_samples, s_s = sample_timed(student, scheduler, noise, cfg, "student") if student is not None else (None, 0.0)
+    if not first:
+        return {}
     results["teacher"] = {**metrics.score(t_samples, seed), "sample_s": t_s, "images_per_s": len(noise) / t_s}
     grid = grid_array(t_samples[: ev.grid_n])
     bad = 0
     if student is not None:
-        s_samples, s_s = sample_timed(student, scheduler, noise, cfg, "student")
         timing = {"sample_s": s_s, "images_per_s": len(noise) / s_s, "sample_time_ratio": s_s / t_s}
         if bad := non_finite_count(s_samples):  # no scores; the timing and the teacher's scores are still recorded
             results["student"] = {"non_finite_samples": bad, **timing}

@@ -32,7 +32,7 @@ from dq.config import (
 )
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
-from dq.distill.parallel import check_equal_students, ddp_child, mark_parent, wait_for_parent
+from dq.distill.parallel import check_equal_students, ddp_child, end_children, mark_parent, wait_for_parent, world
 from dq.errors import ConfigError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
@@ -286,15 +286,41 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     if trainer.interrupted:
         raise RuntimeError(resume())
     train_s = time.perf_counter() - start
-    processes = trainer.world_size
-    if torch.distributed.is_initialized():  # trainer=ddp: the students are equal; the first process goes on alone
-        check_equal_students(student)
-        torch.distributed.destroy_process_group()  # evaluation's torchmetrics would wait for the others
-        if trainer.global_rank > 0:
-            return {}
+    processes, first = trainer.world_size, trainer.global_rank == 0
+    try:
+        return _save_evaluate(cfg, run_dir, loggers, teacher, scheduler, student, module, parts, train_s, processes)
+    except BaseException as e:
+        if processes > 1 and first and not isinstance(e, UserError):  # the others would wait in a collective
+            end_children(trainer.strategy)
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
+
+def _save_evaluate(
+    cfg: DictConfig,
+    run_dir: Path,
+    loggers: list,
+    teacher: torch.nn.Module,
+    scheduler: Any,
+    student: torch.nn.Module,
+    module: pl.LightningModule,
+    parts: dict[str, Any],
+    train_s: float,
+    processes: int,
+) -> dict[str, Any]:
+    """After the fit: the first process saves the student and its cost; every process (trainer=ddp) samples its
+    share of the evaluation, and the first scores it (`evaluate_models`; {} in the others)."""
+    peaks = [peak_memory()]
+    if processes > 1:  # the students are equal (or the run fails here)
+        check_equal_students(student)
+        peaks = [None] * processes
+        torch.distributed.all_gather_object(peaks, peak_memory())
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
+    if world()[0] > 0:
+        return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg))
     save_quantized(student, run_dir / "student", teacher=parts["teacher"])
     reverted = [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"]
     if reverted:  # each was named as it happened; the sum, where a whole run's training may have been undone
@@ -306,7 +332,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         )
     cost = {
         "train_s": train_s,
-        **peak_memory(),
+        **peaks[0],
         "steps": int(module.max_steps),
         "processes": processes,
         "resumed_at_step": int(module.start_step),
@@ -314,6 +340,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         "reverted_blocks": reverted,
         "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block, across resumes
     }
+    if processes > 1:  # peak_mem_mb above is the first process's
+        cost["process_peak_mem_mb"] = [p["peak_mem_mb"] for p in peaks]
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
 

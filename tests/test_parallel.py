@@ -14,12 +14,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from test_train import DDP_CPU, fast
 from torch import nn
 
-from dq.distill.parallel import all_sum, check_equal_students, ddp_child, mark_parent, shard, sum_gradients, world
+from dq.distill.parallel import (
+    all_sum,
+    batch_share,
+    check_equal_students,
+    ddp_child,
+    mark_parent,
+    shard,
+    sum_gradients,
+    world,
+)
 from dq.errors import ConfigError
+from dq.evaluation import sample_timed, teacher_samples
+from dq.models import ddim_sample, load_teacher, make_noise
 from dq.validation import check_block_parallel
 
 BATCH = 5  # uneven over two processes: shares of 3 and 2
@@ -87,6 +98,49 @@ def test_shares_with_summed_gradients_give_the_whole_minibatchs_gradient(tmp_pat
         assert "students of processes [1] differ from process 0's" in r["error"]
 
 
+def _eval_cfg(teacher_dir: str, cache: str) -> DictConfig:
+    return OmegaConf.create({
+        "seed": 0, "model": {"path": teacher_dir, "num_inference_steps": 2},
+        "eval": {"batch_size": 2, "progress": False, "cache_dir": cache, "cache_teacher_samples": True, "seed": 0},
+    })  # fmt: skip
+
+
+def _sampling_process(rank: int, size: int, store: str, out: str, teacher_dir: str) -> None:
+    """One process's share of evaluation sampling, and of the teacher-sample cache."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    teacher, scheduler = load_teacher(teacher_dir)
+    cfg, result = _eval_cfg(teacher_dir, str(Path(out) / "cache")), {}
+    for n in (7, 2):  # batches of 2: four (two each) and one (the second process samples none)
+        noise = make_noise(n, (1, 8, 8), 0)
+        share = batch_share(n, 2)
+        sampled, _ = sample_timed(teacher, scheduler, noise, cfg, "teacher")
+        result[n] = {"share": (share.start, share.stop), "sampled": sampled}
+    noise = make_noise(7, (1, 8, 8), 0)
+    result["first"] = teacher_samples(cfg, teacher, scheduler, noise)  # sampled, then cached by the first process
+    result["cached"] = teacher_samples(cfg, teacher, scheduler, noise)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_evaluation_sampling_is_split_in_whole_batches_and_gathered_in_order(tiny_teacher_dir, tmp_path):
+    """Each process samples a run of whole batches of the noise; the first gets every sample, in order, as one
+    process samples them (the same batches), and alone reads and writes the teacher-sample cache."""
+    mp.spawn(_sampling_process, args=(2, str(tmp_path / "store"), str(tmp_path), str(tiny_teacher_dir)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    teacher, scheduler = load_teacher(tiny_teacher_dir)
+    assert [r[7]["share"] for r in ranks] == [(0, 4), (4, 7)]
+    assert [r[2]["share"] for r in ranks] == [(0, 2), (2, 2)]
+    for n in (7, 2):
+        reference = ddim_sample(teacher, scheduler, make_noise(n, (1, 8, 8), 0), 2, 2, progress=False)
+        torch.testing.assert_close(ranks[0][n]["sampled"], reference, rtol=0, atol=1e-5)  # float order
+        assert ranks[1][n]["sampled"] is None
+    (first, first_s), (cached, cached_s) = ranks[0]["first"], ranks[0]["cached"]
+    assert first_s > 0 and cached_s is None and torch.equal(first, cached)
+    assert ranks[1]["first"][0] is None and ranks[1]["cached"] == (None, None)
+    assert len(list((tmp_path / "cache" / "teacher_samples").glob("*.safetensors"))) == 1
+
+
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "dq.train", *args]
@@ -104,9 +158,10 @@ def _first_losses(run: Path, n: int) -> list[float]:
 def test_dq_train_on_two_processes_trains_as_one_process_does(tiny_teacher_dir, tmp_path, distill):
     """Two CPU processes (gloo) take shares of every minibatch: the first loss matches one process's to float
     tolerance, and BKD's second too (after one step on summed gradients); later, the students differ from one
-    process's by float order. The first process alone saves, evaluates and prints; the processes' students are equal
-    (`check_equal_students`, or the run fails)."""
+    process's by float order. The first process alone saves, scores and prints, and each samples its share of the
+    evaluation; the processes' students are equal (`check_equal_students`, or the run fails)."""
     over = [*fast(tiny_teacher_dir), "logger=csv", f"distill={distill}"]
+    over += ["eval.batch_size=4", "eval.cache_teacher_samples=false"]  # each process samples a batch, teachers too
     if distill == "model_kd":
         over = [o for o in over if not o.startswith("distill.iters_per_block")] + ["distill.iters=2"]
     runs = {n: tmp_path / n for n in ("one", "two")}
@@ -116,7 +171,12 @@ def test_dq_train_on_two_processes_trains_as_one_process_does(tiny_teacher_dir, 
     results = {n: json.loads((run / "results.json").read_text()) for n, run in runs.items()}
     assert results["one"]["cost"]["processes"] == 1 and results["two"]["cost"]["processes"] == 2
     assert (runs["two"] / "student" / "quant_spec.json").is_file() and (runs["two"] / "samples.png").is_file()
-    assert "weight dilation: " in (runs["two"] / "train_ddp_process_1.log").read_text()  # its own log file
+    child_log = (runs["two"] / "train_ddp_process_1.log").read_text()  # its own log file
+    assert "weight dilation: " in child_log and "student: process 1 samples 4 of 8" in child_log
+    assert len(results["two"]["cost"]["process_peak_mem_mb"]) == 2
+    # the teacher's samples, split over the processes, are one process's (the same batches): the same scores
+    for key in ("fid", "is"):
+        assert results["two"]["teacher"][key] == pytest.approx(results["one"]["teacher"][key], rel=1e-4)
     assert two.stdout.count("weight dilation: ") == 1 and two.stdout.count("results: ") == 1
     (one0, one1), (two0, two1) = (_first_losses(run, 2) for run in runs.values())
     assert two0 == pytest.approx(one0, rel=1e-6)  # the shares' weighted losses sum to the minibatch's

@@ -7,16 +7,21 @@ alone, and each process takes the entries of every minibatch that it owns (`shar
 processes (`sum_gradients`) before the optimizer step, so every process applies the same update and the students
 stay equal.
 
+Evaluation is sharded too: every process samples a run of whole batches of the evaluation noise (`batch_share`), and
+the first process gathers the samples in order (`gather_in_order`) and scores them alone.
+
 torch's wrapper does not fit block-wise distillation: it registers the parameters that require gradients once, when the
 fit starts, while BKD trains one block's parameters at a time and AdaRound makes new ones for each block.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,9 +35,14 @@ __all__ = [
     "STRATEGY",
     "BlockParallelStrategy",
     "all_sum",
+    "barrier",
+    "batch_share",
     "broadcast_from_first",
     "check_equal_students",
     "ddp_child",
+    "end_children",
+    "first_decides",
+    "gather_in_order",
     "local",
     "mark_parent",
     "owned",
@@ -42,6 +52,7 @@ __all__ = [
     "world",
 ]
 
+T = TypeVar("T")
 STRATEGY = "dq_ddp"  # `trainer.strategy` of conf/trainer/ddp.yaml
 PARENT_ENV = "DQ_DDP_PARENT"  # the pid of the process that started the others (`ddp_child`)
 
@@ -58,13 +69,18 @@ class BlockParallelStrategy(DDPStrategy):
         _sync_module_states(self.model)  # rank 0's parameters and buffers everywhere
 
     def on_exception(self, exception: BaseException) -> None:
-        """In the first process: end the others, which would otherwise wait in their next collective (NCCL: for 30
-        minutes) for a process that has stopped (an error raised in the first process alone, e.g. writing a
-        checkpoint)."""
+        """In the first process: end the others (`end_children`; an error raised in the first process alone, e.g.
+        writing a checkpoint)."""
         super().on_exception(exception)
-        for proc in getattr(self.launcher, "procs", []):
-            if proc.poll() is None:
-                proc.kill()
+        end_children(self)
+
+
+def end_children(strategy: object) -> None:
+    """In the first process of a `trainer=ddp` run: kill the processes its launcher started, which would otherwise
+    wait in their next collective (NCCL: for 30 minutes) for a process that has stopped."""
+    for proc in getattr(getattr(strategy, "launcher", None), "procs", None) or []:
+        if proc.poll() is None:
+            proc.kill()
 
 
 if STRATEGY not in StrategyRegistry:
@@ -127,6 +143,50 @@ def shard(idx: Tensor) -> tuple[Tensor, float]:
         return idx, 1.0
     mine = idx[idx % size == rank]
     return mine, len(mine) / len(idx)
+
+
+def batch_share(n: int, batch_size: int) -> slice:
+    """The samples (of `n`, in batches of `batch_size`) this process samples in evaluation: a contiguous run of whole
+    batches, split as evenly as they go, the first processes taking the extra ones (a last process may have none).
+    Each batch holds the samples it holds in one process, so the samples do not depend on the number of processes."""
+    rank, size = world()
+    batches = math.ceil(n / batch_size)
+    first, end = math.ceil(rank * batches / size), math.ceil((rank + 1) * batches / size)
+    return slice(min(first * batch_size, n), min(end * batch_size, n))
+
+
+def gather_in_order(part: Tensor, device: torch.device | str) -> Tensor | None:
+    """The processes' `part`s [n_r, ...] concatenated in rank order, on the CPU, in the first process; None in the
+    others; `part` itself in one process. The parts travel through `device` (NCCL gathers CUDA tensors alone)."""
+    rank, size = world()
+    if size == 1:
+        return part
+    length = torch.tensor([len(part)], device=device)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)  # all_gather: equal shapes
+    padded[: len(part)] = part
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    if rank > 0:
+        return None
+    return torch.cat([p[: int(n)].cpu() for p, n in zip(parts, lengths, strict=True)])
+
+
+def first_decides(value: T) -> T:
+    """The first process's `value` (any picklable object) in every process; `value` itself in one process."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every process arrives here (nothing in one process)."""
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def broadcast_from_first(module: nn.Module) -> None:

@@ -116,10 +116,13 @@ class SampleMetrics:
             self.net, dims = _inception(inception_weights_path), (2048, 1008)
             self.fingerprint = _file_digest(Path(inception_weights_path).expanduser())
         self.net.to(self.device)
-        self.fid = FrechetInceptionDistance(feature=_Given(dims[0]), reset_real_features=False).to(self.device)
+        # scored in one process (trainer=ddp gathers the samples first): no state is synced across processes
+        self.fid = FrechetInceptionDistance(
+            feature=_Given(dims[0]), reset_real_features=False, sync_on_compute=False
+        ).to(self.device)
         with warnings.catch_warnings():  # "will save all extracted features": one row of logits per sample, known
             warnings.filterwarnings("ignore", ".*will save all extracted features in buffer.*")
-            self.isc = InceptionScore(feature=_Given(dims[1]), splits=is_splits).to(self.device)
+            self.isc = InceptionScore(feature=_Given(dims[1]), splits=is_splits, sync_on_compute=False).to(self.device)
 
     def _extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FID's features and IS's logits of images in [-1, 1], from one forward of the network."""
