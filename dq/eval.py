@@ -13,11 +13,13 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
 from dq.distill.calibration import teacher_fingerprint
-from dq.errors import ConfigError, MissingFileError
+from dq.distill.parallel import broadcast_from_first, ddp_child, end_children, join_parent, launch, wait_for_parent
+from dq.errors import ConfigError, MissingFileError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
@@ -40,6 +42,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the teacher and the student (built from the config, none for `quantizer=fp`, or a saved one from
     `student_dir`), evaluate both from one noise."""
     code_at_start()  # results.json's provenance names the code as the run starts, whatever is committed later
+    if child := ddp_child():  # trainer=ddp: a process the first one started; what it would print, the first prints
+        join_parent(cfg)
     validate(cfg)
     if cfg.eval.features == "none":
         raise ConfigError("eval=none scores nothing: dq-eval needs eval=fid_is (the default) or eval=inception.")
@@ -67,29 +71,54 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if child:  # it samples its share, inside the first process's lock
+        try:
+            return _load_evaluate(cfg, run_dir, student_dir)
+        except UserError:  # raised in every process (a teacher that samples NaN): the first reports it
+            wait_for_parent()
+            raise
     with run_dir_lock(run_dir):  # one writer per run directory
-        teacher, scheduler = load_teacher(cfg.model.path)
-        check_unconditional(teacher)
-        check_sample_shape(teacher, cfg.model.sample_shape)
-        check_inference_steps(scheduler, cfg.model.num_inference_steps)
-        teacher_digest = teacher_fingerprint(teacher) if student_dir is not None else None  # on the CPU, as saved
-        teacher.to(cfg.device)
-        saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device, teacher_digest)
-        if saved is not None:
-            check_steps(saved, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
-        elif cfg.quantizer.name != "fp":
-            check_layers(cfg, teacher)
-        loggers = build_loggers(cfg.logger)  # before calibration: an unwritable log directory costs nothing yet
-        log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
-        if saved is None:
-            if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
-                log.warning(overlap)  # a PTQ student calibrates on teacher trajectories from calib.seed's noise
-            student, cost = build_student(cfg, teacher, scheduler)
-            method = method_of(cfg)
-        else:
-            student, cost, method = saved, {}, saved_method(student_dir)
-            log.info(f"student: {student_dir} ({method.get('quantizer')} {method.get('bits')}, as saved)")
+        return _load_evaluate(cfg, run_dir, student_dir)
+
+
+def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> dict[str, Any]:
+    """`evaluate` inside the run-directory lock. Under trainer=ddp the first process starts the others once the
+    student is built (so they read the calibration set it cached), and every process samples its share."""
+    teacher, scheduler = load_teacher(cfg.model.path)
+    check_unconditional(teacher)
+    check_sample_shape(teacher, cfg.model.sample_shape)
+    check_inference_steps(scheduler, cfg.model.num_inference_steps)
+    teacher_digest = teacher_fingerprint(teacher) if student_dir is not None else None  # on the CPU, as saved
+    teacher.to(cfg.device)
+    saved = None if student_dir is None else load_student(student_dir, teacher, cfg.device, teacher_digest)
+    if saved is not None:
+        check_steps(saved, student_dir, sampler_timesteps(scheduler, cfg.model.num_inference_steps))
+    elif cfg.quantizer.name != "fp":
+        check_layers(cfg, teacher)
+    loggers = build_loggers(cfg.logger)  # before calibration: an unwritable log directory costs nothing yet
+    log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
+    if saved is None:
+        if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
+            log.warning(overlap)  # a PTQ student calibrates on teacher trajectories from calib.seed's noise
+        student, cost = build_student(cfg, teacher, scheduler)
+        method = method_of(cfg)
+    else:
+        student, cost, method = saved, {}, saved_method(student_dir)
+        log.info(f"student: {student_dir} ({method.get('quantizer')} {method.get('bits')}, as saved)")
+    fabric = launch(cfg)
+    if fabric is None:
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
+    try:
+        if student is not None:  # each process built or loaded it: sample the first's everywhere
+            broadcast_from_first(student)
+        cost = {**cost, "processes": fabric.world_size}
+        return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
+    except BaseException as e:
+        if fabric.global_rank == 0 and not isinstance(e, UserError):  # the others would wait in a collective
+            end_children(fabric.strategy)
+        raise
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def load_student(student_dir: Path, teacher: Any, device: str, teacher_digest: str | None = None) -> Any:

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -32,7 +31,15 @@ from dq.config import (
 )
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint
-from dq.distill.parallel import check_equal_students, ddp_child, end_children, mark_parent, wait_for_parent, world
+from dq.distill.parallel import (
+    check_equal_students,
+    ddp_child,
+    end_children,
+    join_parent,
+    mark_parent,
+    wait_for_parent,
+    world,
+)
 from dq.errors import ConfigError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
@@ -42,7 +49,7 @@ from dq.student import calibration_set, check_layers, check_spec, quantize_stude
 from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.loggers import ending_wandb_run
-from dq.utils.progress import ConsoleHandler, progress_bar
+from dq.utils.progress import progress_bar
 from dq.utils.provenance import code_at_start
 from dq.utils.signals import sigterm_exits_143
 from dq.validation import validate
@@ -179,22 +186,12 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def join_parent(cfg: DictConfig) -> None:
-    """Set up a process that Lightning's launcher started for `trainer=ddp`: its info lines go to its own log file
-    only (`<run>/train_ddp_process_<rank>.log`; the first process prints them, and its progress bars), and
-    `device: cuda` is its own GPU."""
-    cfg.eval.progress = False
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, ConsoleHandler) and handler.level < logging.WARNING:
-            handler.setLevel(logging.WARNING)
-    if str(cfg.device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
 @ending_wandb_run()  # a multirun's next job (same process) must not log into this job's W&B run
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Quantize, distill, save and evaluate; returns the contents of `results.json`."""
     code_at_start()  # results.json's provenance names the code as the run starts, whatever is committed later
+    if child := ddp_child():  # trainer=ddp: a process the first one started; what it would print, the first prints
+        join_parent(cfg)
     validate(cfg)
     if cfg.quantizer.name == "fp":
         raise ConfigError("quantizer=fp has nothing to train: evaluate the teacher with dq-eval instead")
@@ -216,8 +213,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "with its own eval settings, or use a new run directory."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ddp_child():  # trainer=ddp: a process Lightning started for the fit, inside its parent's lock
-        join_parent(cfg)
+    if child:  # inside its parent's lock
         try:
             return _quantize_distill_evaluate(cfg, run_dir)
         except UserError:  # raised in every process (a non-finite loss): the parent reports it

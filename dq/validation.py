@@ -598,8 +598,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
 
 
 def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: bool) -> None:
-    """`trainer.strategy=dq_ddp`: dq-train only (its distillation sums its own gradients), on one machine, on the
-    first N devices (each process takes the GPU of its local rank) and a `device` without an index."""
+    """`trainer.strategy=dq_ddp`: dq-train (its distillation sums its own gradients) and dq-eval only, on one machine,
+    on the first N devices (each process takes the GPU of its local rank) and a `device` without an index."""
     if not one_process:
         raise ConfigError(
             f"trainer.strategy={STRATEGY} is dq-train's (its distillation sums the gradients itself); dq-pretrain "
@@ -607,8 +607,8 @@ def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: 
         )
     if trainer.get("num_nodes", 1) != 1:
         raise ConfigError(
-            f"trainer.num_nodes={trainer['num_nodes']} with trainer.strategy={STRATEGY}: dq-train's data-parallel "
-            "distillation runs on one machine (one process per GPU); use trainer.num_nodes=1."
+            f"trainer.num_nodes={trainer['num_nodes']} with trainer.strategy={STRATEGY}: trainer=ddp runs on one "
+            "machine (one process per GPU); use trainer.num_nodes=1."
         )
     devices = trainer.get("devices", "auto")
     if not (devices == "auto" or (type(devices) is int and devices >= -1)):

@@ -141,9 +141,9 @@ def test_evaluation_sampling_is_split_in_whole_batches_and_gathered_in_order(tin
     assert len(list((tmp_path / "cache" / "teacher_samples").glob("*.safetensors"))) == 1
 
 
-def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(cwd: Path, *args: str, app: str = "dq.train") -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "dq.train", *args]
+    command = [sys.executable, "-m", app, *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -178,10 +178,30 @@ def test_dq_train_on_two_processes_trains_as_one_process_does(tiny_teacher_dir, 
     for key in ("fid", "is"):
         assert results["two"]["teacher"][key] == pytest.approx(results["one"]["teacher"][key], rel=1e-4)
     assert two.stdout.count("weight dilation: ") == 1 and two.stdout.count("results: ") == 1
+    assert (two.stdout + two.stderr).count("is too few for meaningful scores") == 1  # the child's in its log alone
     (one0, one1), (two0, two1) = (_first_losses(run, 2) for run in runs.values())
     assert two0 == pytest.approx(one0, rel=1e-6)  # the shares' weighted losses sum to the minibatch's
     if distill == "bkd":  # one block: Adam's first, sign-like step flips no weight's rounding here (whole model: 1%)
         assert one1 != one0 and two1 == pytest.approx(one1, rel=1e-4)
+
+
+def test_dq_eval_on_two_processes_scores_as_one_process_does(tiny_teacher_dir, tmp_path):
+    """dq-eval trainer=ddp: each process builds the PTQ student, samples a batch of teacher and student with the
+    first process's student, and the first scores them: one process's scores; it alone writes and prints."""
+    over = [*fast(tiny_teacher_dir), "quantizer=ptq_minmax", "logger=csv", "eval.batch_size=4"]
+    over = [o for o in over if not o.startswith(("distill.", "trainer."))] + ["eval.cache_teacher_samples=false"]
+    runs = {n: tmp_path / n for n in ("one", "two")}
+    one = _cli(tmp_path, *over, f"hydra.run.dir={runs['one']}", app="dq.eval")
+    two = _cli(tmp_path, *over, *DDP_CPU, f"hydra.run.dir={runs['two']}", app="dq.eval")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    results = {n: json.loads((run / "results.json").read_text()) for n, run in runs.items()}
+    assert results["two"]["cost"]["processes"] == 2 and "processes" not in results["one"]["cost"]
+    for who in ("teacher", "student"):
+        for key in ("fid", "is", "psnr_to_teacher") if who == "student" else ("fid", "is"):
+            assert results["two"][who][key] == pytest.approx(results["one"][who][key], rel=1e-5), (who, key)
+    assert "student: process 1 samples 4 of 8" in (runs["two"] / "train_ddp_process_1.log").read_text()
+    assert two.stdout.count("results: ") == 1 and "student: process 0 samples 4 of 8" in two.stdout
+    assert (two.stdout + two.stderr).count("is too few for meaningful scores") == 1
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ fit starts, while BKD trains one block's parameters at a time and AdaRound makes
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -25,11 +26,14 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from lightning_fabric import Fabric
+from omegaconf import DictConfig
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 
 from dq.distill.calibration import teacher_fingerprint
+from dq.utils.progress import ConsoleHandler
 
 __all__ = [
     "STRATEGY",
@@ -43,6 +47,8 @@ __all__ = [
     "end_children",
     "first_decides",
     "gather_in_order",
+    "join_parent",
+    "launch",
     "local",
     "mark_parent",
     "owned",
@@ -112,6 +118,33 @@ def mark_parent() -> Iterator[None]:
         yield
     finally:
         os.environ.pop(PARENT_ENV, None)
+
+
+def launch(cfg: DictConfig) -> Fabric | None:
+    """dq-eval under `trainer.strategy=dq_ddp` with several devices: start the other processes (Lightning Fabric's
+    launcher re-runs the command, as dq-train's does; they are marked as children, `mark_parent`) and join their
+    process group, with gloo on CPUs and NCCL on GPUs. Returns the Fabric; None for one process."""
+    trainer = cfg.get("trainer")
+    if trainer is None or trainer.get("strategy") != STRATEGY:
+        return None
+    fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, strategy="ddp")
+    if fabric.world_size == 1:
+        return None
+    with mark_parent():
+        fabric.launch()
+    return fabric
+
+
+def join_parent(cfg: DictConfig) -> None:
+    """Set up a process that Lightning's launcher started for `trainer=ddp`: its info lines and warnings go to its own
+    log file only (`<run>/train_ddp_process_<rank>.log`; the first process prints the same ones, and its progress
+    bars), and `device: cuda` is its own GPU (that of its local rank)."""
+    cfg.eval.progress = False
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ConsoleHandler) and handler.level < logging.ERROR:
+            handler.setLevel(logging.ERROR)
+    if str(cfg.device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def wait_for_parent(timeout_s: float = 120.0) -> None:
