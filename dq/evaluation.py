@@ -20,7 +20,7 @@ from torch import nn
 from dq.data import reference_images, reference_name
 from dq.distill.calibration import resolve_n_traj, teacher_fingerprint
 from dq.distill.parallel import barrier, batch_share, first_decides, gather_in_order, world
-from dq.errors import NonFiniteSamplesError
+from dq.errors import NonFiniteSamplesError, UserError
 from dq.metrics import SampleMetrics, non_finite_count, psnr
 from dq.models import ddim_sample, make_noise
 from dq.quant.quantizer import HALF_DTYPES
@@ -167,7 +167,9 @@ def teacher_time(cfg: DictConfig, teacher: nn.Module, scheduler: Any, noise: tor
     """The teacher's sampling time for all of `noise`, estimated now from its first batch (linear in N)."""
     batch = noise[: cfg.eval.batch_size * world()[1]]  # trainer=ddp: one batch in each process, as they sample
     _, seconds = sample_timed(teacher, scheduler, batch, cfg, "teacher timing")
-    return seconds * len(noise) / len(batch)
+    # scaled to this process's share of all of `noise` (the first process's is the largest: what the wall time waits on)
+    share, timed = (batch_share(n, cfg.eval.batch_size) for n in (len(noise), len(batch)))
+    return seconds * (share.stop - share.start) / max(timed.stop - timed.start, 1)
 
 
 def build_metrics(cfg: DictConfig) -> SampleMetrics:
@@ -176,6 +178,20 @@ def build_metrics(cfg: DictConfig) -> SampleMetrics:
     metrics = SampleMetrics(ev.features, ev.classifier_path, ev.inception_weights_path, ev.is_splits, cfg.device)
     data = cfg.model.data
     metrics.load_or_set_reference(ev.cache_dir, reference_name(data), lambda: reference_images(data))
+    return metrics
+
+
+def _first_builds_metrics(cfg: DictConfig) -> SampleMetrics | None:
+    """`build_metrics` in the first process (None in the others). An error in it (a damaged classifier) is raised in
+    every process: the others would otherwise wait for the first in their next collective."""
+    metrics, error = None, None
+    if world()[0] == 0:
+        try:
+            metrics = build_metrics(cfg)
+        except UserError as e:
+            error = e
+    if first_decides(error is not None):
+        raise error or UserError("the first process could not build the FID/IS metrics: it reports why")
     return metrics
 
 
@@ -203,7 +219,7 @@ def evaluate_models(
     to_sampling_dtype(dtype, teacher, student)
     seed = eval_seed(cfg)
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
-    metrics = build_metrics(cfg) if first else None
+    metrics = _first_builds_metrics(cfg)
     results: dict[str, Any] = {}
     metric = {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
               "seed": seed, "dtype": dtype_name(dtype)}  # fmt: skip

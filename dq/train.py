@@ -308,11 +308,11 @@ def _save_evaluate(
 ) -> dict[str, Any]:
     """After the fit: the first process saves the student and its cost; every process (trainer=ddp) samples its
     share of the evaluation, and the first scores it (`evaluate_models`; {} in the others)."""
-    peaks = [peak_memory()]
+    peaks = []
     if processes > 1:  # the students are equal (or the run fails here)
         check_equal_students(student)
         peaks = [None] * processes
-        torch.distributed.all_gather_object(peaks, peak_memory())
+        torch.distributed.all_gather_object(peaks, peak_memory()["peak_mem_mb"])
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
     if world()[0] > 0:
@@ -328,7 +328,7 @@ def _save_evaluate(
         )
     cost = {
         "train_s": train_s,
-        **peaks[0],
+        **peak_memory(),  # the first process's, saving included
         "steps": int(module.max_steps),
         "processes": processes,
         "resumed_at_step": int(module.start_step),
@@ -336,8 +336,8 @@ def _save_evaluate(
         "reverted_blocks": reverted,
         "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block, across resumes
     }
-    if processes > 1:  # peak_mem_mb above is the first process's
-        cost["process_peak_mem_mb"] = [p["peak_mem_mb"] for p in peaks]
+    if processes > 1:  # every process's, as training ended
+        cost["process_peak_mem_mb"] = peaks
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
 

@@ -196,7 +196,7 @@ def validate(cfg: DictConfig) -> None:
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator is not None and str(accelerator) in ("gpu", "cuda") and cfg.get("device") == "cpu":
         raise ConfigError(
-            f"trainer.accelerator='{accelerator}' trains on the GPU but device='cpu' keeps calibration and evaluation"
+            f"trainer.accelerator='{accelerator}' runs on the GPU but device='cpu' keeps calibration and evaluation"
             " on the CPU: use trainer=gpu (it sets device=cuda) or pass device=cuda."
         )
     check_trainer_values(cfg)
@@ -573,8 +573,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             f"trainer.devices={kwargs.get('devices', 'auto')}, trainer.num_nodes={kwargs.get('num_nodes', 1)}, "
             f"trainer.strategy={kwargs.get('strategy', 'auto')}: {dry.world_size} processes with Lightning's "
             f"{type(dry.strategy).__name__}, whose DDP wrapper fixes the trained parameters when the fit starts, and "
-            f"dq-train trains one block's at a time. Use trainer=ddp (trainer.strategy={STRATEGY}), or "
-            "trainer.devices=1."
+            f"dq-train trains one block's at a time. Use trainer=ddp (trainer.strategy={STRATEGY}), which dq-train "
+            "and dq-eval take, or trainer.devices=1."
         )
     if isinstance(dry.strategy, BlockParallelStrategy):
         check_block_parallel(cfg, kwargs, one_process)
@@ -582,7 +582,7 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
         raise ConfigError(
             f"trainer.strategy={STRATEGY} with {dry.world_size} processes in a multirun (-m): Lightning starts the "
             "other processes by re-running the command, so each would run the whole sweep. Run each setting as its "
-            "own dq-train command, or sweep with trainer.devices=1."
+            "own command, or sweep with trainer.devices=1."
         )
     if str(dry.precision).startswith("64"):
         raise ConfigError(
@@ -602,8 +602,8 @@ def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: 
     on the first N devices (each process takes the GPU of its local rank) and a `device` without an index."""
     if not one_process:
         raise ConfigError(
-            f"trainer.strategy={STRATEGY} is dq-train's (its distillation sums the gradients itself); dq-pretrain "
-            "trains one process per device with Lightning's own strategy=ddp."
+            f"trainer.strategy={STRATEGY} is dq-train's (its distillation sums the gradients itself) and dq-eval's; "
+            "dq-pretrain trains one process per device with Lightning's own strategy=ddp."
         )
     if trainer.get("num_nodes", 1) != 1:
         raise ConfigError(

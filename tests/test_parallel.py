@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from dq.distill.parallel import (
 from dq.errors import ConfigError
 from dq.evaluation import sample_timed, teacher_samples
 from dq.models import ddim_sample, load_teacher, make_noise
+from dq.paths import PACKAGE_DIR
 from dq.validation import check_block_parallel
 
 BATCH = 5  # uneven over two processes: shares of 3 and 2
@@ -202,6 +204,21 @@ def test_dq_eval_on_two_processes_scores_as_one_process_does(tiny_teacher_dir, t
     assert "student: process 1 samples 4 of 8" in (runs["two"] / "train_ddp_process_1.log").read_text()
     assert two.stdout.count("results: ") == 1 and "student: process 0 samples 4 of 8" in two.stdout
     assert (two.stdout + two.stderr).count("is too few for meaningful scores") == 1
+
+
+def test_an_error_in_the_first_process_alone_stops_every_process(tiny_teacher_dir, tmp_path):
+    """A damaged classifier fails in the first process alone, which alone scores: the others, which would wait for it
+    in their next collective, stop too, and the user gets the first's one-line error (exit 2)."""
+    classifier = tmp_path / "classifier"
+    shutil.copytree(PACKAGE_DIR / "assets" / "mnist_classifier", classifier)
+    (classifier / "config.json").write_text("{not json")
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith(("distill.", "trainer.", "quantizer.", "calib."))]
+    over += ["quantizer=fp", "logger=none", f"eval.classifier_path={classifier}"]
+    done = _cli(tmp_path, *over, *DDP_CPU, f"hydra.run.dir={tmp_path / 'run'}", app="dq.eval")
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dq-eval: error: ")]
+    assert len(errors) == 1 and "Classifier checkpoint in" in errors[0] and "Traceback" not in done.stderr
+    assert "could not build the FID/IS metrics" in (tmp_path / "run" / "train_ddp_process_1.log").read_text()
 
 
 @pytest.mark.parametrize(

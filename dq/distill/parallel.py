@@ -136,13 +136,13 @@ def launch(cfg: DictConfig) -> Fabric | None:
 
 
 def join_parent(cfg: DictConfig) -> None:
-    """Set up a process that Lightning's launcher started for `trainer=ddp`: its info lines and warnings go to its own
-    log file only (`<run>/train_ddp_process_<rank>.log`; the first process prints the same ones, and its progress
-    bars), and `device: cuda` is its own GPU (that of its local rank)."""
+    """Set up a process that Lightning's launcher started for `trainer=ddp`: its lines (info, warnings, errors) go to
+    its own log file only (`<run>/train_ddp_process_<rank>.log`; the first process prints the same ones, and its
+    progress bars), and `device: cuda` is its own GPU (that of its local rank)."""
     cfg.eval.progress = False
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, ConsoleHandler) and handler.level < logging.ERROR:
-            handler.setLevel(logging.ERROR)
+        if isinstance(handler, ConsoleHandler):
+            handler.setLevel(logging.CRITICAL + 1)
     if str(cfg.device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -198,10 +198,10 @@ def gather_in_order(part: Tensor, device: torch.device | str) -> Tensor | None:
     lengths = [torch.zeros_like(length) for _ in range(size)]
     dist.all_gather(lengths, length)
     longest = max(int(n) for n in lengths)
-    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)  # all_gather: equal shapes
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)  # gather: equal shapes
     padded[: len(part)] = part
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
+    parts = [torch.empty_like(padded) for _ in range(size)] if rank == 0 else None  # all of them on the first alone
+    dist.gather(padded, parts, dst=0)
     if rank > 0:
         return None
     return torch.cat([p[: int(n)].cpu() for p, n in zip(parts, lengths, strict=True)])
