@@ -347,5 +347,9 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m dq.train
+    # the importable dq.train.main, not this __main__ copy: a Hydra launcher that pickles the task function
+    # (submitit) then pickles a reference to it, where this module's objects would be pickled by value (and fail)
+    from dq.train import main as importable_main
+
+    sys.exit(importable_main())

@@ -1,0 +1,46 @@
+"""Hydra launchers: a multirun's jobs through Hydra's submitit launcher (its local executor here; SLURM on a cluster,
+`hydra/launcher=slurm`, conf/hydra/launcher/slurm.yaml)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from hydra import compose, initialize_config_dir
+from test_train import fast
+
+from dq.paths import conf_dir
+
+
+def test_a_multirun_runs_each_job_as_a_submitit_job(tiny_teacher_dir, tmp_path):
+    """`python -m dq.eval -m hydra/launcher=submitit_local ...`: submitit pickles the task function, which under
+    `python -m` must be the importable `dq.eval.main`, and runs each job in a process of its own; each job writes its
+    run directory under the sweep directory as the basic launcher's jobs do."""
+    sweep = tmp_path / "sweep"
+    over = [o for o in fast(tiny_teacher_dir) if o.startswith(("model.", "calib.", "eval.", "quantizer."))]
+    command = [sys.executable, "-m", "dq.eval", "-m", "hydra/launcher=submitit_local", *over, "logger=csv",
+               "quantizer=ptq_minmax", "bits=w8a8,w4a8", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert [r.name for r in runs] == ["0-ptq_minmax-w8a8", "1-ptq_minmax-w4a8"]
+    for run, bits in zip(runs, ("w8a8", "w4a8"), strict=True):
+        results = json.loads((run / "results.json").read_text())
+        assert results["method"]["bits"] == bits and results["student"]["psnr_to_teacher"] > 0
+        assert (run / "eval.log").is_file() and (run / "samples.png").is_file()
+    logs = list((sweep / ".submitit").glob("*/*_0_log.out"))  # one submitit job each
+    assert len(logs) == 2 and all("Job completed successfully" in log.read_text() for log in logs)
+
+
+def test_the_slurm_preset_runs_one_process_on_one_gpu_per_job_and_requeues_on_timeout():
+    """hydra/launcher=slurm is submitit's SLURM launcher with dq's defaults, each of them overridable."""
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert launcher.max_num_timeout == 3 and launcher.partition == "gpu"
