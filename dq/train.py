@@ -312,7 +312,7 @@ def _save_evaluate(
     if processes > 1:  # the students are equal (or the run fails here)
         check_equal_students(student)
         peaks = [None] * processes
-        torch.distributed.all_gather_object(peaks, peak_memory()["peak_mem_mb"])
+        torch.distributed.all_gather_object(peaks, peak_memory())
     teacher.to(cfg.device).eval()
     student.to(cfg.device).eval().requires_grad_(False)
     if world()[0] > 0:
@@ -337,7 +337,8 @@ def _save_evaluate(
         "block_s": getattr(module, "block_seconds", {}),  # BKD: seconds per block, across resumes
     }
     if processes > 1:  # every process's, as training ended
-        cost["process_peak_mem_mb"] = peaks
+        for key in peaks[0]:  # peak_mem_mb, and peak_gpu_mem_mb on GPUs
+            cost[f"process_{key}"] = [p.get(key) for p in peaks]
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
 

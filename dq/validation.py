@@ -191,6 +191,8 @@ def validate(cfg: DictConfig) -> None:
     check_trainer(cfg)
     if HydraConfig.initialized():
         check_appended(cfg, HydraConfig.get().overrides.task)
+        if "student_dir" in cfg:  # dq-eval
+            check_eval_trainer(HydraConfig.get().overrides.task)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
@@ -621,6 +623,22 @@ def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: 
             f"device={cfg.device} with trainer.strategy={STRATEGY}: each process uses the device of its local rank; "
             f"pass device={str(cfg.device).split(':')[0]} (and CUDA_VISIBLE_DEVICES to pick GPUs)."
         )
+
+
+EVAL_TRAINER_KEYS = ("accelerator", "devices", "strategy")  # what dq-eval reads of the trainer group: where it samples
+
+
+def check_eval_trainer(overrides: Sequence[str]) -> None:
+    """dq-eval samples where the trainer group says (`trainer=gpu`, `trainer=ddp`) and trains nothing: refuse an
+    override of another `trainer.<key>`, which would do nothing there."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        group, _, key = override.key_or_group.partition(".")
+        if group == "trainer" and key and key.split(".")[0] not in EVAL_TRAINER_KEYS:
+            raise ConfigError(
+                f"trainer.{key}: dq-eval trains nothing and reads only trainer.accelerator, trainer.devices and "
+                "trainer.strategy (where it samples: trainer=gpu, trainer=ddp); drop the override"
+                + (" (eval.dtype sets the sampling precision)." if key == "precision" else ".")
+            )
 
 
 # groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the

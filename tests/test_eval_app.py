@@ -3,6 +3,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from dq.paths import PACKAGE_DIR, conf_dir
 from dq.quant import QuantSpec, expand_act_quantizers, quantize_model, save_quantized
 from dq.quant.model import quantizable_layers
 from dq.student import build_student
+from dq.validation import check_eval_trainer
 
 
 def _package_files() -> list:
@@ -345,3 +348,14 @@ def test_eval_dtype_samples_teacher_and_student_in_half_precision(tmp_path, monk
     assert f16["teacher"]["fid"] != f32["teacher"]["fid"]  # sampled again in float16, not read from float32's cache
     assert abs(f16["teacher"]["fid"] - f32["teacher"]["fid"]) < 0.05 * f32["teacher"]["fid"]
     assert f16["student"]["psnr_to_teacher"] > 20  # the W8A8 student in float16 stays close to its teacher
+
+
+def test_dq_eval_refuses_trainer_settings_it_would_ignore(tmp_path):
+    """dq-eval reads where to sample from the trainer group (trainer=gpu, trainer=ddp) and nothing else of it."""
+    check_eval_trainer(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=dq_ddp"])
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs: dq-eval trains nothing and reads only"):
+        check_eval_trainer(["+trainer.max_epochs=3"])
+    command = [sys.executable, "-m", "dq.eval", "+trainer.precision=16-mixed", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "dq-eval: error: trainer.precision: dq-eval trains nothing" in done.stderr
+    assert "eval.dtype sets the sampling precision" in done.stderr
