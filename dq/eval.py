@@ -181,8 +181,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":  # python -m dq.eval
-    # the importable dq.eval.main, not this __main__ copy: a Hydra launcher that pickles the task function
-    # (submitit) then pickles a reference to it, where this module's objects would be pickled by value (and fail)
+    # run from the importable dq.eval: a Hydra launcher that pickles the task function (submitit) pickles it by
+    # value, and its globals then resolve to dq.eval by reference; as __main__'s they would be pickled (and fail)
     from dq.eval import main as importable_main
 
     sys.exit(importable_main())

@@ -188,11 +188,11 @@ def validate(cfg: DictConfig) -> None:
     check_adapters(cfg)
     check_settings(cfg)
     check_callbacks(cfg)
+    if "student_dir" in cfg and HydraConfig.initialized():  # dq-eval: before the checks that speak of training
+        check_eval_trainer(HydraConfig.get().overrides.task)
     check_trainer(cfg)
     if HydraConfig.initialized():
         check_appended(cfg, HydraConfig.get().overrides.task)
-        if "student_dir" in cfg:  # dq-eval
-            check_eval_trainer(HydraConfig.get().overrides.task)
     if str(cfg.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device='{cfg.device}' but PyTorch sees no CUDA GPU here: use device=cpu (trainer=cpu).")
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
