@@ -30,7 +30,7 @@ from dq.config import (
     restoring_hydra_record,
 )
 from dq.distill.calibration import teacher_fingerprint
-from dq.distill.checkpoint import checkpoint_fingerprint
+from dq.distill.checkpoint import checkpoint_fingerprint, finished_checkpoint, state_equal
 from dq.distill.parallel import (
     check_equal_students,
     ddp_child,
@@ -44,7 +44,8 @@ from dq.errors import ConfigError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
-from dq.quant import save_quantized
+from dq.quant import load_quantized, save_quantized
+from dq.quant.io import SPEC_NAME
 from dq.student import calibration_set, check_layers, check_spec, quantize_student
 from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
@@ -239,6 +240,11 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
         log.warning(overlap)
 
+    if (saved := _finished_student(run_dir, fingerprint, cfg.device)) is not None:
+        student, cost = saved
+        log.info(f"every block is trained and the student saved in {run_dir / 'student'}: evaluating it")
+        return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
+
     start = time.perf_counter()
     callbacks = build_callbacks(cfg.get("callbacks"))  # before calibration: a setting they refuse costs nothing yet
     student = quantize_student(cfg, teacher, scheduler)
@@ -340,6 +346,28 @@ def _save_evaluate(
         for key in peaks[0]:  # peak_mem_mb, and peak_gpu_mem_mb on GPUs
             cost[f"process_{key}"] = [p.get(key) for p in peaks]
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
+
+
+def _finished_student(run_dir: Path, fingerprint: str, device: str) -> tuple[torch.nn.Module, dict] | None:
+    """A re-run of a finished BKD run (a requeued job, a re-scoring): the saved student, when the block checkpoints
+    hold every block of this configuration and the student equals their state, with the run's cost (its earlier
+    results.json's, or what the checkpoints record); None otherwise, and the run trains (or resumes) as usual.
+    The Weight Dilation and TPQ calibration the resumed path repeats before finding nothing to train are skipped."""
+    meta, state = finished_checkpoint(run_dir / "checkpoints", fingerprint)
+    if not meta or not (run_dir / "student" / SPEC_NAME).is_file():
+        return None
+    try:
+        student = load_quantized(run_dir / "student")
+    except Exception:  # damaged or from another dq: train (resume) as usual, which saves it again
+        return None
+    if not state_equal(student.state_dict(), state):
+        return None
+    cost = read_json_object(run_dir / "results.json").get("cost")
+    if not isinstance(cost, dict) or "train_s" not in cost:  # scored before this one: its training cost stands
+        history = meta.get("history") or []
+        cost = {"blocks": len(meta["blocks"]), "block_s": meta.get("block_seconds") or {},
+                "reverted_blocks": [h["block"] for h in history if h.get("kept") == "untrained"]}  # fmt: skip
+    return student.to(device).eval().requires_grad_(False), {**cost, "evaluated_saved_student": True}
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")

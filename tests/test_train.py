@@ -1052,3 +1052,26 @@ def test_evaluation_noise_that_repeats_the_calibration_trajectories_is_named(tmp
     assert said and said.startswith("eval.seed=1 equals calib.seed=1: the first 21 of the 1000 evaluation samples")
     said = calibration_noise_overlap(compose_cfg("train", ["eval.seed=1", "calib.n_traj=205"], tmp_path / "d"))
     assert said and "the first 205 of the 1000" in said
+
+
+def test_a_rerun_of_a_finished_run_evaluates_its_saved_student_without_calibrating_again(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    """Every block finished and the student saved (a requeued job stopped in the evaluation, a re-scoring): the
+    re-run scores the saved student, keeping the run's training cost, instead of repeating Weight Dilation and the
+    TPQ calibration; a saved student that does not match the checkpoints (here damaged) sends it down the usual path."""
+    run = tmp_path / "run"
+    over = [*fast(tiny_teacher_dir), "logger=none"]
+    first = train(compose_cfg("train", over, run))
+    real = dq.train.quantize_student
+    monkeypatch.setattr(dq.train, "quantize_student", lambda *a, **k: pytest.fail("calibrated again"))
+    again = train(compose_cfg("train", over, run))
+    assert again["student"]["psnr_to_teacher"] == first["student"]["psnr_to_teacher"]
+    assert again["student"]["fid"] == first["student"]["fid"]
+    assert again["cost"] == {**first["cost"], "evaluated_saved_student": True}
+    weights = next((run / "student").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged: resumed (nothing left to train) and saved again
+    monkeypatch.setattr(dq.train, "quantize_student", real)
+    resumed = train(compose_cfg("train", over, run))
+    assert "evaluated_saved_student" not in resumed["cost"] and resumed["cost"]["resumed_at_step"] == 34
+    assert resumed["student"]["psnr_to_teacher"] == first["student"]["psnr_to_teacher"]

@@ -23,6 +23,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "META_NAME",
     "checkpoint_fingerprint",
+    "finished_checkpoint",
     "load_block_checkpoint",
     "save_block_checkpoint",
     "state_equal",
@@ -100,6 +101,20 @@ def checkpoint_fingerprint(directory: str | Path) -> str | None:
     """
     path = Path(directory) / CHECKPOINT_NAME
     return _read(path, tensors=False)[0].get("fingerprint") if path.is_file() else None
+
+
+def finished_checkpoint(directory: str | Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(metadata, state dict)` of `<directory>/last.safetensors` when it holds every block finished under
+    `fingerprint`; `({}, {})` otherwise (none, another configuration, blocks left, or unreadable: the caller trains)."""
+    path = Path(directory) / CHECKPOINT_NAME
+    try:
+        meta, state = _read(path, tensors=True) if path.is_file() else ({}, {})
+    except CheckpointError:
+        return {}, {}
+    blocks = meta.get("blocks")
+    if meta.get("fingerprint") != fingerprint or not blocks or meta.get("finished_blocks") != len(blocks):
+        return {}, {}
+    return meta, state
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
