@@ -324,7 +324,7 @@ def _save_evaluate(
     if world()[0] > 0:
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg))
     save_quantized(student, run_dir / "student", teacher=parts["teacher"])
-    reverted = [h["block"] for h in getattr(module, "history", []) if h.get("kept") == "untrained"]
+    reverted = untrained_blocks(getattr(module, "history", []))
     if reverted:  # each was named as it happened; the sum, where a whole run's training may have been undone
         every = len(reverted) == len(module.blocks)
         log.warning(
@@ -348,6 +348,11 @@ def _save_evaluate(
     return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
 
+def untrained_blocks(history: list[dict[str, Any]]) -> list[str]:
+    """The blocks of a BKD history that `revert_worse` put back untrained (training raised their MSE)."""
+    return [h["block"] for h in history if h.get("kept") == "untrained"]
+
+
 def _finished_student(run_dir: Path, fingerprint: str, device: str) -> tuple[torch.nn.Module, dict] | None:
     """A re-run of a finished BKD run (a requeued job, a re-scoring): the saved student, when the block checkpoints
     hold every block of this configuration and the student equals their state, with the run's cost (its earlier
@@ -362,11 +367,10 @@ def _finished_student(run_dir: Path, fingerprint: str, device: str) -> tuple[tor
         return None
     if not state_equal(student.state_dict(), state):
         return None
-    cost = read_json_object(run_dir / "results.json").get("cost")
-    if not isinstance(cost, dict) or "train_s" not in cost:  # scored before this one: its training cost stands
-        history = meta.get("history") or []
+    cost = read_json_object(run_dir / "results.json").get("cost")  # the training's, where a start scored it
+    if not isinstance(cost, dict) or "train_s" not in cost:  # never scored: what the checkpoints record of it
         cost = {"blocks": len(meta["blocks"]), "block_s": meta.get("block_seconds") or {},
-                "reverted_blocks": [h["block"] for h in history if h.get("kept") == "untrained"]}  # fmt: skip
+                "reverted_blocks": untrained_blocks(meta.get("history") or [])}  # fmt: skip
     return student.to(device).eval().requires_grad_(False), {**cost, "evaluated_saved_student": True}
 
 
