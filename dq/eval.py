@@ -13,12 +13,18 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
 from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
 from dq.distill.calibration import teacher_fingerprint
-from dq.distill.parallel import broadcast_from_first, ddp_child, end_children, join_parent, launch, wait_for_parent
+from dq.distill.parallel import (
+    broadcast_from_first,
+    ddp_child,
+    join_parent,
+    launch,
+    leaving_process_group,
+    wait_for_parent,
+)
 from dq.errors import ConfigError, MissingFileError, UserError
 from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
@@ -108,17 +114,11 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
     fabric = launch(cfg)
     if fabric is None:
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
-    try:
+    with leaving_process_group(fabric.strategy):
         if student is not None:  # each process built or loaded it: sample the first's everywhere
             broadcast_from_first(student)
         cost = {**cost, "processes": fabric.world_size}
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
-    except BaseException as e:
-        if fabric.global_rank == 0 and not isinstance(e, UserError):  # the others would wait in a collective
-            end_children(fabric.strategy)
-        raise
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def load_student(student_dir: Path, teacher: Any, device: str, teacher_digest: str | None = None) -> Any:

@@ -34,8 +34,8 @@ from dq.distill.checkpoint import checkpoint_fingerprint, finished_checkpoint, s
 from dq.distill.parallel import (
     check_equal_students,
     ddp_child,
-    end_children,
     join_parent,
+    leaving_process_group,
     mark_parent,
     wait_for_parent,
     world,
@@ -288,16 +288,10 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     if trainer.interrupted:
         raise RuntimeError(resume())
     train_s = time.perf_counter() - start
-    processes, first = trainer.world_size, trainer.global_rank == 0
-    try:
-        return _save_evaluate(cfg, run_dir, loggers, teacher, scheduler, student, module, parts, train_s, processes)
-    except BaseException as e:
-        if processes > 1 and first and not isinstance(e, UserError):  # the others would wait in a collective
-            end_children(trainer.strategy)
-        raise
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with leaving_process_group(trainer.strategy):  # trainer=ddp: every process samples its share of the evaluation
+        return _save_evaluate(
+            cfg, run_dir, loggers, teacher, scheduler, student, module, parts, train_s, trainer.world_size
+        )
 
 
 def _save_evaluate(

@@ -33,6 +33,7 @@ from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 
 from dq.distill.calibration import teacher_fingerprint
+from dq.errors import UserError
 from dq.utils.progress import ConsoleHandler
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "gather_in_order",
     "join_parent",
     "launch",
+    "leaving_process_group",
     "local",
     "mark_parent",
     "owned",
@@ -79,6 +81,22 @@ class BlockParallelStrategy(DDPStrategy):
         writing a checkpoint)."""
         super().on_exception(exception)
         end_children(self)
+
+
+@contextmanager
+def leaving_process_group(strategy: object) -> Iterator[None]:
+    """Around the work after the fit (dq-train) or the launch (dq-eval): destroy the process group at the end, in
+    every process; where the first process fails alone (any error but a `UserError`, which every process raises
+    together), end the others (`end_children`), which would wait for it in their next collective."""
+    try:
+        yield
+    except BaseException as e:
+        if world()[0] == 0 and not isinstance(e, UserError):
+            end_children(strategy)
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def end_children(strategy: object) -> None:
