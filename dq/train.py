@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -268,10 +269,13 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     def resume() -> str:  # what an interrupted run can do next (only BKD keeps per-block checkpoints)
         if checkpoint_fingerprint(run_dir / "checkpoints") is None:
             return "training was interrupted before any checkpoint was written: a re-run starts over"
-        return (
-            f"training was interrupted; the finished blocks are kept in {run_dir / 'checkpoints'}: re-run the same "
-            f"command with hydra.run.dir={run_dir} to resume"
-        )
+        kept = f"training was interrupted; the finished blocks are kept in {run_dir / 'checkpoints'}"
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # a job of Hydra's submitit launcher (hydra/launcher=slurm)
+            return (
+                f"{kept}: the job resumes from them where submitit requeues it (hydra.launcher.max_num_timeout), "
+                "or when the same sweep runs again (the same command and hydra.sweep.dir)"
+            )
+        return f"{kept}: re-run the same command with hydra.run.dir={run_dir} to resume"
 
     with known_fit_warnings(
         r".*Total length of `.*` across ranks is zero.*",  # a finished run re-run has no batches (BKD says so)

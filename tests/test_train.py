@@ -655,6 +655,11 @@ def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monke
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
         hint = rf"the finished blocks are kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume"
         assert re.search(hint, caplog.text) and caplog.records[-1].levelno == logging.WARNING
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a job of hydra/launcher=slurm: submitit requeues it
+        (run / "checkpoints" / "last.safetensors").unlink()
+        with pytest.raises(SystemExit):
+            train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+        assert "the job resumes from them where submitit requeues it" in caplog.records[-1].getMessage()
     else:
         with pytest.raises(RuntimeError, match="interrupted before any checkpoint was written: a re-run starts over"):
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
