@@ -108,13 +108,13 @@ def finished_checkpoint(directory: str | Path, fingerprint: str) -> tuple[dict[s
     `fingerprint`; `({}, {})` otherwise (none, another configuration, blocks left, or unreadable: the caller trains)."""
     path = Path(directory) / CHECKPOINT_NAME
     try:
-        meta, state = _read(path, tensors=True) if path.is_file() else ({}, {})
+        meta = _read(path, tensors=False)[0] if path.is_file() else {}
+        blocks = meta.get("blocks")
+        if meta.get("fingerprint") != fingerprint or not blocks or meta.get("finished_blocks") != len(blocks):
+            return {}, {}
+        return _read(path, tensors=True)  # the tensors only once the metadata says the run is finished
     except CheckpointError:
         return {}, {}
-    blocks = meta.get("blocks")
-    if meta.get("fingerprint") != fingerprint or not blocks or meta.get("finished_blocks") != len(blocks):
-        return {}, {}
-    return meta, state
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
