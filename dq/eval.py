@@ -89,7 +89,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> dict[str, Any]:
     """`evaluate` inside the run-directory lock. Under trainer=ddp the first process starts the others once the
-    student is built (so they read the calibration set it cached), and every process samples its share."""
+    student is built; they build its structure without calibrating (or load it), take the first's student, and every
+    process samples its share."""
     teacher, scheduler = load_teacher(cfg.model.path)
     check_unconditional(teacher)
     check_sample_shape(teacher, cfg.model.sample_shape)
@@ -106,7 +107,8 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
     if saved is None:
         if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
             log.warning(overlap)  # a PTQ student calibrates on teacher trajectories from calib.seed's noise
-        student, cost = build_student(cfg, teacher, scheduler)
+        # under trainer=ddp only the first process calibrates: the others take its ranges (`broadcast_from_first`)
+        student, cost = build_student(cfg, teacher, scheduler, calibrate=not ddp_child())
         method = method_of(cfg)
     else:
         student, cost, method = saved, {}, saved_method(student_dir)
@@ -117,6 +119,8 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
     with leaving_process_group(fabric.strategy):
         if student is not None:  # each process built or loaded it: sample the first's everywhere
             broadcast_from_first(student)
+            if fabric.global_rank:
+                log.info(f"student: process {fabric.global_rank} takes the first process's student")
         cost = {**cost, "processes": fabric.world_size}
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method, cost)
 

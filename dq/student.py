@@ -76,8 +76,14 @@ def quantize_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> nn.
     return student
 
 
-def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[nn.Module | None, dict[str, Any]]:
-    """Return `(student, cost)`; `student` is None for `quantizer=fp`. Used as is by PTQ baselines in dq-eval."""
+def build_student(
+    cfg: DictConfig, teacher: nn.Module, scheduler: Any, calibrate: bool = True
+) -> tuple[nn.Module | None, dict[str, Any]]:
+    """Return `(student, cost)`; `student` is None for `quantizer=fp`. Used as is by PTQ baselines in dq-eval.
+
+    `calibrate=False` leaves the activation quantizers uninitialised: a structure to load calibrated ranges into
+    (`dq-eval trainer=ddp`, whose other processes take the first's).
+    """
     if cfg.quantizer.name == "fp":
         return None, {}
     start = time.perf_counter()
@@ -86,8 +92,9 @@ def build_student(cfg: DictConfig, teacher: nn.Module, scheduler: Any) -> tuple[
         expand_act_quantizers(student)
         n = sum(1 for _ in act_quantizers(student))
         log.info(f"quantizer.temporal: {n} activation quantizers x {cfg.model.num_inference_steps} steps")
-    calib = calibration_set(cfg, teacher, scheduler)
-    calibrate_student(student, calib, cfg.calib.batch_size, progress=cfg.eval.progress)
+    if calibrate:
+        calib = calibration_set(cfg, teacher, scheduler)
+        calibrate_student(student, calib, cfg.calib.batch_size, progress=cfg.eval.progress)
     if cfg.eval.get("print_report", False):
         log.info(quant_report(student))
     return student.eval(), {"calib_s": time.perf_counter() - start}

@@ -188,8 +188,9 @@ def test_dq_train_on_two_processes_trains_as_one_process_does(tiny_teacher_dir, 
 
 
 def test_dq_eval_on_two_processes_scores_as_one_process_does(tiny_teacher_dir, tmp_path):
-    """dq-eval trainer=ddp: each process builds the PTQ student, samples a batch of teacher and student with the
-    first process's student, and the first scores them: one process's scores; it alone writes and prints."""
+    """dq-eval trainer=ddp: the first process calibrates the PTQ student and the other takes it; each samples a
+    batch of teacher and student with the first process's student, and the first scores them: one process's scores;
+    it alone writes and prints."""
     over = [*fast(tiny_teacher_dir), "quantizer=ptq_minmax", "logger=csv", "eval.batch_size=4"]
     over = [o for o in over if not o.startswith(("distill.", "trainer."))] + ["eval.cache_teacher_samples=false"]
     runs = {n: tmp_path / n for n in ("one", "two")}
@@ -201,7 +202,9 @@ def test_dq_eval_on_two_processes_scores_as_one_process_does(tiny_teacher_dir, t
     for who in ("teacher", "student"):
         for key in ("fid", "is", "psnr_to_teacher") if who == "student" else ("fid", "is"):
             assert results["two"][who][key] == pytest.approx(results["one"][who][key], rel=1e-5), (who, key)
-    assert "student: process 1 samples 4 of 8" in (runs["two"] / "train_ddp_process_1.log").read_text()
+    child_log = (runs["two"] / "train_ddp_process_1.log").read_text()
+    assert "student: process 1 takes the first process's student" in child_log and "calibrat" not in child_log
+    assert "student: process 1 samples 4 of 8" in child_log
     assert two.stdout.count("results: ") == 1 and "student: process 0 samples 4 of 8" in two.stdout
     assert (two.stdout + two.stderr).count("is too few for meaningful scores") == 1
 

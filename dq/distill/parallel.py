@@ -241,9 +241,18 @@ def barrier() -> None:
 
 
 def broadcast_from_first(module: nn.Module) -> None:
-    """Put the first process's parameters and buffers into `module` in every process (nothing in one process)."""
-    if world()[1] > 1:
-        _sync_module_states(module)
+    """Put the first process's parameters, buffers and extra states (`get_extra_state`: a quantizer's `initialized`
+    and `enabled`) into `module` in every process (nothing in one process)."""
+    if world()[1] == 1:
+        return
+    _sync_module_states(module)
+    extra = {
+        name: m.get_extra_state()
+        for name, m in module.named_modules()
+        if type(m).get_extra_state is not nn.Module.get_extra_state
+    }
+    for name, state in first_decides(extra).items():
+        module.get_submodule(name).set_extra_state(state)
 
 
 def all_sum(value: Tensor) -> Tensor:
