@@ -141,14 +141,32 @@ def cli_errors(prog: str) -> Iterator[None]:
         if new_run_dir:
             drop_refused_run_dir()
         sys.exit(2)
-    except Exception:
-        if in_hydra:  # Hydra prints the traceback on stderr; the run's log file keeps it too
+    except Exception as e:
+        if in_hydra and _submitit_gave_up(e):  # raised in the job by submitit's signal handler: not a crash
+            hint = "raise hydra.launcher.timeout_min or hydra.launcher.max_num_timeout"
+            if prog == "dq-train":
+                checkpoints = Path(HydraConfig.get().runtime.output_dir) / "checkpoints"
+                hint += (
+                    f"; distill=bkd resumes from the finished blocks in {checkpoints} when the same sweep runs again "
+                    "(the same command and hydra.sweep.dir)"
+                )
+            logging.getLogger(prog).error(
+                f"{prog}: error: submitit stopped the job: {e} It reached its time limit or was preempted, and "
+                f"submitit requeues it no more: {hint}."
+            )
+        elif in_hydra:  # Hydra prints the traceback on stderr; the run's log file keeps it too
             logging.getLogger("dq.crash").exception(f"{prog}: crashed (a bug in dq or a library, not a setting)")
-        raise
+        raise  # a submitit job ends on the exception: submitit records it as the job's result
     finally:
         warnings.formatwarning = formatwarning
         if in_hydra:
             logging.captureWarnings(False)
+
+
+def _submitit_gave_up(error: Exception) -> bool:
+    """`error` is submitit's `UncompletedJobError`: the job timed out (or was preempted) and is not requeued."""
+    kind = type(error)
+    return kind.__name__ == "UncompletedJobError" and kind.__module__.startswith("submitit.")
 
 
 HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes to <run>/.hydra

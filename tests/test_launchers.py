@@ -44,3 +44,21 @@ def test_the_slurm_preset_runs_one_process_on_one_gpu_per_job_and_requeues_on_ti
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
     assert launcher.max_num_timeout == 3 and launcher.partition == "gpu"
+
+
+def test_a_job_submitit_stops_for_good_says_so_and_how_to_resume_not_that_dq_crashed(tiny_teacher_dir, tmp_path):
+    """A job past its time limit with no requeue left (`max_num_timeout=0`): submitit's signal handler raises its
+    UncompletedJobError inside dq-train, which names it and says how to go on, not "crashed (a bug in dq ...)".
+    The local executor signals 30 s before `timeout_min`: here 30 s into a job that would train for many minutes."""
+    sweep = tmp_path / "sweep"
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith(("distill.iters_per_block", "trainer."))]
+    command = [sys.executable, "-m", "dq.train", "-m", "hydra/launcher=submitit_local", *over, "logger=csv",
+               "distill.iters_per_block=100000", "hydra.launcher.timeout_min=1",
+               "+hydra.launcher.max_num_timeout=0", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    assert done.returncode != 0 and "timed-out too many times" in done.stderr
+    log = next(sweep.glob("*/train.log")).read_text()
+    assert "dq-train: error: submitit stopped the job: Job not requeued because: timed-out too many times." in log
+    assert "raise hydra.launcher.timeout_min" in log and f"{sweep}/0-" in log and "crashed" not in log
