@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -208,6 +209,30 @@ class NoteFoundRunDir(Callback):
         # makes outputs/train too, so the path's own components are noted, each where it lands
         made = {r for p in (run.absolute(), *run.absolute().parents) if not (r := p.resolve()).exists()}
         _MADE_DIRS[run.resolve()] = made
+
+
+class CheckLauncherGpus(Callback):
+    """Hydra callback (`hydra.callbacks.launcher_gpus` in conf/train.yaml, eval.yaml, pretrain.yaml): before a
+    multirun submits its jobs, refuse a launcher that reserves GPUs for jobs that run on the CPU (`hydra/launcher=slurm`
+    without `trainer=gpu`), which would hold each GPU idle for the job's hours. A swept trainer or device is left to
+    the jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = OmegaConf.select(config, "hydra.launcher") or {}
+        gpus = {k: v for k in ("gpus_per_node", "gpus_per_task") if isinstance(v := launcher.get(k), int) and v > 0}
+        if not gpus or OmegaConf.select(config, "trainer.accelerator") != "cpu":
+            return
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if any(o.is_sweep_override() and o.key_or_group.startswith(("trainer", "device")) for o in overrides):
+            return
+        reserved = ", ".join(f"hydra.launcher.{k}={v}" for k, v in gpus.items())
+        prog = OmegaConf.select(config, "hydra.help.app_name") or "dq"
+        print(  # Hydra turns a callback's exception into a warning and goes on: exit here, before any job is sent
+            f"{prog}: error: {reserved} reserves GPUs for every job, and trainer.accelerator=cpu would run each job "
+            "on the CPU with them idle: add trainer=gpu, or hydra.launcher.gpus_per_node=0 to run the jobs on CPUs.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def run_dir_is_new() -> bool:

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from test_train import fast
 
+from dq.config import CheckLauncherGpus
 from dq.paths import conf_dir
 
 
@@ -62,3 +64,36 @@ def test_a_job_submitit_stops_for_good_says_so_and_how_to_resume_not_that_dq_cra
     log = next(sweep.glob("*/train.log")).read_text()
     assert "dq-train: error: submitit stopped the job: Job not requeued because: timed-out too many times." in log
     assert "raise hydra.launcher.timeout_min" in log and f"{sweep}/0-" in log and "crashed" not in log
+
+
+def test_a_launcher_that_reserves_gpus_for_cpu_jobs_is_refused_before_any_job_is_sent(tmp_path):
+    """hydra/launcher=slurm reserves a GPU per job: without trainer=gpu every job would hold it idle for hours."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "dq.eval", "-m", "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=1",
+               "quantizer=ptq_minmax", "bits=w8a8,w4a8", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and not sweep.exists(), done.stderr[-3000:]
+    assert done.stderr.startswith("dq-eval: error: hydra.launcher.gpus_per_node=1 reserves GPUs for every job")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["hydra/launcher=slurm"], True),
+        (["hydra/launcher=slurm", "trainer=gpu"], False),
+        (["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0"], False),
+        (["hydra/launcher=slurm", "trainer=cpu,gpu"], False),  # a swept trainer: each job's own
+        (["hydra/launcher=submitit_local"], False),  # no GPU reserved
+    ],
+)
+def test_the_launcher_gpu_check_looks_at_the_trainer_each_job_gets(overrides, refused):
+    swept = [o for o in overrides if "," in o]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", [o for o in overrides if o not in swept], return_hydra_config=True)
+    cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("hydra")]  # as the multirun has them
+    if refused:
+        with pytest.raises(SystemExit) as stop:
+            CheckLauncherGpus().on_multirun_start(cfg)
+        assert stop.value.code == 2
+    else:
+        assert CheckLauncherGpus().on_multirun_start(cfg) is None
