@@ -27,7 +27,7 @@ from dq.data.reference import DATASETS
 from dq.distill.base import check_lr_bits
 from dq.distill.bkd import ROUNDING_FIXES_WEIGHTS
 from dq.distill.calibration import resolve_n_traj
-from dq.distill.parallel import STRATEGY, BlockParallelStrategy
+from dq.distill.parallel import STRATEGY, BlockParallelStrategy, ddp_child, external_launcher
 from dq.errors import ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
 from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET, inception_net
@@ -561,6 +561,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
     for key, value in kwargs.items():  # Lightning takes any truthy value for a switch ("maybe", 3) without a word
         if key in TRAINER_SWITCHES:
             _check_switch(f"trainer.{key}", value, nullable=TRAINER_SWITCHES[key])
+    if kwargs.get("strategy") == STRATEGY and kwargs.get("devices", "auto") != 1 and not ddp_child():
+        check_own_processes(kwargs)
     quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # its "GPU available: ..." lines come later
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -597,6 +599,24 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             "would train in steps of 2^-11 (2^-8) of themselves and start snapped onto their grid: use "
             f"{str(dry.precision).replace('-true', '-mixed')} (autocast; the latent weights stay in float32)."
         )
+
+
+def check_own_processes(trainer: dict[str, Any]) -> None:
+    """`trainer.strategy=dq_ddp` starts its processes itself: refuse a command that srun or torchrun started as one of
+    several, where Lightning would start none (and each started process would be a run of its own)."""
+    launcher = external_launcher()
+    if launcher is None:
+        return
+    how = {
+        "srun": "a SLURM task (SLURM_NTASKS is set)",
+        "torchrun": "one of the processes torchrun started (TORCHELASTIC_RUN_ID is set)",
+    }[launcher]
+    raise ConfigError(
+        f"trainer.strategy={STRATEGY} (trainer=ddp) with trainer.devices={trainer.get('devices', 'auto')} starts one "
+        f"process per GPU itself, and this command runs as {how}, so Lightning would start none. Use trainer=gpu (one "
+        "GPU per command; hydra/launcher=slurm gives each job of a sweep its own), or start the command once, "
+        "outside srun / torchrun (under SLURM, in a job named interactive, which Lightning does not take for srun's)."
+    )
 
 
 def check_block_parallel(cfg: DictConfig, trainer: dict[str, Any], one_process: bool) -> None:

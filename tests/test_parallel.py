@@ -20,6 +20,7 @@ from test_train import DDP_CPU, fast
 from torch import nn
 
 from dq.distill.parallel import (
+    PARENT_ENV,
     all_sum,
     batch_share,
     check_equal_students,
@@ -33,7 +34,7 @@ from dq.errors import ConfigError
 from dq.evaluation import sample_timed, teacher_samples
 from dq.models import ddim_sample, load_teacher, make_noise
 from dq.paths import PACKAGE_DIR
-from dq.validation import check_block_parallel
+from dq.validation import check_block_parallel, check_trainer_values
 
 BATCH = 5  # uneven over two processes: shares of 3 and 2
 
@@ -253,6 +254,35 @@ def test_a_dq_ddp_trainer_takes_a_number_of_devices_not_a_list():
         check_block_parallel(cfg, {"devices": [2, 3]}, one_process=True)
     with pytest.raises(ConfigError, match=r"trainer.devices='0,1'"):
         check_block_parallel(cfg, {"devices": "0,1"}, one_process=True)
+
+
+SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [
+        ({**SLURM_TASK, "SLURM_JOB_NAME": "job"}, "a SLURM task"),
+        ({"TORCHELASTIC_RUN_ID": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "one of the processes torch"),
+        ({**SLURM_TASK, "SLURM_JOB_NAME": "interactive"}, None),  # Lightning's own way out of srun's tasks
+    ],
+)
+def test_trainer_ddp_under_srun_or_torchrun_is_refused_before_lightning_waits_for_processes(monkeypatch, env, launcher):
+    """Lightning starts no processes where srun or torchrun started this one: dq_ddp's own would never come."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    cfg = OmegaConf.create(
+        {"device": "cpu", "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "dq_ddp", "logger": False}}
+    )
+    if launcher is None:
+        check_trainer_values(cfg)
+        return
+    with pytest.raises(
+        ConfigError, match=f"trainer.devices=2 starts one process per GPU itself, .* runs as {launcher}"
+    ):
+        check_trainer_values(cfg)
+    check_trainer_values(OmegaConf.merge(cfg, {"trainer": {"devices": 1}}))  # one process: nothing to start
 
 
 def test_only_a_process_the_parent_marked_is_a_child(monkeypatch):

@@ -27,6 +27,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from lightning_fabric import Fabric
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
@@ -46,6 +47,7 @@ __all__ = [
     "check_equal_students",
     "ddp_child",
     "end_children",
+    "external_launcher",
     "first_decides",
     "gather_in_order",
     "join_parent",
@@ -126,6 +128,16 @@ def ddp_child() -> bool:
     are not children: each would be a run of its own (and the run-directory lock refuses the second)."""
     parent = os.environ.get(PARENT_ENV)
     return parent is not None and parent != str(os.getpid())
+
+
+def external_launcher() -> str | None:
+    """What started this process as one of several, when Lightning would take it so and start no processes itself:
+    `"srun"` (SLURM: `SLURM_NTASKS` set, the job not named `bash` or `interactive`), `"torchrun"`, or None."""
+    if SLURMEnvironment.detect():
+        return "srun"
+    if TorchElasticEnvironment.detect():
+        return "torchrun"
+    return None
 
 
 @contextmanager
