@@ -30,6 +30,7 @@ from dq.config import (
     register_resolvers,
     restoring_hydra_record,
 )
+from dq.distill import BlockwiseDistillation
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.checkpoint import checkpoint_fingerprint, finished_checkpoint, state_equal
 from dq.distill.parallel import (
@@ -114,22 +115,26 @@ def fingerprint_parts(cfg: DictConfig, teacher: torch.nn.Module, scheduler: Any)
     return parts
 
 
-def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str) -> None:
+def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: str) -> bool:
     """Refuse, before anything in the run changes, block checkpoints written by another configuration, or (a run
     without them: distill=model_kd / none) a finished student trained with another one; name the keys that differ
     when the run kept its `config.json` (older runs did not). Write that file for a fresh run, and keep the accepted
-    command's Hydra record (`keep_hydra_record`)."""
+    command's Hydra record (`keep_hydra_record`).
+
+    Returns whether the run directory holds a student and no block checkpoints, and its kept `config.json` equals
+    `parts`: a finished whole-model run (distill=model_kd / none) of this configuration."""
     saved = checkpoint_fingerprint(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
     # a finished run without block checkpoints (distill=model_kd / none): its student is not replaced by another one
     finished = saved is None and (checkpoint_dir.parent / "student").is_dir()
     changed = _differs(config_file, parts) if finished or saved not in (None, fingerprint) else []
     if saved == fingerprint or (saved is None and not changed):
+        same_finished = finished and bool(read_json_object(config_file))  # read before it is written again
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
             atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
         keep_hydra_record()
-        return
+        return same_finished
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
     if finished:
         raise ConfigError(
@@ -236,14 +241,16 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     parts = fingerprint_parts(cfg, teacher, scheduler)  # the teacher hashed once, on the CPU as loaded (dq-eval too)
     teacher.to(cfg.device)
     fingerprint = _digest(parts)
-    check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before calibration and the callbacks write
+    whole_model_done = check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before anything is written
+    whole_model_done &= not issubclass(hydra.utils.get_class(cfg.distill._target_), BlockwiseDistillation)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
     if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
         log.warning(overlap)
 
-    if (saved := _finished_student(run_dir, fingerprint, cfg.device)) is not None:
+    if (saved := _finished_student(run_dir, fingerprint, cfg.device, whole_model_done)) is not None:
         student, cost = saved
-        log.info(f"every block is trained and the student saved in {run_dir / 'student'}: evaluating it")
+        done = "the student is trained" if whole_model_done else "every block is trained"
+        log.info(f"{done} and saved in {run_dir / 'student'} under this configuration: evaluating it")
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
     start = time.perf_counter()
@@ -351,24 +358,29 @@ def untrained_blocks(history: list[dict[str, Any]]) -> list[str]:
     return [h["block"] for h in history if h.get("kept") == "untrained"]
 
 
-def _finished_student(run_dir: Path, fingerprint: str, device: str) -> tuple[torch.nn.Module, dict] | None:
-    """A re-run of a finished BKD run (a requeued job, a re-scoring): the saved student, when the block checkpoints
-    hold every block of this configuration and the student equals their state, with the run's cost (its earlier
-    results.json's, or what the checkpoints record); None otherwise, and the run trains (or resumes) as usual.
-    The Weight Dilation and TPQ calibration the resumed path repeats before finding nothing to train are skipped."""
+def _finished_student(
+    run_dir: Path, fingerprint: str, device: str, whole_model_done: bool = False
+) -> tuple[torch.nn.Module, dict] | None:
+    """A re-run of a finished run (a requeued job, a re-scoring): the saved student, with the run's cost (its earlier
+    results.json's, or what the block checkpoints record); None otherwise, and the run trains (or resumes) as usual.
+    BKD: when the block checkpoints hold every block of this configuration and the student equals their state.
+    distill=model_kd / none (no block checkpoints): when `whole_model_done` (`check_resumable`: the student was saved
+    under this configuration). Weight Dilation, the TPQ calibration and the training they would repeat are skipped."""
     meta, state = finished_checkpoint(run_dir / "checkpoints", fingerprint)
-    if not meta or not (run_dir / "student" / SPEC_NAME).is_file():
+    if not (meta or whole_model_done) or not (run_dir / "student" / SPEC_NAME).is_file():
         return None
     try:
         student = load_quantized(run_dir / "student")
     except Exception:  # damaged or from another dq: train (resume) as usual, which saves it again
         return None
-    if not state_equal(student.state_dict(), state):
+    if meta and not state_equal(student.state_dict(), state):
         return None
     cost = read_json_object(run_dir / "results.json").get("cost")  # the training's, where a start scored it
-    if not isinstance(cost, dict) or "train_s" not in cost:  # never scored: what the checkpoints record of it
+    if (not isinstance(cost, dict) or "train_s" not in cost) and meta:  # never scored: what the checkpoints record
         cost = {"blocks": len(meta["blocks"]), "block_s": meta.get("block_seconds") or {},
                 "reverted_blocks": untrained_blocks(meta.get("history") or [])}  # fmt: skip
+    elif not isinstance(cost, dict):
+        cost = {}
     return student.to(device).eval().requires_grad_(False), {**cost, "evaluated_saved_student": True}
 
 

@@ -614,6 +614,30 @@ def test_a_finished_run_without_block_checkpoints_is_not_replaced_by_another_con
     train(compose_cfg("train", over, run))  # the same command again is accepted
 
 
+def test_a_rerun_of_a_finished_whole_model_run_scores_its_saved_student_and_a_bkd_run_without_checkpoints_trains(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    """distill=model_kd keeps no block checkpoints: a re-run with its configuration (kept in checkpoints/config.json)
+    scores the saved student instead of training again. A BKD run whose block checkpoints were deleted, to start over,
+    trains again, though its student and config.json are still there."""
+    over = [o for o in fast(tiny_teacher_dir) if not o.startswith("distill.")] + ["logger=none"]
+    kd = [*over, "distill=model_kd", "distill.iters=4", "distill.batch_size=4"]
+    first = train(compose_cfg("train", kd, tmp_path / "kd"))
+    real = dq.train.quantize_student
+    monkeypatch.setattr(dq.train, "quantize_student", lambda *a, **k: pytest.fail("trained again"))
+    again = train(compose_cfg("train", kd, tmp_path / "kd"))
+    assert again["student"]["psnr_to_teacher"] == first["student"]["psnr_to_teacher"]
+    assert again["cost"] == {**first["cost"], "evaluated_saved_student": True}
+    monkeypatch.setattr(dq.train, "quantize_student", real)
+    bkd = [*fast(tiny_teacher_dir), "logger=none"]
+    train(compose_cfg("train", bkd, tmp_path / "bkd"))
+    (tmp_path / "bkd" / "checkpoints" / "last.safetensors").unlink()  # config.json and student/ stay
+    calls = []
+    monkeypatch.setattr(dq.train, "quantize_student", lambda *a, **k: calls.append(1) or real(*a, **k))
+    retrained = train(compose_cfg("train", bkd, tmp_path / "bkd"))
+    assert calls == [1] and "evaluated_saved_student" not in retrained["cost"]
+
+
 def test_a_run_dir_in_use_by_another_process_is_refused_and_a_killed_holder_frees_it(tiny_teacher_dir, tmp_path):
     """Two processes writing one run directory corrupt its CSV log; the second is refused up front. A holder that
     is killed (SIGKILL, no clean-up) leaves no stale lock: the OS releases it with the process."""
