@@ -249,8 +249,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
 
     if (saved := _finished_student(run_dir, fingerprint, cfg.device, whole_model_done)) is not None:
         student, cost = saved
-        done = "the student is trained" if whole_model_done else "every block is trained"
-        log.info(f"{done} and saved in {run_dir / 'student'} under this configuration: evaluating it")
+        done = "the student of this configuration is trained and" if whole_model_done else "every block is trained and"
+        log.info(f"{done} the student saved in {run_dir / 'student'}: evaluating it")
         return evaluate_models(cfg, teacher, scheduler, student, run_dir, loggers, method_of(cfg), cost)
 
     start = time.perf_counter()

@@ -291,7 +291,7 @@ def _nan_in_first_sample(model):
 
 def test_a_student_that_samples_nan_keeps_what_was_measured_and_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "dq.eval.build_student", lambda cfg, teacher, scheduler: (_nan_in_first_sample(copy.deepcopy(teacher)), {})
+        "dq.eval.build_student", lambda cfg, teacher, scheduler, **_: (_nan_in_first_sample(copy.deepcopy(teacher)), {})
     )
     run = tmp_path / "run"
     cfg = compose_cfg("eval", _fast() + ["logger=csv", "quantizer=ptq_minmax", "eval.batch_size=20"], run)
