@@ -59,6 +59,22 @@ class BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class ToolWarnings(logging.Formatter):
+    """The terminal's format of dq's own logged warnings: `<tool>: warning: <message>`, one line like its Python
+    warnings (`one_line_warnings`) and errors; other records (Lightning's, an error already prefixed) as they are."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__("%(message)s")
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ours = record.name == "dq" or record.name.startswith("dq.")
+        if record.levelno == logging.WARNING and ours and not line.startswith(f"{self.prog}: "):
+            return f"{self.prog}: warning: {line}"
+        return line
+
+
 def wandb_offline() -> bool:
     """W&B runs offline unless an API key is configured (or WANDB_MODE=online is set explicitly)."""
     if os.environ.get("WANDB_MODE") == "online":
@@ -293,8 +309,8 @@ def _hydra_record_dir() -> Path | None:
     return Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
 
 
-def _kept_record(record: Path) -> Path:
-    return record.parent / "checkpoints" / "hydra"
+TRAIN_KEPT_RECORD = "checkpoints/hydra"  # dq-train: beside the checkpoints that accepted the command
+EVAL_KEPT_RECORD = ".hydra/accepted"  # dq-eval: beside Hydra's record (a checkpoints/ folder marks a dq-train run)
 
 
 def _copy_files(src: Path, dst: Path) -> None:
@@ -305,24 +321,25 @@ def _copy_files(src: Path, dst: Path) -> None:
             atomic_write(dst / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
 
 
-def keep_hydra_record() -> None:
-    """Copy this command's Hydra record (`<run>/.hydra`) to `<run>/checkpoints/hydra`: dq-train calls it once the
-    run directory's checkpoints accepted the command, so the copy always describes the run."""
+def keep_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> None:
+    """Copy this command's Hydra record (`<run>/.hydra`) to `<run>/<kept>`: dq-train calls it once the run
+    directory's checkpoints accepted the command, dq-eval once its results did, so the copy always describes the
+    run."""
     record = _hydra_record_dir()
     if record is not None and record.is_dir():
-        _copy_files(record, _kept_record(record))
+        _copy_files(record, record.parent / kept)
 
 
 @contextmanager
-def restoring_hydra_record() -> Iterator[None]:
+def restoring_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> Iterator[None]:
     """Hydra writes each command's config to `<run>/.hydra` before dq can check it: when the command fails (a refused
     resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record`."""
     try:
         yield
     except BaseException:
         record = _hydra_record_dir()
-        if record is not None and _kept_record(record).is_dir():
-            _copy_files(_kept_record(record), record)
+        if record is not None and (record.parent / kept).is_dir():
+            _copy_files(record.parent / kept, record)
         raise
 
 

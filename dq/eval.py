@@ -15,7 +15,14 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from dq.config import build_loggers, cli_errors, register_resolvers, restoring_hydra_record
+from dq.config import (
+    EVAL_KEPT_RECORD,
+    build_loggers,
+    cli_errors,
+    keep_hydra_record,
+    register_resolvers,
+    restoring_hydra_record,
+)
 from dq.distill.calibration import teacher_fingerprint
 from dq.distill.parallel import (
     broadcast_from_first,
@@ -26,14 +33,14 @@ from dq.distill.parallel import (
     wait_for_parent,
 )
 from dq.errors import ConfigError, MissingFileError, UserError
-from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of
+from dq.evaluation import calibration_noise_overlap, evaluate_models, method_of, metric_of
 from dq.models import check_inference_steps, check_sample_shape, check_unconditional, load_teacher
 from dq.paths import conf_dir, run_dir_lock
 from dq.quant import load_quantized
 from dq.quant.io import SPEC_NAME
 from dq.quant.model import TIMESTEPS_BUFFER, has_per_step_ranges
 from dq.student import build_student, check_layers, check_spec, sampler_timesteps
-from dq.utils.io import read_json_object
+from dq.utils.io import changed_keys, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.provenance import code_at_start
 from dq.validation import validate
@@ -75,6 +82,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "student_dir=<run>/student. dq-eval builds post-training students only (quantizer=ptq_minmax), or this "
                 "spec untrained with quantizer.spec.learnable=false."
             )
+    if not child:  # before anything in the run directory changes
+        check_same_evaluation(run_dir, saved_method(student_dir) if student_dir else method_of(cfg), metric_of(cfg))
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     if child:  # it samples its share, inside the first process's lock
@@ -85,6 +94,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise
     with run_dir_lock(run_dir):  # one writer per run directory
         return _load_evaluate(cfg, run_dir, student_dir)
+
+
+def check_same_evaluation(run_dir: Path, method: dict[str, Any], metric: dict[str, Any]) -> None:
+    """Refuse a run directory that holds the results of another evaluation (another student, bit-width, sample
+    count, ...), before anything in it changes; the same evaluation is scored again (its CSV log appends), and its
+    Hydra record is kept to be put back after a refused command (`restoring_hydra_record`)."""
+    old = read_json_object(run_dir / "results.json")
+    if old and (changed := changed_keys({"method": old.get("method"), "metric": old.get("metric")},
+                                        {"method": method, "metric": metric})):  # fmt: skip
+        raise ConfigError(
+            f"run_dir={run_dir} holds the results of another evaluation ({', '.join(changed[:6])}"
+            f"{', ...' if len(changed) > 6 else ''} differ); nothing was changed. Pass another hydra.run.dir=... (by "
+            "default each dq-eval command makes a new one)."
+        )
+    keep_hydra_record(EVAL_KEPT_RECORD)
 
 
 def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> dict[str, Any]:
@@ -180,7 +204,7 @@ def saved_method(student_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("dq-eval"), restoring_hydra_record():
+    with cli_errors("dq-eval"), restoring_hydra_record(EVAL_KEPT_RECORD):
         evaluate(cfg)
 
 

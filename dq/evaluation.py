@@ -42,6 +42,13 @@ def eval_seed(cfg: DictConfig) -> int:
     return cfg.seed if seed is None else seed
 
 
+def metric_of(cfg: DictConfig) -> dict[str, Any]:
+    """The `metric` block of results.json: the settings under which scores are comparable."""
+    ev = cfg.eval
+    return {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
+            "seed": eval_seed(cfg), "dtype": dtype_name(eval_dtype(cfg))}  # fmt: skip
+
+
 def calibration_noise_overlap(cfg: DictConfig) -> str | None:
     """A warning when the evaluation noise repeats the calibration trajectories' (`eval.seed` = `calib.seed`):
     `make_noise` draws a prefix-stable sequence, so the first `n_traj` evaluation samples then start from the very
@@ -221,8 +228,7 @@ def evaluate_models(
     noise = make_noise(ev.n_samples, tuple(cfg.model.sample_shape), seed)
     metrics = _first_builds_metrics(cfg)
     results: dict[str, Any] = {}
-    metric = {"features": ev.features, "n_samples": ev.n_samples, "steps": cfg.model.num_inference_steps,
-              "seed": seed, "dtype": dtype_name(dtype)}  # fmt: skip
+    metric = metric_of(cfg)
 
     try:
         t_samples, t_s = teacher_samples(cfg, teacher, scheduler, noise)

@@ -57,7 +57,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     try:
         # the data module offers the holdout set, which only the classifier validates on
-        with known_fit_warnings(".*val_dataloader but have no validation_step.*"), sigterm_exits_143(trainer):
+        with known_fit_warnings(".*val_dataloader.* but have no .*validation_step.*"), sigterm_exits_143(trainer):
             trainer.fit(module, datamodule=datamodule)
     except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
         log.warning(f"training stopped at step {trainer.global_step}: nothing was exported; re-run the command")

@@ -50,7 +50,7 @@ from dq.quant import load_quantized, save_quantized
 from dq.quant.io import SPEC_NAME
 from dq.student import calibration_set, check_layers, check_spec, quantize_student
 from dq.utils.fit import known_fit_warnings
-from dq.utils.io import atomic_write_text, read_json_object
+from dq.utils.io import atomic_write_text, changed_keys, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
 from dq.utils.provenance import code_at_start
@@ -150,14 +150,7 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
 def _differs(config_file: Path, parts: dict[str, Any]) -> list[str]:
     """The keys in which a run's kept `config.json` differs from `parts` ([]: the same, or no readable file)."""
     old = read_json_object(config_file)  # {}: a run started before dq kept the file, or a damaged one
-    return _changed_keys(old, json.loads(json.dumps(parts, default=str))) if old else []
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (a key present in only one counts)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in sorted(set(old) | set(new)) for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".") or "(all)"]
+    return changed_keys(old, parts) if old else []
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[pl.Callback]:

@@ -190,6 +190,7 @@ def validate(cfg: DictConfig) -> None:
     check_callbacks(cfg)
     if "student_dir" in cfg and HydraConfig.initialized():  # dq-eval: before the checks that speak of training
         check_eval_trainer(HydraConfig.get().overrides.task)
+        check_eval_bits(cfg, HydraConfig.get().overrides.task, HydraConfig.get().mode == RunMode.MULTIRUN)
     check_trainer(cfg)
     if HydraConfig.initialized():
         check_appended(cfg, HydraConfig.get().overrides.task)
@@ -659,6 +660,27 @@ def check_eval_trainer(overrides: Sequence[str]) -> None:
                 "trainer.strategy (where it samples: trainer=gpu, trainer=ddp); drop the override"
                 + (" (eval.dtype sets the sampling precision)." if key == "precision" else ".")
             )
+
+
+def check_eval_bits(cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> None:
+    """dq-eval: `bits` shapes a student built here. Refuse it beside `quantizer=fp` (the default: the teacher alone)
+    or `student_dir` (a saved student keeps its bit-widths), which would ignore it; a multirun's jobs may sweep
+    quantizer=fp beside PTQ students at one `bits`."""
+    given = [
+        o for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group.split(".")[0] == "bits"
+    ]
+    if multirun or not given:
+        return
+    if cfg.get("student_dir"):
+        raise ConfigError(
+            f"{given[0].input_line}: student_dir={cfg.student_dir} scores the saved student at the bit-widths it was "
+            "trained with (its quant_spec.json); drop the override."
+        )
+    if cfg.quantizer.name == "fp":
+        raise ConfigError(
+            f"{given[0].input_line}: quantizer=fp (dq-eval's default) scores the full-precision teacher alone; for a "
+            f"post-training quantized student pass quantizer=ptq_minmax {given[0].input_line}."
+        )
 
 
 # groups whose settings dq reads by name, with no class to check them: every setting dq reads is in one of the

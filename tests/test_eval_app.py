@@ -23,7 +23,7 @@ from dq.paths import PACKAGE_DIR, conf_dir
 from dq.quant import QuantSpec, expand_act_quantizers, quantize_model, save_quantized
 from dq.quant.model import quantizable_layers
 from dq.student import build_student
-from dq.validation import check_eval_trainer
+from dq.validation import check_eval_bits, check_eval_trainer
 
 
 def _package_files() -> list:
@@ -360,3 +360,46 @@ def test_dq_eval_refuses_trainer_settings_it_would_ignore(tmp_path):
         done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert done.returncode == 2 and f"dq-eval: error: trainer.{key}: dq-eval trains nothing" in done.stderr
     assert "eval.dtype sets the sampling precision" not in done.stderr  # said for precision alone
+
+
+def test_a_run_dir_with_another_evaluations_results_is_refused_and_keeps_its_record(tiny_teacher_dir, tmp_path):
+    """dq-eval into a directory holding another evaluation's results replaced its results.json and samples.png and
+    mixed two students in its CSV log; now it is refused, and the run's Hydra record is put back. The same command
+    scores again. dq's own logged warnings read `dq-eval: warning: ...` on the terminal, as its Python warnings do."""
+    run = tmp_path / "run"
+    over = [*_fast(tiny_dir=tiny_teacher_dir), "logger=csv", "quantizer=ptq_minmax", "calib.n_calib=12",
+            "calib.batch_size=12", "eval.seed=1", "calib.seed=1", f"hydra.run.dir={run}"]  # fmt: skip
+    command = [sys.executable, "-m", "dq.eval", *over]
+    first = subprocess.run([*command, "bits=w8a8"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    said = "dq-eval: warning: eval.seed=1 equals calib.seed=1: the first"
+    assert any(line.startswith(said) for line in first.stderr.splitlines()), first.stderr
+    kept = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "eval.log"}
+    refused = subprocess.run([*command, "bits=w4a8"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert refused.returncode == 2
+    assert f"dq-eval: error: run_dir={run} holds the results of another evaluation (method.bits" in refused.stderr
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "eval.log"} == kept
+    again = subprocess.run([*command, "bits=w8a8"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    scores = json.loads((run / "results.json").read_text())["student"]
+    assert scores["fid"] == json.loads(kept[run / "results.json"])["student"]["fid"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["bits=w4a4"], "bits=w4a4: quantizer=fp (dq-eval's default) scores the full-precision teacher alone"),
+        (["student_dir=/s", "bits.weight_bits=3"], "bits.weight_bits=3: student_dir=/s scores the saved student"),
+        (["quantizer=ptq_minmax", "bits=w4a4"], None),
+        (["student_dir=/s"], None),
+    ],
+)
+def test_bits_that_dq_eval_would_ignore_are_refused(overrides, refused):
+    """`bits` shapes a student dq-eval builds: beside the default quantizer=fp or a saved student it did nothing."""
+    cfg = compose_cfg("eval", overrides, Path("/tmp/unused"))
+    if refused is None:
+        check_eval_bits(cfg, overrides, multirun=False)
+        return
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_eval_bits(cfg, overrides, multirun=False)
+    check_eval_bits(cfg, overrides, multirun=True)  # a sweep over quantizer=fp,ptq_minmax at one bits

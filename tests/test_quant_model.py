@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.testing import assert_close
 
-from dq.errors import CheckpointError
+from dq.errors import CheckpointError, MissingFileError
 from dq.models import ddim_sample, make_noise
 from dq.quant import (
     NonFiniteActivationError,
@@ -258,7 +258,10 @@ def test_timesteps_map_to_per_sample_step_indices():
         assert ctx.index.tolist() == [0, 0, 0, 0]
         with pytest.raises(ValueError) as e:
             model(x, torch.tensor([0, 5, 333, 0]))
-    assert str(e.value) == "timestep 5 is not in the timestep table this quantized model was built for: [666, 333, 0]"
+    assert str(e.value).startswith(
+        "timestep 5 is not in the timestep table this quantized model was built for: [666, 333, 0]. Its per-step "
+        "quantizers hold one range per step of that table: sample with num_inference_steps=3"
+    )
 
     no_table = tiny_unet()
     quantize_model(no_table, QuantSpec())
@@ -889,3 +892,14 @@ def test_a_cast_to_half_precision_keeps_every_weights_grid_code(dtype):
     model.to(dtype)
     assert all(torch.equal(_codes(m), c) for m, c in zip(layers, codes, strict=True))
     assert all(torch.equal(held[f"{n}.weight"], w) for n, w in zip(names, before, strict=True))  # taken before: kept
+
+
+def test_loading_a_run_directory_or_a_missing_one_says_what_to_pass(tmp_path):
+    """`load_quantized(<run>)` is an easy slip for `load_quantized(<run>/student)`: the message names the folder."""
+    model = tiny_unet()
+    quantize_model(model, QuantSpec(weight_bits=4, act_bits=8))
+    save_quantized(model, tmp_path / "run" / "student")
+    with pytest.raises(MissingFileError, match=re.escape(f"pass {tmp_path / 'run' / 'student'}, where this dq-train")):
+        load_quantized(tmp_path / "run")
+    with pytest.raises(MissingFileError, match=re.escape(f"{tmp_path / 'nowhere'} is not a directory")):
+        load_quantized(tmp_path / "nowhere")

@@ -124,7 +124,9 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Te
             meta = json.loads((f.metadata() or {})["dq_block_checkpoint"])
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (not a Mapping)
     except Exception as e:  # safetensors raises several types for damaged files
-        raise CheckpointError(f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
+        raise CheckpointError(
+            f"block checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to train every block again"
+        ) from e
     return meta, state
 
 

@@ -130,7 +130,12 @@ def _weights_path(directory: Path, meta: dict[str, Any]) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise MissingFileError(f"{path.name} not found in {path.parent}: not a saved quantized model?")
+        if not path.parent.is_dir():
+            raise MissingFileError(f"{path.parent} is not a directory: pass the folder save_quantized wrote")
+        hint = " (a dq-train run keeps its student in <run>/student)"
+        if (path.parent / "student" / path.name).is_file():
+            hint = f": pass {path.parent / 'student'}, where this dq-train run keeps its student"
+        raise MissingFileError(f"{path.name} not found in {path.parent}: not a saved quantized model{hint}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

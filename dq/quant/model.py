@@ -188,7 +188,8 @@ def timestep_to_index(table: Tensor, timestep: Tensor | float | int, batch_size:
         bad = sorted(set(t[~found].tolist()))
         raise ValueError(
             f"timestep {bad[0] if len(bad) == 1 else bad} is not in the timestep table this quantized model was "
-            f"built for: {table.tolist()}"
+            f"built for: {table.tolist()}. Its per-step quantizers hold one range per step of that table: sample with "
+            f"num_inference_steps={table.numel()} and the scheduler config it was calibrated with."
         )
     return match.int().argmax(dim=1)
 

@@ -71,3 +71,15 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def changed_keys(old: Any, new: Any) -> list[str]:
+    """Dotted keys whose values differ between `old` (read from a JSON file) and `new` (JSON-encoded first, so
+    tuples and paths compare as a file holds them); a key present in only one counts."""
+    return _changed_keys(old, json.loads(json.dumps(new, default=str)), "")
+
+
+def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(all)"]
