@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -158,6 +159,18 @@ def cli_errors(prog: str) -> Iterator[None]:
         if new_run_dir:
             drop_refused_run_dir()
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside a fit (Lightning handles its own): one line, not a traceback
+        if in_hydra:
+            run = HydraConfig.get().runtime.output_dir
+            go_on = {
+                "dq-train": f"re-run the same command with hydra.run.dir={run}: it resumes from the last finished "
+                "block, or scores the saved student",
+                "dq-eval": "nothing is scored until an evaluation finishes: re-run the command",
+            }.get(prog, "re-run the command")
+            logging.getLogger(prog).error(f"{prog}: interrupted (Ctrl-C): {go_on}.")
+        else:
+            print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if in_hydra and _submitit_gave_up(e):  # raised in the job by submitit's signal handler: not a crash
             hint = "raise hydra.launcher.timeout_min or hydra.launcher.max_num_timeout"
@@ -214,13 +227,18 @@ class NoteFoundRunDir(Callback):
     """Hydra callback (`hydra.callbacks.found_run_dir` in conf/train.yaml, eval.yaml, pretrain.yaml): before Hydra
     makes the run directory, notes which directories on its path do not exist yet, so that a refused command never
     removes a directory the user made, empty or not (`run_dir_is_new`), and removes those Hydra made and left empty
-    (`drop_refused_run_dir`)."""
+    (`drop_refused_run_dir`). A run directory Hydra could not make or write in (a file, a read-only place) is refused
+    here with one line: Hydra would fail on it with a traceback."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             run = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=True)))
         except Exception:  # Hydra itself then fails on it, with its own message
             return
+        if problem := _unusable_run_dir(run.absolute()):
+            prog = OmegaConf.select(config, "hydra.help.app_name") or "dq"
+            print(f"{prog}: error: hydra.run.dir={run} {problem}: pass another hydra.run.dir=...", file=sys.stderr)
+            sys.exit(2)  # Hydra turns a callback's exception into a warning and goes on
         # Hydra's mkdir(parents=True) makes every missing directory along the path as written: `outputs/train/..`
         # makes outputs/train too, so the path's own components are noted, each where it lands
         made = {r for p in (run.absolute(), *run.absolute().parents) if not (r := p.resolve()).exists()}
@@ -249,6 +267,18 @@ class CheckLauncherGpus(Callback):
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def _unusable_run_dir(run: Path) -> str | None:
+    """Why Hydra could not make `run` or write its log there, or None."""
+    if run.exists() and not run.is_dir():
+        return "is a file, not a directory"
+    existing = next(p for p in (run, *run.parents) if p.exists())
+    if not existing.is_dir():
+        return f"lies under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is read-only for this user"
+    return None
 
 
 def run_dir_is_new() -> bool:

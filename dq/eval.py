@@ -152,6 +152,8 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
 def load_student(student_dir: Path, teacher: Any, device: str, teacher_digest: str | None = None) -> Any:
     """The student saved in `student_dir`, checked to take the teacher's inputs and, where both are known, to come
     from this teacher (`teacher_digest`: its `teacher_fingerprint` on the CPU)."""
+    if not student_dir.is_dir():
+        raise MissingFileError(f"student_dir={student_dir} does not exist: pass the student/ folder of a dq-train run.")
     if not (student_dir / SPEC_NAME).is_file():
         raise MissingFileError(
             f"student_dir={student_dir} holds no saved student ({SPEC_NAME} missing): pass the student/ folder of a "

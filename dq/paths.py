@@ -30,8 +30,9 @@ def asset(name: str) -> str:
 
 
 def cache_dir() -> Path:
-    """Cache shared between runs (reference statistics, calibration sets): `$DQ_CACHE` or `~/.cache/dq`."""
-    return Path(os.environ.get("DQ_CACHE", Path.home() / ".cache" / "dq")).expanduser()
+    """Cache shared between runs (reference statistics, calibration sets): `$DQ_CACHE` or `~/.cache/dq` (also when
+    `DQ_CACHE` is set empty, which would otherwise mean the working directory)."""
+    return Path(os.environ.get("DQ_CACHE") or Path.home() / ".cache" / "dq").expanduser()
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from dq.paths import conf_dir
 from dq.utils.fit import known_fit_warnings
 from dq.utils.io import atomic_write_text, read_json_object
 from dq.utils.progress import progress_bar
-from dq.utils.signals import sigterm_exits_143
+from dq.utils.signals import signal_exit_status
 from dq.validation import check_pretrain
 
 log = logging.getLogger("dq.pretrain")  # not __name__, which is __main__ under python -m
@@ -57,7 +57,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     try:
         # the data module offers the holdout set, which only the classifier validates on
-        with known_fit_warnings(".*val_dataloader.* but have no .*validation_step.*"), sigterm_exits_143(trainer):
+        with known_fit_warnings(".*val_dataloader.* but have no .*validation_step.*"), signal_exit_status(trainer):
             trainer.fit(module, datamodule=datamodule)
     except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
         log.warning(f"training stopped at step {trainer.global_step}: nothing was exported; re-run the command")

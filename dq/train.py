@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from dq.utils.io import atomic_write_text, changed_keys, read_json_object
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
 from dq.utils.provenance import code_at_start
-from dq.utils.signals import sigterm_exits_143
+from dq.utils.signals import signal_exit_status
 from dq.validation import validate
 
 log = logging.getLogger("dq.train")  # not __name__, which is __main__ under python -m
@@ -130,9 +131,16 @@ def check_resumable(checkpoint_dir: Path, parts: dict[str, Any], fingerprint: st
     changed = _differs(config_file, parts) if finished or saved not in (None, fingerprint) else []
     if saved == fingerprint or (saved is None and not changed):
         same_finished = finished and bool(read_json_object(config_file))  # read before it is written again
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
-            atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
+        try:  # a checkpoint is written after each block: a directory that takes none fails now, not after one
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=checkpoint_dir).close()
+            if saved is None or not config_file.is_file():  # a fresh run, or one started before dq kept the file
+                atomic_write_text(config_file, json.dumps(parts, indent=2, sort_keys=True, default=str))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write in {checkpoint_dir} ({type(e).__name__}: {e}), where dq-train writes a checkpoint "
+                "after each block: make it writable, or pass another hydra.run.dir=..."
+            ) from e
         keep_hydra_record()
         return same_finished
     what = f" ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''} differ)" if changed else ""
@@ -207,6 +215,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, verbose=False)
     reset_peak_memory()
     run_dir = Path(cfg.run_dir)
+    if (run_dir / "results.json").is_file() and not any((run_dir / d).exists() for d in ("checkpoints", "student")):
+        raise ConfigError(
+            f"run_dir={run_dir} holds a dq-eval run (results.json, and no checkpoints/ or student/): dq-train would "
+            "overwrite its results.json and samples.png. Train into a new directory (hydra.run.dir=...)."
+        )
     if cfg.eval.features == "none" and "student" in read_json_object(run_dir / "results.json"):
         raise ConfigError(
             f"eval=none would replace the scores in {run_dir / 'results.json'} with the cost alone: re-run that run "
@@ -283,7 +296,7 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
         r".*module\(s\) in eval mode at the start of training.*",  # intended: the student trains in eval mode
     ):
         try:
-            with sigterm_exits_143(trainer), mark_parent():
+            with signal_exit_status(trainer), mark_parent():
                 trainer.fit(module)
         except SystemExit:  # Lightning ends the process after Ctrl-C or SIGTERM, once it has shut down
             if trainer.interrupted:

@@ -28,8 +28,9 @@ from dq.distill.base import check_lr_bits
 from dq.distill.bkd import ROUNDING_FIXES_WEIGHTS
 from dq.distill.calibration import resolve_n_traj
 from dq.distill.parallel import STRATEGY, BlockParallelStrategy, ddp_child, external_launcher
-from dq.errors import ConfigError, MissingFileError
+from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.metrics.classifier import INPUT_SHAPE as CLASSIFIER_SHAPE
+from dq.metrics.classifier import MNISTClassifier
 from dq.metrics.fid_is import CLASSIFIER_PATH_UNSET, inception_net
 from dq.paths import conf_dir
 from dq.quant import QuantSpec
@@ -335,6 +336,13 @@ def check_eval_files(cfg: DictConfig, features: str, score_later: str) -> None:
                 f"eval.classifier_path='{clf}' holds no classifier (model.safetensors): point it at a directory "
                 f"`dq-pretrain pretrain=classifier` wrote, or leave it out for the shipped one, {score_later}."
             )
+        try:  # load it now: a damaged file was found only once training had finished
+            MNISTClassifier.load(clf)
+        except CheckpointError as e:
+            raise ConfigError(
+                f"eval.classifier_path: {e} Re-make it with `dq-pretrain pretrain=classifier`, or leave "
+                f"eval.classifier_path out for the shipped one, {score_later}."
+            ) from e
     if features == "inception" and not Path(str(cfg.eval.inception_weights_path)).expanduser().is_file():
         raise ConfigError(
             f"eval.inception_weights_path='{cfg.eval.inception_weights_path}' is not a file: point it at a local "

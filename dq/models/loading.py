@@ -81,9 +81,11 @@ def load_teacher(path: str | Path, field: str = "model.path") -> tuple[ModelMixi
         unet = cls.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDIMScheduler.from_pretrained(sched_dir, local_files_only=True)
     except Exception as e:  # diffusers raises many types for bad files; name the directory instead
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else "")
         raise CheckpointError(
-            f"Could not load the model in '{root}' ({type(e).__name__}: {e}). "
-            "The checkpoint is corrupt or incomplete: re-create it (dq-pretrain) or copy it again."
+            f"Could not load the model in '{root}' ({type(e).__name__}: {detail}). The checkpoint is corrupt or "
+            "incomplete, or its config.json does not describe its weights: re-create it (dq-pretrain) or copy it again."
         ) from e
     return unet.eval().requires_grad_(False), scheduler
 
