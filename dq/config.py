@@ -361,15 +361,17 @@ def keep_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> None:
 
 
 @contextmanager
-def restoring_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> Iterator[None]:
+def restoring_hydra_record() -> Iterator[None]:
     """Hydra writes each command's config to `<run>/.hydra` before dq can check it: when the command fails (a refused
-    resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record`."""
+    resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record` (a
+    dq-train run's or a dq-eval run's, whichever app refused the command)."""
     try:
         yield
     except BaseException:
         record = _hydra_record_dir()
-        if record is not None and (record.parent / kept).is_dir():
-            _copy_files(record.parent / kept, record)
+        kept = [record.parent / k for k in (TRAIN_KEPT_RECORD, EVAL_KEPT_RECORD)] if record is not None else []
+        if found := next((k for k in kept if k.is_dir()), None):
+            _copy_files(found, record)
         raise
 
 

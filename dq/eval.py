@@ -98,17 +98,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def check_same_evaluation(run_dir: Path, method: dict[str, Any], metric: dict[str, Any]) -> None:
     """Refuse a run directory that holds the results of another evaluation (another student, bit-width, sample
-    count, ...), before anything in it changes; the same evaluation is scored again (its CSV log appends), and its
-    Hydra record is kept to be put back after a refused command (`restoring_hydra_record`)."""
+    count, ...), before anything in it changes; the same evaluation is scored again (its CSV log appends). A saved
+    student is compared by its folder alone, resolved (its run's results.json may have changed since), and settings
+    an older results.json lacks are not compared."""
     old = read_json_object(run_dir / "results.json")
-    if old and (changed := changed_keys({"method": old.get("method"), "metric": old.get("metric")},
-                                        {"method": method, "metric": metric})):  # fmt: skip
+    if not old:
+        return
+    before = {"method": _evaluated(old.get("method")), "metric": old.get("metric")}
+    changed = changed_keys(before, {"method": _evaluated(method), "metric": metric})
+    if changed := [key for key in changed if _holds(before, key.split("."))]:
         raise ConfigError(
             f"run_dir={run_dir} holds the results of another evaluation ({', '.join(changed[:6])}"
             f"{', ...' if len(changed) > 6 else ''} differ); nothing was changed. Pass another hydra.run.dir=... (by "
             "default each dq-eval command makes a new one)."
         )
-    keep_hydra_record(EVAL_KEPT_RECORD)
+
+
+def _evaluated(method: Any) -> Any:
+    """What identifies the evaluated student in results.json's `method`: a saved student's resolved folder, or the
+    method itself."""
+    if isinstance(method, dict) and method.get("student_dir"):
+        return {"student_dir": str(Path(method["student_dir"]).expanduser().resolve())}
+    return method
+
+
+def _holds(record: Any, keys: list[str]) -> bool:
+    """Whether the nested dict `record` has the dotted key `keys`."""
+    for key in keys:
+        if not isinstance(record, dict) or key not in record:
+            return False
+        record = record[key]
+    return True
 
 
 def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> dict[str, Any]:
@@ -127,6 +147,8 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
     elif cfg.quantizer.name != "fp":
         check_layers(cfg, teacher)
     loggers = build_loggers(cfg.logger)  # before calibration: an unwritable log directory costs nothing yet
+    if not ddp_child():  # every check passed: this command's record is the run's, put back after a refused one
+        keep_hydra_record(EVAL_KEPT_RECORD)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
     if saved is None:
         if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):
@@ -206,7 +228,7 @@ def saved_method(student_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("dq-eval"), restoring_hydra_record(EVAL_KEPT_RECORD):
+    with cli_errors("dq-eval"), restoring_hydra_record():
         evaluate(cfg)
 
 

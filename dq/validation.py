@@ -570,8 +570,9 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
     for key, value in kwargs.items():  # Lightning takes any truthy value for a switch ("maybe", 3) without a word
         if key in TRAINER_SWITCHES:
             _check_switch(f"trainer.{key}", value, nullable=TRAINER_SWITCHES[key])
-    if kwargs.get("strategy") == STRATEGY and kwargs.get("devices", "auto") != 1 and not ddp_child():
-        check_own_processes(kwargs)
+    devices = kwargs.get("devices", "auto")
+    if kwargs.get("strategy") == STRATEGY and type(devices) is int and devices > 1 and not ddp_child():
+        check_own_processes(kwargs)  # before Lightning's own check of the devices against srun's tasks
     quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # its "GPU available: ..." lines come later
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -590,6 +591,8 @@ def check_trainer_values(cfg: DictConfig, one_process: bool = True) -> None:
             "and dq-eval take, or trainer.devices=1."
         )
     if isinstance(dry.strategy, BlockParallelStrategy):
+        if dry.world_size > 1 and not ddp_child():  # devices=-1 / auto that come to several
+            check_own_processes(kwargs)
         check_block_parallel(cfg, kwargs, one_process)
     if one_process and dry.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(

@@ -379,6 +379,11 @@ def test_a_run_dir_with_another_evaluations_results_is_refused_and_keeps_its_rec
     assert refused.returncode == 2
     assert f"dq-eval: error: run_dir={run} holds the results of another evaluation (method.bits" in refused.stderr
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "eval.log"} == kept
+    train = [sys.executable, "-m", "dq.train", f"model.path={tiny_teacher_dir}", "logger=none", f"hydra.run.dir={run}"]
+    refused = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert refused.returncode == 2 and f"run_dir={run} holds a dq-eval run" in refused.stderr
+    kept_files = {p: v for p, v in kept.items() if p.suffix != ".log"}
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.suffix != ".log"} == kept_files
     again = subprocess.run([*command, "bits=w8a8"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     scores = json.loads((run / "results.json").read_text())["student"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from test_train import DDP_CPU, fast
 from torch import nn
 
+import dq.evaluation
 from dq.distill.parallel import (
     PARENT_ENV,
     all_sum,
@@ -30,10 +30,9 @@ from dq.distill.parallel import (
     sum_gradients,
     world,
 )
-from dq.errors import ConfigError
-from dq.evaluation import sample_timed, teacher_samples
+from dq.errors import ConfigError, UserError
+from dq.evaluation import _first_builds_metrics, sample_timed, teacher_samples
 from dq.models import ddim_sample, load_teacher, make_noise
-from dq.paths import PACKAGE_DIR
 from dq.validation import check_block_parallel, check_trainer_values
 
 BATCH = 5  # uneven over two processes: shares of 3 and 2
@@ -210,19 +209,30 @@ def test_dq_eval_on_two_processes_scores_as_one_process_does(tiny_teacher_dir, t
     assert (two.stdout + two.stderr).count("is too few for meaningful scores") == 1
 
 
-def test_an_error_in_the_first_process_alone_stops_every_process(tiny_teacher_dir, tmp_path):
-    """A damaged classifier fails in the first process alone, which alone scores: the others, which would wait for it
-    in their next collective, stop too, and the user gets the first's one-line error (exit 2)."""
-    classifier = tmp_path / "classifier"
-    shutil.copytree(PACKAGE_DIR / "assets" / "mnist_classifier", classifier)
-    (classifier / "config.json").write_text("{not json")
-    over = [o for o in fast(tiny_teacher_dir) if not o.startswith(("distill.", "trainer.", "quantizer.", "calib."))]
-    over += ["quantizer=fp", "logger=none", f"eval.classifier_path={classifier}"]
-    done = _cli(tmp_path, *over, *DDP_CPU, f"hydra.run.dir={tmp_path / 'run'}", app="dq.eval")
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("dq-eval: error: ")]
-    assert len(errors) == 1 and "Classifier checkpoint in" in errors[0] and "Traceback" not in done.stderr
-    assert "could not build the FID/IS metrics" in (tmp_path / "run" / "train_ddp_process_1.log").read_text()
+def _metrics_process(rank: int, size: int, store: str, out: str) -> None:
+    """One process: the first fails to build the metrics (a classifier damaged after start-up), the others wait."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+
+    def broken(cfg):
+        raise UserError("Classifier checkpoint in 'x' is corrupt")
+
+    dq.evaluation.build_metrics = broken  # only the first process builds them
+    try:
+        _first_builds_metrics(None)
+        said = None
+    except UserError as e:
+        said = str(e)
+    Path(out, f"rank{rank}.txt").write_text(str(said))
+    dist.destroy_process_group()
+
+
+def test_an_error_in_the_first_process_alone_is_raised_in_every_process(tmp_path):
+    """The first process alone builds the FID/IS metrics; when it fails (a user error: a file damaged since start-up,
+    which validation loads), the others, which would wait for it in their next collective, raise too."""
+    mp.spawn(_metrics_process, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert said == ["Classifier checkpoint in 'x' is corrupt", "the first process could not build the FID/IS metrics: "
+                    "it reports why"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -283,6 +293,7 @@ def test_trainer_ddp_under_srun_or_torchrun_is_refused_before_lightning_waits_fo
     ):
         check_trainer_values(cfg)
     check_trainer_values(OmegaConf.merge(cfg, {"trainer": {"devices": 1}}))  # one process: nothing to start
+    check_trainer_values(OmegaConf.merge(cfg, {"trainer": {"devices": "auto"}}))  # one CPU process here, as one GPU
 
 
 def test_only_a_process_the_parent_marked_is_a_child(monkeypatch):

@@ -159,7 +159,7 @@ def test_eval_none_trains_and_saves_the_student_and_records_the_cost_of_each_blo
     assert sum(bool(r.get("block/16/seconds")) for r in rows) == 1
 
     scored = tmp_path / "scored"
-    scored.mkdir()
+    (scored / "checkpoints").mkdir(parents=True)  # a dq-train run scored earlier
     (scored / "results.json").write_text(json.dumps({"student": {"fid": 50.0}}))
     with pytest.raises(ConfigError, match=r"eval=none would replace the scores in .*results.json"):
         train(compose_cfg("train", over + ["logger=csv"], scored))

@@ -57,14 +57,21 @@ def save_block_checkpoint(
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = directory / CHECKPOINT_NAME
+    resume = f"re-run the same command with hydra.run.dir={directory.parent} to resume"
     try:
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"dq_block_checkpoint": json.dumps(meta)}))
-        atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2))
     except Exception as e:  # a full disk or a read-only directory (safetensors raises its own error type for both)
         raise CheckpointError(
             f"could not write the block checkpoint {path} after {finished_blocks} blocks ({type(e).__name__}: {e}); "
-            "the one before it is kept whole. Make room (or make the directory writable) and re-run the same command "
-            f"with hydra.run.dir={directory.parent} to resume from it."
+            f"the one before it is kept whole. Make room (or make the directory writable) and {resume} from it."
+        ) from e
+    try:
+        atomic_write_text(directory / META_NAME, json.dumps(meta, indent=2))
+    except OSError as e:
+        raise CheckpointError(
+            f"wrote the block checkpoint {path} after {finished_blocks} blocks, but not its readable copy "
+            f"{directory / META_NAME} ({type(e).__name__}: {e}). Make room (or make the directory writable) and "
+            f"{resume} from it."
         ) from e
     return path
 
