@@ -375,6 +375,14 @@ def restoring_hydra_record() -> Iterator[None]:
         raise
 
 
+def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    """The composed config, resolved, as every logger's hyperparameters: W&B's run config (filterable as `bits.name`,
+    `distill.lr_weight`, ...) and the CSV logger's `hparams.yaml`."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(params)
+
+
 def build_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     """Instantiate every logger under the `logger` group (e.g. `csv`, `wandb`); an empty group gives none."""
     if not logger_cfg:

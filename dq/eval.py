@@ -20,6 +20,7 @@ from dq.config import (
     build_loggers,
     cli_errors,
     keep_hydra_record,
+    log_config,
     register_resolvers,
     restoring_hydra_record,
 )
@@ -149,6 +150,7 @@ def _load_evaluate(cfg: DictConfig, run_dir: Path, student_dir: Path | None) -> 
     loggers = build_loggers(cfg.logger)  # before calibration: an unwritable log directory costs nothing yet
     if not ddp_child():  # every check passed: this command's record is the run's, put back after a refused one
         keep_hydra_record(EVAL_KEPT_RECORD)
+        log_config(loggers, cfg)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
     if saved is None:
         if cfg.quantizer.name != "fp" and (overlap := calibration_noise_overlap(cfg)):

@@ -305,10 +305,16 @@ def log_results(loggers: list[Logger], results: dict[str, Any], grid: Any | None
     flat = {
         f"eval/{who}/{k}": v for who in ("teacher", "student") for k, v in results.get(who, {}).items()
     }  # e.g. eval/student/fid
+    cost = results.get("cost") or {}  # training time and memory beside the scores, so runs sort by either
+    flat |= {f"cost/{k}": v for k, v in cost.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(cost.get("reverted_blocks"), list):
+        flat["cost/reverted_blocks"] = len(cost["reverted_blocks"])
+    step = int(cost.get("steps") or 0)  # after the last training step, not before the first
+    caption = "teacher | student" if "student" in results else "teacher"
     for logger in loggers:
-        logger.log_metrics(flat, step=0)
+        logger.log_metrics(flat, step=step)
         if grid is not None and isinstance(logger, WandbLogger):
-            logger.log_image(key="eval/samples", images=[grid], caption=["teacher | student"])
+            logger.log_image(key="eval/samples", images=[grid], caption=[caption], step=step)
         logger.save()
         logger.finalize("success")
 

@@ -28,6 +28,7 @@ from dq.config import (
     build_loggers,
     cli_errors,
     keep_hydra_record,
+    log_config,
     register_resolvers,
     restoring_hydra_record,
 )
@@ -250,6 +251,8 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     whole_model_done = check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before anything is written
     whole_model_done &= not issubclass(hydra.utils.get_class(cfg.distill._target_), BlockwiseDistillation)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
+    if not ddp_child():
+        log_config(loggers, cfg)
     if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
         log.warning(overlap)
 

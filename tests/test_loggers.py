@@ -2,11 +2,14 @@
 ends its own W&B run."""
 
 import csv
+import re
 
 import pytest
 import wandb
+import yaml
 from conftest import compose_cfg
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from test_train import fast
 
 from dq.config import build_loggers
 from dq.errors import ConfigError
@@ -154,3 +157,39 @@ def test_the_runs_tags_reach_wandb(tmp_path, monkeypatch):
         _ = build_loggers(cfg.logger)[0].experiment
     assert seen["tags"] == ["baseline", "qat_lsq"]
     assert list(compose_cfg("eval", ["logger=wandb"], tmp_path / "eval").logger.wandb.tags) == []
+
+
+def test_a_wandb_run_is_named_grouped_and_identified_by_its_run_directory(tmp_path, monkeypatch):
+    """W&B made up a random name for every run, so a sweep's jobs could not be told apart on the dashboard, and a
+    resumed run started a second W&B run; the run directory names, groups and identifies it (resumed: the same id)."""
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wandb, "init", init)
+    for run in (tmp_path / "sweep" / "0-ptq_minmax-w4a8", tmp_path / "sweep" / "0-ptq_minmax-w4a8", tmp_path / "b"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            _ = loggers.WandbLogger(project="dq-test", save_dir=str(run), offline=True).experiment
+    assert (seen[0]["name"], seen[0]["group"], seen[0]["resume"]) == ("sweep/0-ptq_minmax-w4a8", "sweep", "allow")
+    assert seen[0]["id"] == seen[1]["id"] != seen[2]["id"] and re.fullmatch(r"[0-9a-f]{16}", seen[0]["id"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        _ = loggers.WandbLogger(
+            project="dq-test", save_dir=str(tmp_path), name="mine", id="abc", offline=True
+        ).experiment
+    assert (seen[3]["name"], seen[3]["id"]) == ("mine", "abc")
+
+
+def test_the_composed_config_and_the_cost_reach_the_loggers_and_scores_log_after_training(tiny_teacher_dir, tmp_path):
+    """No config reached W&B or the CSV logger (nothing to filter runs by), the cost was in results.json alone, and
+    the scores were logged at step 0, before the training rows."""
+    run = tmp_path / "run"
+    train(compose_cfg("train", [*fast(tiny_teacher_dir), "logger=csv"], run))
+    hparams = yaml.safe_load((run / "csv" / "hparams.yaml").read_text())
+    assert hparams["bits"]["name"] == "w4a8" and hparams["distill"]["name"] == "bkd" and hparams["calib"]["seed"] == 1
+    with (run / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    scored = [r for r in rows if r.get("eval/student/fid")]
+    assert len(scored) == 1 and int(scored[0]["step"]) == 34 == max(int(r["step"]) for r in rows)
+    assert float(scored[0]["cost/train_s"]) > 0 and scored[0]["cost/steps"] == "34"

@@ -4,6 +4,7 @@ a W&B run."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -64,9 +66,23 @@ def _rewrite_atomically(path: Path, fieldnames: list[str]) -> None:
 
 class WandbLogger(LightningWandbLogger):
     """Lightning's `WandbLogger`, without the `anonymous=None` it hands to `wandb.init` when the setting is not
-    given: wandb (0.2x and later) answers it with "The anonymous setting has no effect" on every run's terminal."""
+    given: wandb (0.2x and later) answers it with "The anonymous setting has no effect" on every run's terminal.
+
+    Unless given, a run's W&B name, group and id come from its run directory (`save_dir`): named by the directory
+    and its parent (`dilatequant-w4a8/<time>`; a sweep's job `<sweep time>/0-ptq_minmax-w4a8`), grouped by the
+    parent (the method and bits of single runs, the sweep of a multirun's jobs), typed by the app (`train`, `eval`),
+    and with an id derived from the directory, so a resumed or re-scored run goes on in its W&B run as its CSV log
+    does (Lightning's logger passes `resume="allow"`)."""
 
     def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("save_dir"):
+            run = Path(kwargs["save_dir"]).expanduser().resolve()
+            kwargs.setdefault("name", f"{run.parent.name}/{run.name}")
+            kwargs.setdefault("group", run.parent.name)
+            if HydraConfig.initialized():
+                kwargs.setdefault("job_type", HydraConfig.get().job.name)  # train / eval / pretrain
+            if kwargs.get("id") is None and kwargs.get("version") is None:
+                kwargs["id"] = hashlib.sha256(str(run).encode()).hexdigest()[:16]  # Lightning: resume="allow"
         super().__init__(**kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
