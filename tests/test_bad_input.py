@@ -6,15 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 from conftest import CLASSIFIER, compose_cfg, tiny_unet
 from test_train import fast
 
@@ -26,7 +23,7 @@ from dq.errors import CheckpointError, ConfigError, MissingFileError
 from dq.eval import load_student
 from dq.models import load_teacher
 from dq.paths import cache_dir
-from dq.train import build_callbacks, train
+from dq.train import train
 from dq.validation import validate
 
 
@@ -70,27 +67,6 @@ def test_a_checkpoint_directory_that_takes_no_file_is_refused_before_calibration
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=rf"cannot write in {run / 'checkpoints'} \(PermissionError: .*make it writ"):
         train(compose_cfg("train", [*fast(tiny_teacher_dir), "logger=none"], run))
-
-
-def test_ctrl_c_in_training_exits_130_and_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
-    """Lightning ends a fit after Ctrl-C with status 1, as for an error; the shell's status of an interrupt is 130."""
-
-    class Interrupt(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 3:  # block 1 (2 steps) is checkpointed, block 2 has started
-                os.kill(os.getpid(), signal.SIGINT)
-
-    real = build_callbacks
-    monkeypatch.setattr("dq.train.build_callbacks", lambda cfg: [*real(cfg), Interrupt()])
-    run = tmp_path / "run"
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            train(compose_cfg("train", [*fast(tiny_teacher_dir), "logger=none"], run))
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from then on
-    assert exit_.value.code == 128 + signal.SIGINT
-    assert re.search(rf"kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume", caplog.text)
 
 
 def test_ctrl_c_outside_a_fit_is_one_line_and_status_130(capsys):

@@ -690,21 +690,29 @@ def test_an_interrupted_run_says_how_to_resume(tiny_teacher_dir, tmp_path, monke
     assert not (run / "results.json").exists()
 
 
-def test_a_run_ended_by_sigterm_exits_143_and_says_how_to_resume(tiny_teacher_dir, tmp_path, monkeypatch, caplog):
-    """A job scheduler's SIGTERM (Slurm, Kubernetes, `kill`) ends training after Lightning's graceful shutdown with
-    the status of a terminated process: Lightning's own exit is status 0, which a scheduler takes for success."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_run_ended_by_a_signal_exits_with_the_shells_status_and_says_how_to_resume(
+    tiny_teacher_dir, tmp_path, monkeypatch, caplog, signum
+):
+    """A job scheduler's SIGTERM (Slurm, Kubernetes, `kill`) or Ctrl-C ends training after Lightning's graceful
+    shutdown with the status of a process ended by that signal (143, 130): Lightning's own exit is status 0 after
+    SIGTERM, which a scheduler takes for success, and 1 after Ctrl-C, as for an error."""
     run = tmp_path / "run"
 
-    class Terminate(pl.Callback):
+    class Stop(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == 3:  # block 1 (2 steps) is checkpointed, block 2 has started
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
 
     real = build_callbacks
-    monkeypatch.setattr("dq.train.build_callbacks", lambda cfg: [*real(cfg), Terminate()])
-    with pytest.raises(SystemExit) as exit_:
-        train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
-    assert exit_.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr("dq.train.build_callbacks", lambda cfg: [*real(cfg), Stop()])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C once it has caught one
+    assert exit_.value.code == 128 + signum
     assert re.search(rf"kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume", caplog.text)
     assert (run / "checkpoints" / "last.safetensors").is_file() and not (run / "results.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Lightning put the default handler back
