@@ -2,7 +2,6 @@
 ends its own W&B run."""
 
 import csv
-import re
 
 import pytest
 import wandb
@@ -159,9 +158,10 @@ def test_the_runs_tags_reach_wandb(tmp_path, monkeypatch):
     assert list(compose_cfg("eval", ["logger=wandb"], tmp_path / "eval").logger.wandb.tags) == []
 
 
-def test_a_wandb_run_is_named_grouped_and_identified_by_its_run_directory(tmp_path, monkeypatch):
+def test_a_wandb_run_is_named_and_grouped_by_its_run_directory_and_a_resumed_one_goes_on(tmp_path, monkeypatch):
     """W&B made up a random name for every run, so a sweep's jobs could not be told apart on the dashboard, and a
-    resumed run started a second W&B run; the run directory names, groups and identifies it (resumed: the same id)."""
+    resumed run started a second W&B run. The run directory names and groups it; a later attempt in the directory
+    takes the id of the W&B run the earlier one started (wandb's `latest-run` link), a new directory none."""
     seen = []
 
     def init(**kwargs):
@@ -169,16 +169,18 @@ def test_a_wandb_run_is_named_grouped_and_identified_by_its_run_directory(tmp_pa
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(wandb, "init", init)
-    for run in (tmp_path / "sweep" / "0-ptq_minmax-w4a8", tmp_path / "sweep" / "0-ptq_minmax-w4a8", tmp_path / "b"):
+    run = tmp_path / "sweep" / "0-ptq_minmax-w4a8"
+    for _ in range(2):
         with pytest.raises(RuntimeError, match="stop here"):
             _ = loggers.WandbLogger(project="dq-test", save_dir=str(run), offline=True).experiment
-    assert (seen[0]["name"], seen[0]["group"], seen[0]["resume"]) == ("sweep/0-ptq_minmax-w4a8", "sweep", "allow")
-    assert seen[0]["id"] == seen[1]["id"] != seen[2]["id"] and re.fullmatch(r"[0-9a-f]{16}", seen[0]["id"])
+        (run / "wandb" / "offline-run-20261208_002948-575ee313f1e5ef36").mkdir(parents=True, exist_ok=True)
+        if not (run / "wandb" / "latest-run").exists():
+            (run / "wandb" / "latest-run").symlink_to("offline-run-20261208_002948-575ee313f1e5ef36")
+    assert (seen[0]["name"], seen[0]["group"]) == ("sweep/0-ptq_minmax-w4a8", "sweep")
+    assert seen[0]["id"] is None and seen[1]["id"] == "575ee313f1e5ef36" and seen[1]["resume"] == "allow"
     with pytest.raises(RuntimeError, match="stop here"):
-        _ = loggers.WandbLogger(
-            project="dq-test", save_dir=str(tmp_path), name="mine", id="abc", offline=True
-        ).experiment
-    assert (seen[3]["name"], seen[3]["id"]) == ("mine", "abc")
+        _ = loggers.WandbLogger(project="q", save_dir=str(run), name="mine", id="abc", offline=True).experiment
+    assert (seen[2]["name"], seen[2]["id"]) == ("mine", "abc")
 
 
 def test_the_composed_config_and_the_cost_reach_the_loggers_and_scores_log_after_training(tiny_teacher_dir, tmp_path):

@@ -4,7 +4,7 @@ a W&B run."""
 from __future__ import annotations
 
 import csv
-import hashlib
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -68,11 +68,11 @@ class WandbLogger(LightningWandbLogger):
     """Lightning's `WandbLogger`, without the `anonymous=None` it hands to `wandb.init` when the setting is not
     given: wandb (0.2x and later) answers it with "The anonymous setting has no effect" on every run's terminal.
 
-    Unless given, a run's W&B name, group and id come from its run directory (`save_dir`): named by the directory
-    and its parent (`dilatequant-w4a8/<time>`; a sweep's job `<sweep time>/0-ptq_minmax-w4a8`), grouped by the
-    parent (the method and bits of single runs, the sweep of a multirun's jobs), typed by the app (`train`, `eval`),
-    and with an id derived from the directory, so a resumed or re-scored run goes on in its W&B run as its CSV log
-    does (Lightning's logger passes `resume="allow"`)."""
+    Unless given, a run's W&B name and group come from its run directory (`save_dir`): named by the directory and
+    its parent (`dilatequant-w4a8/<time>`; a sweep's job `<sweep time>/0-ptq_minmax-w4a8`), grouped by the parent
+    (the method and bits of single runs, the sweep of a multirun's jobs), and typed by the app (`train`, `eval`). A
+    resumed or re-scored run takes the id of the W&B run an earlier attempt started in the directory, so it goes on
+    in that W&B run as its CSV log does; a new directory (or one whose `wandb/` was deleted) starts a new one."""
 
     def __init__(self, **kwargs: Any) -> None:
         if kwargs.get("save_dir"):
@@ -81,8 +81,8 @@ class WandbLogger(LightningWandbLogger):
             kwargs.setdefault("group", run.parent.name)
             if HydraConfig.initialized():
                 kwargs.setdefault("job_type", HydraConfig.get().job.name)  # train / eval / pretrain
-            if kwargs.get("id") is None and kwargs.get("version") is None:
-                kwargs["id"] = hashlib.sha256(str(run).encode()).hexdigest()[:16]  # Lightning: resume="allow"
+            if kwargs.get("id") is None and kwargs.get("version") is None and (earlier := _earlier_wandb_id(run)):
+                kwargs["id"] = earlier  # Lightning passes resume="allow": the W&B run goes on
         super().__init__(**kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
@@ -93,6 +93,16 @@ class WandbLogger(LightningWandbLogger):
         import wandb  # only when the logger is configured
 
         return wandb.init
+
+
+def _earlier_wandb_id(run: Path) -> str | None:
+    """The id of the W&B run an earlier attempt started in `run`: wandb points `<run>/wandb/latest-run` at that run's
+    folder, `run-<time>-<id>` (`offline-run-...` offline); None when there is none."""
+    latest = run / "wandb" / "latest-run"
+    if not latest.is_dir():
+        return None
+    found = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-([0-9a-z]+)", latest.resolve().name)
+    return found.group(1) if found else None
 
 
 @contextmanager
