@@ -353,8 +353,8 @@ def _copy_files(src: Path, dst: Path) -> None:
 
 def keep_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> None:
     """Copy this command's Hydra record (`<run>/.hydra`) to `<run>/<kept>`: dq-train calls it once the run
-    directory's checkpoints accepted the command, dq-eval once its results did, so the copy always describes the
-    run."""
+    directory's checkpoints accepted the command, dq-eval once every check accepted it, so the copy always
+    describes the run."""
     record = _hydra_record_dir()
     if record is not None and record.is_dir():
         _copy_files(record, record.parent / kept)
@@ -363,8 +363,8 @@ def keep_hydra_record(kept: str = TRAIN_KEPT_RECORD) -> None:
 @contextmanager
 def restoring_hydra_record() -> Iterator[None]:
     """Hydra writes each command's config to `<run>/.hydra` before dq can check it: when the command fails (a refused
-    resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record` (a
-    dq-train run's or a dq-eval run's, whichever app refused the command)."""
+    resume, a run directory in use, a bad setting), put back the run's own record kept by `keep_hydra_record` (by
+    dq-train or by dq-eval, whichever made the run; either app may refuse a command in it)."""
     try:
         yield
     except BaseException:
