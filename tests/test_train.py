@@ -707,11 +707,12 @@ def test_a_run_ended_by_a_signal_exits_with_the_shells_status_and_says_how_to_re
     real = build_callbacks
     monkeypatch.setattr("dq.train.build_callbacks", lambda cfg: [*real(cfg), Stop()])
     handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with Ctrl-C ignored
     try:
         with pytest.raises(SystemExit) as exit_:
             train(compose_cfg("train", fast(tiny_teacher_dir) + ["logger=none"], run))
     finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C once it has caught one
+        signal.signal(signal.SIGINT, handler)  # as before (Lightning ignores Ctrl-C once it has caught one)
     assert exit_.value.code == 128 + signum
     assert re.search(rf"kept in {run / 'checkpoints'}: .*hydra.run.dir={run} to resume", caplog.text)
     assert (run / "checkpoints" / "last.safetensors").is_file() and not (run / "results.json").exists()
