@@ -52,7 +52,7 @@ from dq.quant import load_quantized, save_quantized
 from dq.quant.io import SPEC_NAME
 from dq.student import calibration_set, check_layers, check_spec, quantize_student
 from dq.utils.fit import known_fit_warnings
-from dq.utils.io import atomic_write_text, changed_keys, read_json_object
+from dq.utils.io import atomic_write_text, changed_keys, read_json_object, remove_unfinished_writes
 from dq.utils.loggers import ending_wandb_run
 from dq.utils.progress import progress_bar
 from dq.utils.provenance import code_at_start
@@ -251,7 +251,12 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     whole_model_done = check_resumable(run_dir / "checkpoints", parts, fingerprint)  # before anything is written
     whole_model_done &= not issubclass(hydra.utils.get_class(cfg.distill._target_), BlockwiseDistillation)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
-    if not ddp_child():
+    if not ddp_child():  # the one writer here: what an attempt killed mid-write left is removed
+        for left in [
+            *remove_unfinished_writes(run_dir / "checkpoints"),
+            *remove_unfinished_writes(run_dir / "student"),
+        ]:
+            log.info(f"removed {left}, an unfinished write of an earlier attempt")
         log_config(loggers, cfg)
     if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
         log.warning(overlap)

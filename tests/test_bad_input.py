@@ -120,3 +120,18 @@ def test_weights_that_do_not_fit_the_models_config_are_named_in_one_line(tiny_te
     assert "\n" not in str(e.value) and "size mismatch for" in str(e.value) and "more lines)" in str(e.value)
     assert str(e.value).endswith("or its config.json does not describe its weights: re-create it (dq-pretrain) or copy "
                                  "it again.")  # fmt: skip
+
+
+def test_unfinished_writes_of_a_killed_attempt_are_removed_when_the_run_goes_on(tiny_teacher_dir, tmp_path, caplog):
+    """A process killed while it wrote a checkpoint left a temporary file of the whole model's size for good."""
+    run = tmp_path / "run"
+    over = [*[o for o in fast(tiny_teacher_dir) if not o.startswith("eval.")], "logger=none", "eval=none"]
+    train(compose_cfg("train", over, run))
+    left = [run / "checkpoints" / ".last.safetensors.x1y2.tmp", run / "student" / ".model-ab.safetensors.c3.tmp"]
+    for path in left:
+        path.write_bytes(b"half a model")
+    with caplog.at_level("INFO", logger="dq"):
+        train(compose_cfg("train", over, run))
+    assert not any(path.exists() for path in left)
+    assert f"removed {left[0]}, an unfinished write of an earlier attempt" in caplog.text
+    assert (run / "checkpoints" / CHECKPOINT_NAME).is_file() and (run / "student").is_dir()

@@ -47,6 +47,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_unfinished_writes(directory: str | Path) -> list[Path]:
+    """Remove the temporary files `atomic_write` left in `directory` when a process was killed mid-write (a
+    checkpoint's: the whole model's size each); returns them. Call it only where no other process writes."""
+    left = sorted(Path(directory).glob(".*.tmp"))
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
