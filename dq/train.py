@@ -252,11 +252,9 @@ def _quantize_distill_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]
     whole_model_done &= not issubclass(hydra.utils.get_class(cfg.distill._target_), BlockwiseDistillation)
     log.info(f"run directory: {run_dir}")  # past the checks that refuse a command (its directory is then removed)
     if not ddp_child():  # the one writer here: what an attempt killed mid-write left is removed
-        for left in [
-            *remove_unfinished_writes(run_dir / "checkpoints"),
-            *remove_unfinished_writes(run_dir / "student"),
-        ]:
-            log.info(f"removed {left}, an unfinished write of an earlier attempt")
+        for folder in ("checkpoints", "student"):
+            for left in remove_unfinished_writes(run_dir / folder):
+                log.info(f"removed {left}, an unfinished write of an earlier attempt")
         log_config(loggers, cfg)
     if cfg.eval.features != "none" and (overlap := calibration_noise_overlap(cfg)):
         log.warning(overlap)
@@ -390,11 +388,10 @@ def _finished_student(
     if meta and not state_equal(student.state_dict(), state):
         return None
     cost = read_json_object(run_dir / "results.json").get("cost")  # the training's, where a start scored it
-    if (not isinstance(cost, dict) or "train_s" not in cost) and meta:  # never scored: what the checkpoints record
+    cost = cost if isinstance(cost, dict) else {}
+    if "train_s" not in cost and meta:  # never scored: what the block checkpoints record of the training
         cost = {"blocks": len(meta["blocks"]), "block_s": meta.get("block_seconds") or {},
                 "reverted_blocks": untrained_blocks(meta.get("history") or [])}  # fmt: skip
-    elif not isinstance(cost, dict):
-        cost = {}
     return student.to(device).eval().requires_grad_(False), {**cost, "evaluated_saved_student": True}
 
 
